@@ -1,0 +1,337 @@
+"""The MiniMind decoder: a Llama-style language model small enough to read in one sitting.
+
+RMSNorm -> grouped-query attention with rotary positions -> RMSNorm -> SwiGLU (or a
+mixture of SwiGLU experts), repeated ``n_layers`` times, with the output head tied to the token
+embeddings. Parameter names follow the original MiniMind code (``tok_embeddings``,
+``layers.{i}.attention.wq`` ...), so its checkpoints map onto this model by name.
+
+It is a transformers ``PreTrainedModel``: ``save_pretrained`` / ``from_pretrained`` (safetensors)
+and ``generate`` (greedy, sampling, top-k, top-p, repetition penalty, streamers) work as usual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..config import MiniMindConfig
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    """Scale each vector to unit root-mean-square, then by a learned gain (no mean, no bias)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32: the mean of squares overflows/underflows easily in half precision.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float = 1e4):
+    """cos/sin of angle ``pos * theta^(-2i/head_dim)`` for each position and pair i: (T, head_dim/2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its position's angle.
+
+    x: (B, H, T, head_dim); cos, sin: (B or 1, 1, T, head_dim/2). This is the original RoPE
+    (and MiniMind v1) form: pairs are adjacent features, as in a complex number x[2i] + i*x[2i+1].
+    """
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, hd/2) each
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv, T, hd) -> (B, n_kv * n_rep, T, hd): each key/value head serves n_rep query heads."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary positions and an optional key/value cache."""
+
+    def __init__(self, config: MiniMindConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, mask, cache=None, eager=False):
+        B, T, _ = x.shape
+        # (B, T, dim) -> (B, heads, T, head_dim)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # append this step's keys/values, get the whole history
+            k, v = cache.update(k, v, self.layer_idx)
+        n_rep = self.n_heads // self.n_kv_heads
+        dropout = self.dropout if self.training else 0.0
+        if eager:
+            # Written out, so the attention weights can be returned and drawn.
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+            scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, H, T, S)
+            if mask is None:
+                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            weights = F.softmax(scores.float(), dim=-1).type_as(q)
+            out = F.dropout(weights, dropout, self.training) @ v
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                enable_gqa=n_rep > 1,
+            )
+        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, H, T, hd) -> (B, T, dim)
+        return self.wo(out), weights
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class MoEGate(nn.Module):
+    """Routes each token to its top-k experts with softmax scores."""
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_experts = config.n_routed_experts
+        self.norm_topk_prob = config.norm_topk_prob
+        self.alpha = config.aux_loss_alpha
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.dim))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(self, x: torch.Tensor):
+        """x: (N, dim) -> expert indices (N, k), routing weights (N, k), auxiliary loss."""
+        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # (N, E)
+        topk_weight, topk_idx = scores.topk(self.top_k, dim=-1)
+        if self.top_k > 1 and self.norm_topk_prob:
+            topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
+        aux_loss = scores.new_zeros(())
+        if self.training and self.alpha > 0:
+            # Switch-style balance loss: E * sum_e (fraction of routings to e) * (mean score of e);
+            # it is smallest when tokens are spread evenly over the experts.
+            load = F.one_hot(topk_idx, self.n_experts).float().mean(dim=(0, 1))  # (E,)
+            importance = scores.mean(dim=0)  # (E,)
+            aux_loss = self.alpha * self.n_experts * (load * importance).sum()
+        return topk_idx, topk_weight.type_as(x), aux_loss
+
+
+class MoEFeedForward(nn.Module):
+    """A mixture of SwiGLU experts: each token goes to its top-k routed experts, plus a shared one."""
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_routed_experts))
+        self.gate = MoEGate(config)
+        self.shared_experts = FeedForward(config) if config.n_shared_experts else None
+        self.aux_loss = None
+
+    def forward(self, x):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, dim)
+        idx, weight, self.aux_loss = self.gate(flat)
+        out = torch.zeros_like(flat)
+        # One batched call per expert on the tokens routed to it (a loop over experts, not tokens).
+        for e, expert in enumerate(self.experts):
+            token, slot = (idx == e).nonzero(as_tuple=True)
+            if token.numel():
+                out.index_add_(0, token, expert(flat[token]) * weight[token, slot, None])
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(shape)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: MiniMindConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = MoEFeedForward(config) if config.use_moe else FeedForward(config)
+
+    def forward(self, x, cos, sin, mask, cache=None, eager=False):
+        h, weights = self.attention(self.attention_norm(x), cos, sin, mask, cache, eager)
+        x = x + h
+        return x + self.feed_forward(self.ffn_norm(x)), weights
+
+
+@dataclass
+class MiniMindOutput(CausalLMOutputWithPast):
+    """transformers' causal-LM output plus the MoE load-balancing loss (zero for dense models)."""
+
+    aux_loss: torch.FloatTensor | None = None
+
+
+class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = MiniMindConfig
+    base_model_prefix = "minimind"
+    main_input_name = "input_ids"
+    _tied_weights_keys = {"output.weight": "tok_embeddings.weight"}
+    _no_split_modules = ["TransformerBlock"]
+    _supports_sdpa = True
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__(config)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        # Derived from the config, so not saved with the weights.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.post_init()
+
+    def _init_weights(self, module):
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, MiniMindForCausalLM):
+            # Buffers are not in the checkpoint; rebuild them (from_pretrained may create them on "meta").
+            cfg = module.config
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+            module.rope_cos, module.rope_sin = cos.to(module.rope_cos.device), sin.to(module.rope_sin.device)
+
+    def get_input_embeddings(self):
+        return self.tok_embeddings
+
+    def set_input_embeddings(self, value):
+        self.tok_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.output
+
+    def set_output_embeddings(self, value):
+        self.output = value
+
+    def _attention_mask(self, attention_mask, T, S, past_len, device):
+        """Boolean (B, 1, T, S) mask, or None when plain causal attention from position 0 suffices."""
+        if attention_mask is None and past_len == 0:
+            return None  # lets the fused kernel use its own causal path
+        q_pos = torch.arange(past_len, past_len + T, device=device)
+        causal = torch.arange(S, device=device)[None, :] <= q_pos[:, None]  # (T, S)
+        mask = causal[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, :S].bool()
+            # A left-padding query sees no key at all; let it see itself so softmax stays finite.
+            own_position = torch.arange(S, device=device)[None, :] == q_pos[:, None]  # (T, S)
+            mask = mask | own_position[None, None]
+        return mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MiniMindOutput:
+        """Next-token logits, and the loss when ``labels`` are given.
+
+        ``labels`` are the input ids with ignored positions set to -100; they are shifted here.
+        With labels, logits are computed only at the positions that carry a loss (the output head
+        is the most expensive matmul of a small model), and ``logits`` is returned as None.
+        ``output_attentions=True`` runs the eager attention path and returns each layer's
+        (B, heads, T, S) attention weights.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.tok_embeddings(input_ids)
+        B, T, _ = inputs_embeds.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None and not self.training:
+            cache = DynamicCache(config=self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + T, device=inputs_embeds.device)[None]
+        max_pos = self.config.max_position_embeddings
+        if past_len + T > max_pos or int(position_ids.max()) >= max_pos:
+            raise ValueError(
+                f"sequence of {past_len + T} tokens is longer than the model's maximum length "
+                f"max_position_embeddings={max_pos}"
+            )
+        cos = self.rope_cos[position_ids][:, None]  # (B or 1, 1, T, hd/2)
+        sin = self.rope_sin[position_ids][:, None]
+        eager = output_attentions or self.config.attention == "eager"
+        mask = self._attention_mask(attention_mask, T, past_len + T, past_len, inputs_embeds.device)
+
+        h = self.dropout(inputs_embeds)
+        all_attn, all_hidden = [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(h)
+            h, weights = layer(h, cos, sin, mask, cache, eager)
+            all_attn.append(weights)
+        h = self.norm(h)
+        if output_hidden_states:
+            all_hidden.append(h)
+
+        aux_loss = sum(
+            (l.feed_forward.aux_loss for l in self.layers if self.config.use_moe),
+            h.new_zeros(()),
+        )
+        loss, logits = None, None
+        if labels is not None:
+            # Position t predicts token t+1; keep only the positions where a target exists.
+            targets = labels[:, 1:]
+            keep = targets != IGNORE_INDEX  # (B, T-1)
+            selected = self.output(h[:, :-1][keep])  # (n_targets, vocab)
+            loss = F.cross_entropy(selected.float(), targets[keep]) if keep.any() else h.sum() * 0
+            loss = loss + aux_loss
+        else:
+            logits = self.output(h[:, -logits_to_keep:] if logits_to_keep else h)
+        return MiniMindOutput(
+            loss=loss,
+            logits=logits,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+            aux_loss=aux_loss,
+        )
