@@ -1,0 +1,647 @@
+"""The shapes world: a synthetic, fully checkable stand-in for the MiniMind-V dataset.
+
+Each picture is 224x224 RGB with 1 to 3 flat-coloured objects on a near-white background.
+Objects sit in distinct cells of a 3x3 grid, so every object has a unique position name.
+From each scene we write
+
+- captions for stage-1 pretraining   (pretrain_data.json + pretrain_images/),
+- question/answer turns for SFT      (sft_data.json + sft_images/),
+- a held-out question set            (eval_data.json + eval_data_images/),
+- a few named pictures for a chat demo (eval_images/),
+
+in exactly the original dataset layout, so the same training code reads either. Every caption
+and every answer is derived from the scene, and `answer` re-derives an answer by parsing the
+question, so every answer can be checked.
+
+Objects are sized so that even a small one spans more than one 32-pixel patch of CLIP ViT-B/32:
+a shape narrower than a patch collapses into a single patch token and its outline is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+SHAPES_WORLD_VERSION = 1
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = ("red", "green", "blue", "yellow", "purple")
+SIZES = ("small", "large")
+# Row-major over the 3x3 grid: POSITIONS[3 * row + col].
+POSITIONS = (
+    "top left", "top", "top right",
+    "left", "center", "right",
+    "bottom left", "bottom", "bottom right",
+)
+ANSWER_TYPES = ("colour", "shape", "size", "position", "count")
+
+# Far apart in RGB so even a small encoder separates them; no anti-aliasing, so these exact
+# values are the pixels inside each object.
+COLOUR_RGB = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 230),
+    "yellow": (240, 200, 30),
+    "purple": (150, 60, 190),
+}
+BACKGROUND_RGB = (250, 250, 250)
+# Width and height of the object's box at 224 px. Both exceed one 32-px patch; a large
+# object still fits inside its ~74-px cell with a few pixels to spare.
+SIZE_PIXELS = {"small": 42, "large": 64}
+REFERENCE_IMAGE_SIZE = 224
+CELL_MARGIN = 2  # pixels kept free at each cell border, so neighbours never touch
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+PLURAL_SHAPES = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+
+CAPTION_REQUESTS = (
+    "Describe this picture briefly.",
+    "Write a short but informative summary of the image.",
+    "What is in this image?",
+    "Give a brief description of the picture.",
+    "Caption this image.",
+    "What does the picture show?",
+)
+CAPTION_TEMPLATES = (
+    "{List}.",
+    "There is {list}.",
+    "The picture shows {list}.",
+    "This image shows {list}.",
+    "{Count}: {list}.",
+)
+# {ref} is a noun phrase naming exactly one object, {pos} a position phrase ("in the top left"),
+# {plural} a counted noun ("circles", "red objects").
+QUESTION_TEMPLATES = {
+    "colour": (
+        "What colour is {ref}?",
+        "What color is {ref}?",
+        "What is the colour of {ref}?",
+        "Which colour is {ref}?",
+        "Tell me the colour of {ref}.",
+    ),
+    "shape": (
+        "What shape is {ref}?",
+        "What is the shape of {ref}?",
+        "Which shape is {ref}?",
+    ),
+    "shape_at": (
+        "What is {pos}?",
+        "What shape is {pos}?",
+        "Which shape can you see {pos}?",
+    ),
+    "size": (
+        "Is {ref} small or large?",
+        "Is {ref} large or small?",
+        "How big is {ref}?",
+        "What size is {ref}?",
+    ),
+    "position": (
+        "Where is {ref}?",
+        "Where is {ref} located?",
+        "In which part of the picture is {ref}?",
+        "Where can you see {ref}?",
+    ),
+    "count": (
+        "How many {plural} are there?",
+        "How many {plural} can you see?",
+        "How many {plural} are in the picture?",
+        "Count the {plural} in the image.",
+    ),
+}
+
+
+@dataclass
+class ShapesWorldConfig:
+    seed: int = 0
+    n_pretrain: int = 20_000
+    n_sft: int = 20_000
+    n_eval: int = 1_000
+    n_eval_images: int = 8
+    image_size: int = 224
+    min_objects: int = 1
+    max_objects: int = 3
+    max_sft_turns: int = 3  # each SFT record asks 1..max_sft_turns questions about its image
+    workers: int = 0  # processes that render images; 0 = one per CPU core
+    png_compress_level: int = 1  # fast to write; the flat images stay small anyway
+
+    def validate(self) -> None:
+        for name in ("n_pretrain", "n_sft", "n_eval", "n_eval_images", "workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ShapesWorldConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 1 <= self.min_objects <= self.max_objects <= len(POSITIONS):
+            raise ValueError(
+                f"ShapesWorldConfig needs 1 <= min_objects <= max_objects <= {len(POSITIONS)}, "
+                f"got min_objects={self.min_objects}, max_objects={self.max_objects}"
+            )
+        if not 1 <= self.max_sft_turns <= len(ANSWER_TYPES):
+            raise ValueError(f"ShapesWorldConfig.max_sft_turns must be in 1..{len(ANSWER_TYPES)}, got {self.max_sft_turns}")
+        if self.image_size < 96:
+            raise ValueError(f"ShapesWorldConfig.image_size must be >= 96 pixels, got {self.image_size}")
+        if not 0 <= self.png_compress_level <= 9:
+            raise ValueError(f"ShapesWorldConfig.png_compress_level must be in 0..9, got {self.png_compress_level}")
+
+
+# ----------------------------------------------------------------------------- scenes
+
+
+def max_offset(size: str) -> int:
+    """How far (pixels at 224) an object of this size may move from its cell centre."""
+    cell = REFERENCE_IMAGE_SIZE / 3
+    return int((cell - SIZE_PIXELS[size]) // 2) - CELL_MARGIN
+
+
+def random_scene(rng: random.Random, min_objects: int = 1, max_objects: int = 3) -> list[dict]:
+    """1..3 objects in distinct grid cells, listed in reading order (top left to bottom right)."""
+    n = rng.randint(min_objects, max_objects)
+    cells = sorted(rng.sample(range(len(POSITIONS)), n))
+    scene = []
+    for cell in cells:
+        size = rng.choice(SIZES)
+        m = max_offset(size)
+        scene.append({
+            "shape": rng.choice(SHAPES),
+            "colour": rng.choice(COLOURS),
+            "size": size,
+            "position": POSITIONS[cell],
+            "offset": [rng.randint(-m, m), rng.randint(-m, m)],  # jitter (dx, dy), pixels at 224
+        })
+    return scene
+
+
+def scene_key(scene: list[dict]) -> tuple:
+    """Everything that decides the pixels: equal keys give identical images."""
+    return tuple(sorted(
+        (o["shape"], o["colour"], o["size"], o["position"], tuple(o.get("offset", (0, 0)))) for o in scene
+    ))
+
+
+def validate_scene(scene: list[dict], where: str = "scene") -> None:
+    if not isinstance(scene, list) or not scene:
+        raise ValueError(f"{where}: expected a non-empty list of objects, got {scene!r}")
+    seen = set()
+    for i, o in enumerate(scene):
+        for field, allowed in (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES), ("position", POSITIONS)):
+            if o.get(field) not in allowed:
+                raise ValueError(f"{where}[{i}].{field}: expected one of {allowed}, got {o.get(field)!r}")
+        if o["position"] in seen:
+            raise ValueError(f"{where}[{i}]: two objects share the position {o['position']!r}")
+        seen.add(o["position"])
+
+
+def object_box(obj: dict, image_size: int = 224) -> tuple[int, int, int, int]:
+    """Inclusive pixel box (x0, y0, x1, y1) of one object, kept inside its grid cell."""
+    row, col = divmod(POSITIONS.index(obj["position"]), 3)
+    scale = image_size / REFERENCE_IMAGE_SIZE
+    cx0, cx1 = round(col * image_size / 3), round((col + 1) * image_size / 3) - 1
+    cy0, cy1 = round(row * image_size / 3), round((row + 1) * image_size / 3) - 1
+    side = round(SIZE_PIXELS[obj["size"]] * scale)
+    dx, dy = obj.get("offset", (0, 0))
+    x0 = round((cx0 + cx1 + 1) / 2 + dx * scale - side / 2)
+    y0 = round((cy0 + cy1 + 1) / 2 + dy * scale - side / 2)
+    # Rounding at other image sizes may push a pixel over the margin; clamp into the cell.
+    margin = max(1, round(CELL_MARGIN * scale))
+    x0 = min(max(x0, cx0 + margin), cx1 - margin - side + 1)
+    y0 = min(max(y0, cy0 + margin), cy1 - margin - side + 1)
+    return x0, y0, x0 + side - 1, y0 + side - 1
+
+
+def render_scene(scene: list[dict], image_size: int = 224) -> Image.Image:
+    """Draw the scene: filled, unsmoothed shapes in their exact colours on a near-white ground."""
+    img = Image.new("RGB", (image_size, image_size), BACKGROUND_RGB)
+    draw = ImageDraw.Draw(img)
+    for obj in scene:
+        x0, y0, x1, y1 = object_box(obj, image_size)
+        fill = COLOUR_RGB[obj["colour"]]
+        shape = obj["shape"]
+        if shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        elif shape == "triangle":  # pointing up, base on the box's bottom edge
+            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
+        elif shape == "cross":  # a plus sign whose arms are a third of the box wide
+            side = x1 - x0 + 1
+            arm = round(side / 3)
+            a0 = x0 + (side - arm) // 2
+            b0 = y0 + (side - arm) // 2
+            draw.rectangle((x0, b0, x1, b0 + arm - 1), fill=fill)
+            draw.rectangle((a0, y0, a0 + arm - 1, y1), fill=fill)
+        else:
+            raise ValueError(f"render_scene: unknown shape {shape!r}; expected one of {SHAPES}")
+    return img
+
+
+# ----------------------------------------------------------------------------- language
+
+
+def position_phrase(position: str) -> str:
+    """'top left' -> 'in the top left', 'top' -> 'at the top', 'left' -> 'on the left'."""
+    if position in ("top", "bottom"):
+        return f"at the {position}"
+    if position in ("left", "right"):
+        return f"on the {position}"
+    return f"in the {position}"
+
+
+def describe_object(obj: dict) -> str:
+    """'large red circle'"""
+    return f"{obj['size']} {obj['colour']} {obj['shape']}"
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def caption(scene: list[dict], rng: random.Random) -> str:
+    """One sentence naming every object's size, colour, shape and position, in reading order."""
+    parts = [f"a {describe_object(o)} {position_phrase(o['position'])}" for o in scene]
+    listing = _join(parts)
+    n = len(scene)
+    count = f"{NUMBER_WORDS[n].capitalize()} object{'s' if n > 1 else ''}"
+    template = rng.choice(CAPTION_TEMPLATES)
+    return template.format(list=listing, List=listing[0].upper() + listing[1:], Count=count)
+
+
+def _matches(obj: dict, constraints: dict) -> bool:
+    return all(obj[k] == v for k, v in constraints.items())
+
+
+def _noun_phrase(constraints: dict, rng: random.Random, allow_shape_noun: bool) -> str:
+    words = [constraints[k] for k in ("size", "colour") if k in constraints]
+    if "shape" in constraints:
+        words.append(constraints["shape"])
+    else:
+        words.append(rng.choice(("object", "shape")) if allow_shape_noun else "object")
+    phrase = "the " + " ".join(words)
+    if "position" in constraints:
+        phrase += " " + position_phrase(constraints["position"])
+    return phrase
+
+
+def _references(scene: list[dict], obj: dict, asked: str) -> tuple[list[dict], list[dict]]:
+    """Attribute sets that pick out `obj` alone without naming the asked attribute:
+    (descriptive ones from size/colour/shape, positional ones)."""
+    free = [a for a in ("size", "colour", "shape") if a != asked]
+    descriptive = []
+    for mask in range(1, 1 << len(free)):
+        constraints = {a: obj[a] for i, a in enumerate(free) if mask >> i & 1}
+        if sum(_matches(o, constraints) for o in scene) == 1:
+            descriptive.append(constraints)
+    positional = []
+    if asked != "position":
+        positional.append({"position": obj["position"]})
+        if asked != "shape":
+            positional.append({"shape": obj["shape"], "position": obj["position"]})
+    return descriptive, positional
+
+
+def _attribute_question(scene: list[dict], rng: random.Random, asked: str) -> tuple[str, str, str] | None:
+    order = list(range(len(scene)))
+    rng.shuffle(order)
+    for i in order:
+        obj = scene[i]
+        descriptive, positional = _references(scene, obj, asked)
+        if not descriptive and not positional:
+            continue  # e.g. two identical objects: neither can be told apart except by position
+        if descriptive and (not positional or rng.random() < 0.6):
+            constraints = rng.choice(descriptive)
+        else:
+            constraints = rng.choice(positional)
+        if asked == "shape" and set(constraints) == {"position"} and rng.random() < 0.5:
+            question = rng.choice(QUESTION_TEMPLATES["shape_at"]).format(pos=position_phrase(obj["position"]))
+        else:
+            ref = _noun_phrase(constraints, rng, allow_shape_noun=asked != "shape")
+            question = rng.choice(QUESTION_TEMPLATES[asked]).format(ref=ref)
+        return question, obj[asked], asked
+    return None
+
+
+def _count_question(scene: list[dict], rng: random.Random) -> tuple[str, str, str]:
+    # Every countable noun phrase, grouped by its count; only attributes present in the scene.
+    by_count: dict[int, list[str]] = {}
+    by_count.setdefault(len(scene), []).append("objects")
+    for kind in ("shape", "colour", "size"):
+        for value in sorted({o[kind] for o in scene}):
+            plural = PLURAL_SHAPES[value] if kind == "shape" else f"{value} objects"
+            by_count.setdefault(sum(o[kind] == value for o in scene), []).append(plural)
+    # Draw the count first, then a phrase: otherwise "one" would dominate, since most
+    # attribute values occur once in a scene.
+    n = rng.choice(sorted(by_count))
+    question = rng.choice(QUESTION_TEMPLATES["count"]).format(plural=rng.choice(by_count[n]))
+    return question, NUMBER_WORDS[n], "count"
+
+
+def questions(scene: list[dict], rng: random.Random) -> list[tuple[str, str, str]]:
+    """One unambiguous (question, answer, answer_type) per answer type that this scene allows,
+    in ANSWER_TYPES order. Only "position" can be missing (when no object is unique without it)."""
+    out = []
+    for asked in ANSWER_TYPES:
+        qa = _count_question(scene, rng) if asked == "count" else _attribute_question(scene, rng, asked)
+        if qa is not None:
+            out.append(qa)
+    return out
+
+
+# ----------------------------------------------------------------------------- parsing answers
+
+
+
+def _ALT(words) -> str:
+    """Regex alternation, longest first, so 'top left' wins over 'top'."""
+    return "|".join(sorted(map(re.escape, words), key=len, reverse=True))
+
+_POS_RE = rf"(?:in|at|on) the (?P<position>{_ALT(POSITIONS)})"
+_REF_RE = (
+    rf"the (?:(?P<size>{_ALT(SIZES)}) )?(?:(?P<colour>{_ALT(COLOURS)}) )?"
+    rf"(?P<noun>{_ALT(SHAPES + ('object', 'shape'))})(?: {_POS_RE})?"
+)
+_PLURAL_RE = (
+    rf"(?:(?P<attr>{_ALT(SIZES + COLOURS)}) )?(?P<noun>{_ALT(tuple(PLURAL_SHAPES.values()) + ('objects',))})"
+)
+
+
+def _template_regex(template: str) -> re.Pattern:
+    pieces = re.split(r"(\{ref\}|\{pos\}|\{plural\})", template)
+    sub = {"{ref}": _REF_RE, "{pos}": _POS_RE, "{plural}": _PLURAL_RE}
+    return re.compile("".join(sub.get(p, re.escape(p)) for p in pieces), re.IGNORECASE)
+
+
+_PARSERS = [
+    (kind, _template_regex(t)) for kind, templates in QUESTION_TEMPLATES.items() for t in templates
+]
+
+
+def parse_question(question: str) -> tuple[str, dict]:
+    """Question text (with or without <image>) -> (answer_type, constraints on the objects).
+    Raises ValueError if it matches none of the templates."""
+    text = " ".join(question.replace("<image>", " ").split())
+    for kind, pattern in _PARSERS:
+        m = pattern.fullmatch(text)
+        if m is None:
+            continue
+        groups = {k: v.lower() for k, v in m.groupdict().items() if v is not None}
+        if kind == "count":
+            noun = groups["noun"]
+            constraints = {}
+            if noun != "objects":
+                constraints["shape"] = next(s for s, p in PLURAL_SHAPES.items() if p == noun)
+            if "attr" in groups:
+                constraints["size" if groups["attr"] in SIZES else "colour"] = groups["attr"]
+            return "count", constraints
+        constraints = {k: groups[k] for k in ("size", "colour", "position") if k in groups}
+        if groups.get("noun") in SHAPES:
+            constraints["shape"] = groups["noun"]
+        return ("shape" if kind == "shape_at" else kind), constraints
+    raise ValueError(f"answer: not a shapes-world question: {question!r}")
+
+
+def answer(scene: list[dict], question: str) -> str:
+    """Re-derive the answer to a generated question from the scene alone.
+    Raises ValueError for an unknown question or a reference that fits no object or several."""
+    kind, constraints = parse_question(question)
+    found = [o for o in scene if _matches(o, constraints)]
+    if kind == "count":
+        return NUMBER_WORDS[len(found)]
+    if len(found) != 1:
+        raise ValueError(
+            f"answer: {question!r} refers to {len(found)} objects of the scene {scene!r}; expected exactly one"
+        )
+    return found[0][kind]
+
+
+# ----------------------------------------------------------------------------- writing the world
+
+
+def _human_turn(text: str, rng: random.Random) -> str:
+    # The original data puts <image> before the question (SFT) or after it (pretraining); use both.
+    return f"<image>\n{text}" if rng.random() < 0.5 else f"{text}\n<image>"
+
+
+def _record(split: str, index: int, scene: list[dict], conversations: list[dict], **extra) -> dict:
+    name = f"shapes_{split}_{index:06d}"
+    return {"id": name, "image": f"{name}.png", "conversations": conversations, "scene": scene, **extra}
+
+
+def _pretrain_records(cfg: ShapesWorldConfig, held_out: set) -> list[dict]:
+    rng = random.Random(f"shapes-world/{cfg.seed}/pretrain")
+    records = []
+    for i in range(cfg.n_pretrain):
+        scene = _fresh_scene(rng, cfg, held_out)
+        conv = [
+            {"from": "human", "value": _human_turn(rng.choice(CAPTION_REQUESTS), rng)},
+            {"from": "gpt", "value": caption(scene, rng)},
+        ]
+        records.append(_record("pretrain", i, scene, conv))
+    return records
+
+
+def _sft_records(cfg: ShapesWorldConfig, held_out: set) -> list[dict]:
+    rng = random.Random(f"shapes-world/{cfg.seed}/sft")
+    records = []
+    for i in range(cfg.n_sft):
+        scene = _fresh_scene(rng, cfg, held_out)
+        qas = questions(scene, rng)
+        turns = rng.sample(qas, min(len(qas), rng.randint(1, cfg.max_sft_turns)))
+        conv = []
+        for t, (q, a, _) in enumerate(turns):
+            conv.append({"from": "human", "value": _human_turn(q, rng) if t == 0 else q})
+            conv.append({"from": "gpt", "value": a})
+        records.append(_record("sft", i, scene, conv, answer_types=[k for _, _, k in turns]))
+    return records
+
+
+def _eval_records(cfg: ShapesWorldConfig) -> list[dict]:
+    rng = random.Random(f"shapes-world/{cfg.seed}/eval")
+    # Equal numbers of each answer type, in shuffled order.
+    kinds = [ANSWER_TYPES[i % len(ANSWER_TYPES)] for i in range(cfg.n_eval)]
+    rng.shuffle(kinds)
+    records = []
+    for i, kind in enumerate(kinds):
+        while True:
+            scene = random_scene(rng, cfg.min_objects, cfg.max_objects)
+            qa = [x for x in questions(scene, rng) if x[2] == kind]
+            if qa:
+                break
+        q, a, _ = qa[0]
+        conv = [{"from": "human", "value": _human_turn(q, rng)}, {"from": "gpt", "value": a}]
+        records.append(_record("eval", i, scene, conv, answer_type=kind))
+    return records
+
+
+def _demo_images(cfg: ShapesWorldConfig, held_out: set) -> list[dict]:
+    """A few pictures named after their content, like the original eval_images/ folder."""
+    rng = random.Random(f"shapes-world/{cfg.seed}/eval_images")
+    demos, names = [], set()
+    while len(demos) < cfg.n_eval_images:
+        scene = random_scene(rng, cfg.min_objects, min(cfg.max_objects, 2))
+        name = "_and_".join(describe_object(o).replace(" ", "_") for o in scene) + ".png"
+        if name in names or scene_key(scene) in held_out:
+            continue
+        names.add(name)
+        held_out.add(scene_key(scene))
+        demos.append({"file": name, "scene": scene, "caption": caption(scene, rng)})
+    return demos
+
+
+def _fresh_scene(rng: random.Random, cfg: ShapesWorldConfig, held_out: set) -> list[dict]:
+    """A training scene whose picture is none of the held-out pictures."""
+    while True:
+        scene = random_scene(rng, cfg.min_objects, cfg.max_objects)
+        if scene_key(scene) not in held_out:
+            return scene
+
+
+def _render_job(job: tuple[str, list[dict], int, int]) -> None:
+    path, scene, image_size, level = job
+    render_scene(scene, image_size).save(path, format="PNG", compress_level=level)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    """One record per line (readable, diff-able); temp file + rename so a crash never leaves half a file."""
+    if isinstance(obj, list):
+        text = "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in obj) + "\n]\n"
+    else:
+        text = json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+OUTPUT_FILES = ("pretrain_data.json", "sft_data.json", "eval_data.json", "world.json")
+OUTPUT_DIRS = ("pretrain_images", "sft_images", "eval_data_images", "eval_images")
+
+
+def generate_world(out_dir, config: ShapesWorldConfig | None = None, progress: bool = True,
+                   overwrite: bool = False) -> dict:
+    """Write a whole shapes world into out_dir and return a summary.
+
+    Refuses a non-empty out_dir unless overwrite=True; even then only the files and folders this
+    function writes are replaced, anything else there is left alone.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config if config is not None else ShapesWorldConfig()
+    cfg.validate()
+    start = time.perf_counter()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"generate_world: out_dir {str(out)!r} exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"generate_world: out_dir {str(out)!r} is not empty; pass overwrite=True (--overwrite) to replace "
+                "the shapes-world files in it"
+            )
+        for name in OUTPUT_DIRS:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+        for name in OUTPUT_FILES:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Held-out pictures first, so training scenes can avoid them pixel for pixel.
+    eval_records = _eval_records(cfg)
+    held_out = {scene_key(r["scene"]) for r in eval_records}
+    demos = _demo_images(cfg, held_out)
+    pretrain_records = _pretrain_records(cfg, held_out)
+    sft_records = _sft_records(cfg, held_out)
+
+    jobs = []
+    for folder, records in (("pretrain_images", pretrain_records), ("sft_images", sft_records),
+                            ("eval_data_images", eval_records)):
+        (out / folder).mkdir()
+        jobs += [(str(out / folder / r["image"]), r["scene"], cfg.image_size, cfg.png_compress_level) for r in records]
+    (out / "eval_images").mkdir()
+    jobs += [(str(out / "eval_images" / d["file"]), d["scene"], cfg.image_size, cfg.png_compress_level) for d in demos]
+
+    workers = cfg.workers or os.cpu_count() or 1
+    bar = tqdm(total=len(jobs), desc="shapes world: rendering", unit="img", disable=not progress)
+    if workers == 1 or len(jobs) < 256:
+        for job in jobs:
+            _render_job(job)
+            bar.update()
+    else:
+        with multiprocessing.get_context().Pool(workers) as pool:
+            for _ in pool.imap_unordered(_render_job, jobs, chunksize=64):
+                bar.update()
+    bar.close()
+
+    _write_json_atomic(out / "pretrain_data.json", pretrain_records)
+    _write_json_atomic(out / "sft_data.json", sft_records)
+    _write_json_atomic(out / "eval_data.json", eval_records)
+    settings = asdict(cfg)
+    settings.pop("workers")  # how fast it was made is not part of what was made
+    world = {
+        "version": SHAPES_WORLD_VERSION,
+        "config": settings,
+        "shapes": list(SHAPES),
+        "colours": list(COLOURS),
+        "sizes": list(SIZES),
+        "positions": list(POSITIONS),
+        "answer_types": list(ANSWER_TYPES),
+        "colour_rgb": {k: list(v) for k, v in COLOUR_RGB.items()},
+        "background_rgb": list(BACKGROUND_RGB),
+        "size_pixels_at_224": SIZE_PIXELS,
+        "eval_images": demos,
+    }
+    _write_json_atomic(out / "world.json", world)  # written last: its presence means the world is complete
+
+    eval_counts = {k: sum(r["answer_type"] == k for r in eval_records) for k in ANSWER_TYPES}
+    return {
+        "out_dir": str(out),
+        "seed": cfg.seed,
+        "n_pretrain": len(pretrain_records),
+        "n_sft": len(sft_records),
+        "n_sft_turns": sum(len(r["answer_types"]) for r in sft_records),
+        "n_eval": len(eval_records),
+        "n_eval_images": len(demos),
+        "eval_answer_types": eval_counts,
+        "n_images": len(jobs),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    defaults = ShapesWorldConfig()
+    p = argparse.ArgumentParser(prog="python -m minimind_v.data.shapes",
+                                description="Generate a synthetic shapes-world dataset in the MiniMind-V layout.")
+    p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --overwrite)")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--n-pretrain", type=int, default=defaults.n_pretrain)
+    p.add_argument("--n-sft", type=int, default=defaults.n_sft)
+    p.add_argument("--n-eval", type=int, default=defaults.n_eval)
+    p.add_argument("--n-eval-images", type=int, default=defaults.n_eval_images)
+    p.add_argument("--image-size", type=int, default=defaults.image_size)
+    p.add_argument("--workers", type=int, default=defaults.workers, help="render processes (0 = one per core)")
+    p.add_argument("--overwrite", action="store_true", help="replace the shapes-world files in a non-empty --out")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    cfg = ShapesWorldConfig(seed=args.seed, n_pretrain=args.n_pretrain, n_sft=args.n_sft, n_eval=args.n_eval,
+                            n_eval_images=args.n_eval_images, image_size=args.image_size, workers=args.workers)
+    try:
+        s = generate_world(args.out, cfg, progress=not args.no_progress, overwrite=args.overwrite)
+    except (FileExistsError, NotADirectoryError, ValueError) as e:
+        p.error(str(e))  # a one-line message and exit status 2, not a traceback
+    print(f"shapes world (seed {s['seed']}): {s['n_pretrain']} pretrain, {s['n_sft']} sft ({s['n_sft_turns']} turns), "
+          f"{s['n_eval']} eval, {s['n_eval_images']} eval images -> {s['out_dir']} in {s['seconds']:.1f} s")
+    return s
+
+
+if __name__ == "__main__":
+    main()
