@@ -135,6 +135,7 @@ class MiniMindVLM(MiniMindForCausalLM):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
@@ -155,7 +156,7 @@ class MiniMindVLM(MiniMindForCausalLM):
                     image_tokens = self.encode_images(pixel_values)
             if image_tokens is not None:
                 inputs_embeds = self.substitute_image_tokens(input_ids, inputs_embeds, image_tokens)
-        return super().forward(inputs_embeds=inputs_embeds, **kwargs)
+        return super().forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, pixel_values=None,
                                       image_tokens=None, **kwargs):

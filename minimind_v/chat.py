@@ -1,0 +1,41 @@
+"""Ask a trained MiniMind-V about one picture; the answer streams out as it is generated.
+
+    python -m minimind_v.chat --model runs/default/sft --image picture.png "What colour is the circle?"
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from transformers import TextStreamer
+
+from .inference import answer, load_vlm
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("question", help="what to ask about the picture")
+    p.add_argument("--model", required=True, help="a saved MiniMind-V folder")
+    p.add_argument("--image", required=True, help="an image file (any format PIL reads)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--device", default=None)
+    ns = p.parse_args(argv)
+    if not ns.question.strip():
+        p.error("the question is empty")
+    bundle = load_vlm(ns.model, device=ns.device)
+    sampling = {"do_sample": ns.temperature > 0}
+    if ns.temperature > 0:
+        sampling.update(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p)
+    if ns.repetition_penalty:
+        sampling["repetition_penalty"] = ns.repetition_penalty
+    streamer = TextStreamer(bundle.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return answer(bundle, [ns.image], [ns.question], max_new_tokens=ns.max_new_tokens,
+                  streamer=streamer, **sampling)[0]
+
+
+if __name__ == "__main__":
+    main()

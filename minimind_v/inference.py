@@ -1,0 +1,108 @@
+"""Asking a trained MiniMind-V about pictures: load a saved folder, build prompts, answer in batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from .data.images import load_image, to_rgb
+from .model.vision import VisionEncoder
+from .model.vlm import MiniMindVLM, resolve_vision_model
+from .tokenizer import encode_chat, load_tokenizer
+
+# The answers of the book's world are a few tokens; leave room for longer free-form answers.
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+@dataclass
+class VLMBundle:
+    """A trained model with what it needs to answer: its tokenizer and its frozen eyes."""
+
+    model: MiniMindVLM
+    tokenizer: object
+    encoder: VisionEncoder
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_vlm(folder: str | Path, device: str | None = None, vision_model: str | None = None) -> VLMBundle:
+    """Load a ``save_pretrained`` folder of MiniMind-V: weights, tokenizer (same folder) and the
+    vision encoder its config names (a folder inside it, a local folder or a hub id)."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} is not a saved MiniMind-V folder (no config.json)")
+    device = pick_device(device)
+    model = MiniMindVLM.from_pretrained(folder).to(device).eval()
+    tokenizer = load_tokenizer(folder)
+    encoder = VisionEncoder.from_pretrained(
+        vision_model or resolve_vision_model(folder, model.config.vision_model), device=device
+    )
+    model.attach_vision_encoder(encoder)
+    return VLMBundle(model, tokenizer, encoder)
+
+
+def prompt_ids(tokenizer, question: str, num_image_tokens: int) -> list[int]:
+    """The chat prompt for one question about one image, ending where the answer begins.
+    A question without an ``<image>`` tag gets one in front, as in the training data."""
+    text = question if "<image>" in question else f"<image>\n{question}"
+    ids, _ = encode_chat(tokenizer, [{"from": "human", "value": text}], num_image_tokens,
+                         add_generation_prompt=True)
+    return ids
+
+
+def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts so every answer starts at the same column: (ids, attention_mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):  # building the batch once, not a per-step loop
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def as_images(images) -> list[Image.Image]:
+    return [load_image(im) if isinstance(im, (str, Path)) else to_rgb(im) for im in images]
+
+
+@torch.no_grad()
+def answer(
+    bundle: VLMBundle,
+    images: Sequence | None,
+    questions: Sequence[str],
+    image_tokens: torch.Tensor | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    streamer=None,
+    **sampling,
+) -> list[str]:
+    """Answer ``questions[i]`` about ``images[i]`` (paths or PIL images), all in one batch.
+
+    ``image_tokens`` (n, N, width) may replace ``images`` (e.g. from the feature cache);
+    ``images=None`` and no tokens asks the text-only baseline: the same prompts, no picture.
+    Greedy unless sampling options (do_sample, temperature, top_k, top_p, repetition_penalty)
+    are given.
+    """
+    model, tok = bundle.model, bundle.tokenizer
+    # The text-only baseline keeps the placeholders: the same prompt with no picture in them.
+    rows = [prompt_ids(tok, q, model.config.num_image_tokens) for q in questions]
+    ids, mask = left_pad(rows, tok.pad_token_id or 0)
+    if images is not None:
+        image_tokens = bundle.encoder(bundle.encoder.preprocess(as_images(images)).to(model.device))
+    sampling.setdefault("do_sample", False)
+    out = model.generate(
+        ids.to(model.device), attention_mask=mask.to(model.device),
+        image_tokens=None if image_tokens is None else image_tokens.to(model.device),
+        max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id or 0, streamer=streamer, **sampling,
+    )
+    return [s.strip() for s in tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]

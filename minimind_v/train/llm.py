@@ -1,0 +1,71 @@
+"""Stage 0: pretrain the MiniMind decoder on text alone.
+
+The book's embedded default learns its words from the shapes world's captions and answers
+(the image tags removed). A reader with the original MiniMind weights skips this stage and starts
+the VLM from them instead.
+
+    python -m minimind_v.train.llm --data runs/default/world --tokenizer runs/default/tokenizer \
+        --out runs/default/llm --preset tiny --steps 300
+    torchrun --standalone --nproc_per_node 2 -m minimind_v.train.llm ...   # the same, with DDP
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+from torch.utils.data import ConcatDataset
+
+from ..config import PRESETS, config_from_preset
+from ..data.datasets import ChatDataset, collate
+from ..model.llm import MiniMindForCausalLM
+from ..tokenizer import load_tokenizer
+from .common import add_train_flags, lm_step_loss, save_with_tokenizer, train_args_from
+from .distributed import cleanup_distributed, print0, seed_everything, setup_distributed
+from .trainer import count_trainable, fit
+
+TEXT_FILES = ("pretrain_data.json", "sft_data.json")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="dataset folder (pretrain_data.json, sft_data.json)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--use-moe", action="store_true", help="mixture-of-experts feed-forward")
+    p.add_argument("--skip-bad-samples", action="store_true")
+    add_train_flags(p, lr=2e-3, steps=300, batch_size=32, warmup_steps=20)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    ns = parse_args(argv)
+    info = setup_distributed()
+    args = train_args_from(ns)
+    seed_everything(args.seed)
+    tokenizer = load_tokenizer(ns.tokenizer)
+    parts = [ChatDataset(Path(ns.data) / name, tokenizer, text_only=True, max_length=ns.max_length,
+                         skip_bad_samples=ns.skip_bad_samples)
+             for name in TEXT_FILES if (Path(ns.data) / name).exists()]
+    if not parts:
+        raise FileNotFoundError(f"none of {TEXT_FILES} found in {ns.data}")
+    dataset = ConcatDataset(parts)
+    skipped = sum(len(p.skipped) for p in parts)
+    config = config_from_preset(ns.preset, vocab_size=len(tokenizer), use_moe=ns.use_moe,
+                                max_position_embeddings=max(1024, ns.max_length))
+    model = MiniMindForCausalLM(config).to(info.device)
+    trainable, total = count_trainable(model)
+    print0(f"text LM ({ns.preset}): {total / 1e6:.2f}M parameters, {len(dataset)} texts"
+           + (f" ({skipped} bad samples skipped)" if skipped else ""))
+    summary = fit(model, dataset, functools.partial(collate, pad_id=tokenizer.pad_token_id or 0),
+                  args, info, lm_step_loss,
+                  lambda m, out: save_with_tokenizer(m, tokenizer, out))
+    print0(f"done: {summary}")
+    cleanup_distributed()
+    return summary
+
+
+if __name__ == "__main__":
+    main()

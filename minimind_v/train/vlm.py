@@ -1,0 +1,141 @@
+"""Stages 1 and 2: teach the decoder to read pictures (caption pretraining), then to answer (SFT).
+
+Both stages are the same loop over different data and defaults; ``pretrain_vlm`` and
+``sft_vlm`` are their entry points. The vision encoder is always frozen, so with
+``--feature-cache`` every image is encoded once and training reads its patch tokens from disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import random
+from pathlib import Path
+
+from torch.utils.data import ConcatDataset
+
+from ..data.datasets import ChatDataset, collate, read_records
+from ..model.llm import MiniMindForCausalLM
+from ..model.projector import PROJECTORS
+from ..model.vision import DEFAULT_CLIP, VisionEncoder
+from ..model.vlm import MiniMindVLM, VLMConfig, resolve_vision_model
+from ..tokenizer import image_placeholder, load_tokenizer
+from .common import (FREEZE_STRATEGIES, add_train_flags, lm_step_loss, save_with_tokenizer,
+                     set_trainable, train_args_from)
+from .distributed import barrier, cleanup_distributed, print0, seed_everything, setup_distributed
+from .trainer import fit
+
+STAGES = {
+    "pretrain": dict(json="pretrain_data.json", images="pretrain_images", freeze="ends",
+                     train=dict(lr=2e-3, steps=300, batch_size=32, warmup_steps=20)),
+    "sft": dict(json="sft_data.json", images="sft_images", freeze="all",
+                train=dict(lr=1e-3, steps=400, batch_size=32, warmup_steps=20)),
+}
+
+
+def parse_args(stage: str, argv=None):
+    spec = STAGES[stage]
+    p = argparse.ArgumentParser(description=f"MiniMind-V {stage} stage")
+    p.add_argument("--data", required=True, help="dataset folder in the original layout")
+    p.add_argument("--init", required=True,
+                   help="model to start from: a text LM folder (pretrain) or a VLM folder")
+    p.add_argument("--vision", default=None,
+                   help=f"vision encoder: hub id or folder (default: the --init VLM's, else {DEFAULT_CLIP})")
+    p.add_argument("--json", default=spec["json"], help="records file inside --data")
+    p.add_argument("--images", default=spec["images"], help="image folder inside --data")
+    p.add_argument("--freeze", default=spec["freeze"], choices=sorted(FREEZE_STRATEGIES),
+                   help="what trains: " + "; ".join(f"{k}: {v}" for k, v in FREEZE_STRATEGIES.items()))
+    p.add_argument("--projector", default="linear", choices=PROJECTORS)
+    p.add_argument("--feature-cache", action="store_true",
+                   help="read frozen patch tokens from a cache (built on first use) instead of encoding")
+    p.add_argument("--cache-dir", default=None, help="where caches live (default: <data>/feature_cache)")
+    p.add_argument("--mix-captions", type=float, default=0.0,
+                   help="add this fraction (of the records) of caption samples from pretrain_data.json")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--skip-bad-samples", action="store_true",
+                   help="skip malformed records and unreadable images, and report how many")
+    add_train_flags(p, **spec["train"])
+    return p.parse_args(argv)
+
+
+def saved_model_type(folder: str | Path) -> str:
+    config = Path(folder) / "config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"{folder} is not a saved model folder (no config.json)")
+    return json.loads(config.read_text(encoding="utf-8")).get("model_type", "")
+
+
+def load_start_model(init: str, tokenizer, encoder, projector: str) -> MiniMindVLM:
+    """A VLM folder continues as is; a text LM folder gets a fresh projection."""
+    if saved_model_type(init) == VLMConfig.model_type:
+        return MiniMindVLM.from_pretrained(init)
+    lm = MiniMindForCausalLM.from_pretrained(init)
+    _, ids = image_placeholder(tokenizer, encoder.num_tokens)
+    return MiniMindVLM.from_language_model(
+        lm, vision_width=encoder.width, num_image_tokens=encoder.num_tokens, projector=projector,
+        image_token_ids=ids,
+    )
+
+
+def open_features(encoder, image_dir: Path, cache_root: Path, info):
+    """Rank 0 builds (or validates) the cache; the others wait, then open it."""
+    from ..data.features import ensure_cache
+
+    cache_dir = cache_root / image_dir.name
+    if info.is_main:
+        ensure_cache(encoder, image_dir, cache_dir, progress=True)
+    barrier()
+    return ensure_cache(encoder, image_dir, cache_dir, progress=False)
+
+
+def build_dataset(ns, stage_dir: Path, tokenizer, encoder, info):
+    data = Path(ns.data)
+    n_tokens = encoder.num_tokens
+    cache_root = Path(ns.cache_dir) if ns.cache_dir else data / "feature_cache"
+
+    def part(json_name, image_dir_name, records=None):  # one records file + its image folder
+        image_dir = data / image_dir_name
+        cache = open_features(encoder, image_dir, cache_root, info) if ns.feature_cache else None
+        return ChatDataset(data / json_name, tokenizer, n_tokens, image_dir=image_dir,
+                           preprocess=encoder.preprocess, feature_cache=cache,
+                           max_length=ns.max_length, skip_bad_samples=ns.skip_bad_samples,
+                           records=records)
+
+    parts = [part(ns.json, ns.images)]
+    if ns.mix_captions > 0:
+        captions = read_records(data / STAGES["pretrain"]["json"])
+        k = min(len(captions), int(ns.mix_captions * len(parts[0])))
+        chosen = random.Random(ns.seed).sample(captions, k)
+        parts.append(part(STAGES["pretrain"]["json"], STAGES["pretrain"]["images"], chosen))
+    skipped = [msg for p in parts for msg in p.skipped]
+    if skipped:
+        print0(f"skipped {len(skipped)} bad sample(s); first: {skipped[0]}")
+    return ConcatDataset(parts) if len(parts) > 1 else parts[0]
+
+
+def run_stage(stage: str, argv=None) -> dict:
+    ns = parse_args(stage, argv)
+    info = setup_distributed()
+    args = train_args_from(ns)
+    seed_everything(args.seed)
+    init = Path(ns.init)
+    tokenizer = load_tokenizer(init)
+    vision_source = ns.vision
+    if vision_source is None:
+        vision_source = (resolve_vision_model(init, VLMConfig.from_pretrained(init).vision_model)
+                         if saved_model_type(init) == VLMConfig.model_type else DEFAULT_CLIP)
+    encoder = VisionEncoder.from_pretrained(vision_source, device=info.device)
+    model = load_start_model(str(init), tokenizer, encoder, ns.projector).to(info.device)
+    model.attach_vision_encoder(encoder)
+    trainable, total = set_trainable(model, ns.freeze)
+    dataset = build_dataset(ns, Path(args.out_dir), tokenizer, encoder, info)
+    print0(f"{stage}: {len(dataset)} samples; training {trainable / 1e6:.3f}M of {total / 1e6:.3f}M "
+           f"parameters (freeze={ns.freeze}: {FREEZE_STRATEGIES[ns.freeze]}); "
+           f"images from {'the feature cache' if ns.feature_cache else 'files'}")
+    summary = fit(model, dataset, functools.partial(collate, pad_id=tokenizer.pad_token_id or 0),
+                  args, info, lm_step_loss,
+                  lambda m, out: save_with_tokenizer(m, tokenizer, out, vision_source))
+    print0(f"done: {summary}")
+    cleanup_distributed()
+    return summary
