@@ -1,0 +1,35 @@
+"""Pictures of the model at work: attention on the image, token strips, an interactive Q&A panel.
+
+The Q&A panel needs ipywidgets (installed with the ``dev`` extras); it is imported on first use.
+"""
+
+from .attention import (
+    AttentionTrace,
+    answer_with_attention,
+    encoder_view,
+    patch_grid,
+    plot_attention_overlay,
+    plot_image_share,
+)
+from .tokens import describe_tokens, plot_token_strip
+
+__all__ = [
+    "AttentionTrace",
+    "QAWidget",
+    "answer_with_attention",
+    "describe_tokens",
+    "encoder_view",
+    "patch_grid",
+    "plot_attention_overlay",
+    "plot_image_share",
+    "plot_token_strip",
+    "qa_widget",
+]
+
+
+def __getattr__(name):
+    if name in ("QAWidget", "qa_widget"):
+        from . import widget
+
+        return getattr(widget, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

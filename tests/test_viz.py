@@ -1,0 +1,403 @@
+"""The book's pictures and the Q&A panel: attention traces, token strips, the widget.
+
+A tiny random MiniMind-V (random CLIP 64x64 with 16-pixel patches: 1 CLS + 4x4 patches = 17
+image tokens) is built here; nothing is downloaded and nothing is written to figures/.
+"""
+
+import datetime
+import html
+import io
+import types
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from minimind_v.inference import VLMBundle, answer, prompt_ids  # noqa: E402
+from minimind_v.model.vision import VisionEncoder, make_random_clip  # noqa: E402
+from minimind_v.model.vlm import MiniMindVLM, VLMConfig  # noqa: E402
+from minimind_v.tokenizer import IGNORE_INDEX, IMAGE_TOKEN, encode_chat, train_tokenizer  # noqa: E402
+from minimind_v.viz import (  # noqa: E402
+    AttentionTrace,
+    answer_with_attention,
+    describe_tokens,
+    encoder_view,
+    patch_grid,
+    plot_attention_overlay,
+    plot_image_share,
+    plot_token_strip,
+    qa_widget,
+)
+
+GRID = 4
+N_IMAGE = 1 + GRID * GRID
+SENTENCES = [
+    f"The {c} {s} is {p} the {c2} {s2}."
+    for c in ("red", "blue", "green") for s in ("circle", "square") for p in ("left of", "above")
+    for c2 in ("yellow", "blue") for s2 in ("star", "square")
+] + ["What colour is the circle?\nHow many shapes are there?", "There are 3 shapes."]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    tokenizer = train_tokenizer(SENTENCES * 3, vocab_size=320)
+    clip = make_random_clip(tmp_path_factory.mktemp("clip") / "tiny", image_size=16 * GRID, patch_size=16, width=32)
+    encoder = VisionEncoder.from_pretrained(clip)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config = VLMConfig(vocab_size=len(tokenizer), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                       max_position_embeddings=256, vision_width=encoder.width,
+                       num_image_tokens=encoder.num_tokens, image_token_ids=[image_id] * encoder.num_tokens)
+    torch.manual_seed(0)
+    model = MiniMindVLM(config).eval()
+    # A larger init than training's, so the random model gives varied, non-degenerate answers.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    model.attach_vision_encoder(encoder)
+    return VLMBundle(model, tokenizer, encoder)
+
+
+def picture(seed=0, size=(80, 56)):
+    """A non-square picture with structure: random blocks, so crops and shifts are visible."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    return Image.fromarray(np.kron(blocks, np.ones((8, 8, 1), dtype=np.uint8)))
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def trace(bundle):
+    return answer_with_attention(bundle, picture(), "What colour is the circle?", max_new_tokens=10)
+
+
+# ----------------------------------------------------------------------------- the trace
+
+
+def test_trace_shapes_rows_and_image_share(bundle, trace):
+    n, L, H = len(trace.token_ids), bundle.model.config.n_layers, bundle.model.config.n_heads
+    T = len(trace.prompt_ids)
+    assert n > 1, "the random model should say something"
+    assert trace.attention.shape == (n, L, H, T + n - 1)
+    # Every query's attention over all keys is a distribution.
+    torch.testing.assert_close(trace.attention.sum(-1), torch.ones(n, L, H))
+    # Token i is chosen by position T-1+i: it cannot see keys after it (they hold exactly 0).
+    for i in range(n):
+        assert torch.all(trace.attention[i, ..., T + i:] == 0)
+    # The image positions are exactly where the prompt holds the <|image|> placeholder.
+    image_id = bundle.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    expected = [t for t, token in enumerate(trace.prompt_ids) if token == image_id]
+    assert trace.image_positions.tolist() == expected and len(expected) == N_IMAGE
+    assert trace.image_attention.shape == (n, L, N_IMAGE)
+    torch.testing.assert_close(trace.image_attention, trace.attention[..., expected].mean(2))
+    assert trace.image_share.shape == (n, L)
+    assert torch.all((trace.image_share >= 0) & (trace.image_share <= 1))
+    torch.testing.assert_close(trace.image_share, trace.image_attention.sum(-1))
+    assert trace.grid == GRID and trace.image_size == 16 * GRID
+
+
+def test_traced_answer_equals_answer(bundle, trace):
+    for seed, question in [(0, "What colour is the circle?"), (1, "How many shapes are there?")]:
+        expected = answer(bundle, [picture(seed)], [question], max_new_tokens=10)[0]
+        traced = trace if seed == 0 else answer_with_attention(bundle, picture(seed), question, max_new_tokens=10)
+        assert traced.answer == expected
+        decoded = [bundle.tokenizer.decode([t]) for t in traced.token_ids]
+        assert len(traced.tokens) == len(decoded)
+        assert all(text == d for text, d in zip(traced.tokens, decoded) if "\ufffd" not in d)
+
+
+def test_cached_step_attention_equals_one_full_forward(bundle, trace):
+    """Recorded step by step with the KV cache, the rows equal those of one uncached forward pass
+    over prompt + answer (eager attention), at the positions that chose each token."""
+    model = bundle.model
+    T, n = len(trace.prompt_ids), len(trace.token_ids)
+    ids = torch.tensor([trace.prompt_ids + trace.token_ids])
+    tokens = bundle.encoder(bundle.encoder.preprocess([picture()]))
+    with torch.no_grad():
+        out = model(ids, image_tokens=tokens, output_attentions=True, use_cache=False)
+    full = torch.stack([a[0] for a in out.attentions])  # (L, H, T+n, T+n)
+    expected = full[:, :, T - 1 : T - 1 + n, : T + n - 1].permute(2, 0, 1, 3)  # (n, L, H, S)
+    torch.testing.assert_close(trace.attention, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_streamer_receives_prompt_then_each_token(bundle):
+    class Recorder:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    rec = Recorder()
+    tr = answer_with_attention(bundle, picture(2), "How many shapes are there?", max_new_tokens=5, streamer=rec)
+    assert rec.puts[0] == tr.prompt_ids
+    assert sum(rec.puts[1:], []) == tr.token_ids and rec.ended
+
+
+def test_bad_question_is_named(bundle):
+    with pytest.raises(ValueError, match="question"):
+        answer_with_attention(bundle, picture(), "   ")
+
+
+# ----------------------------------------------------------------------------- maps on the grid
+
+
+def synthetic_trace(hot: dict[int, tuple[int, int]], n_layers=2, grid=GRID, size=64) -> AttentionTrace:
+    """A trace whose token i puts all its image attention (half of all) on patch hot[i] = (r, c)."""
+    n, N = len(hot), 1 + grid * grid
+    image_attention = torch.zeros(n, n_layers, N)
+    for i, (r, c) in hot.items():
+        image_attention[i, :, 1 + r * grid + c] = 0.5
+    return AttentionTrace(
+        question="where?", prompt_ids=[1] * (N + 4), token_ids=list(range(n)), tokens=[f"t{i}" for i in range(n)],
+        answer="t", image_positions=torch.arange(2, 2 + N), attention=torch.zeros(n, n_layers, 1, N + 4),
+        image_attention=image_attention, image_share=image_attention.sum(-1), grid=grid, image_size=size,
+    )
+
+
+def test_patch_grid_puts_patch_r_c_at_row_r_column_c():
+    hot = {0: (0, 3), 1: (2, 1), 2: (3, 0)}
+    tr = synthetic_trace(hot)
+    for i, (r, c) in hot.items():
+        grid = patch_grid(tr, i)
+        assert grid.shape == (GRID, GRID)
+        expected = np.zeros((GRID, GRID))
+        expected[r, c] = 0.5
+        np.testing.assert_array_equal(grid, expected)
+    whole = patch_grid(tr, "all")
+    assert whole[0, 3] == whole[2, 1] == whole[3, 0] == pytest.approx(0.5 / 3)
+    assert whole.sum() == pytest.approx(0.5)
+    np.testing.assert_array_equal(patch_grid(tr, [0, 1], layer=1), (patch_grid(tr, 0) + patch_grid(tr, 1)) / 2)
+
+
+def test_overlay_draws_each_patch_over_its_own_pixels():
+    hot = {0: (0, 3), 1: (2, 1)}
+    tr = synthetic_trace(hot)
+    fig = plot_attention_overlay(tr, picture(size=(64, 64)))
+    assert isinstance(fig, Figure)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 3  # two tokens and the whole answer
+    assert panels[0].get_title().startswith("t0") and panels[2].get_title().startswith("whole answer")
+    size, cell = 64, 64 / GRID
+    fig.canvas.draw()
+    for panel, (token, (r, c)) in zip(panels, hot.items()):
+        heat = panel.images[1]
+        np.testing.assert_array_equal(np.asarray(heat.get_array()), patch_grid(tr, token))
+        # Look the heatmap up where patch (r, c) lies in the picture, and elsewhere.
+        for rr in range(GRID):
+            for cc in range(GRID):
+                x, y = panel.transData.transform(((cc + 0.5) * cell, (rr + 0.5) * cell))
+                value = heat.get_cursor_data(types.SimpleNamespace(x=x, y=y))
+                assert value == (0.5 if (rr, cc) == (r, c) else 0.0), (r, c, rr, cc)
+        assert panel.images[0].get_array().shape[:2] == (size, size)
+
+
+def test_overlay_single_axis_and_layer_choice():
+    tr = synthetic_trace({0: (1, 1), 1: (1, 2)})
+    fig, ax = plt.subplots()
+    assert plot_attention_overlay(tr, picture(), tokens=[1], layer=-1, ax=ax) is fig
+    np.testing.assert_array_equal(np.asarray(ax.images[1].get_array()), patch_grid(tr, 1))
+    with pytest.raises(ValueError, match="layer"):
+        plot_attention_overlay(tr, picture(), layer=5)
+    with pytest.raises(ValueError, match="tokens"):
+        plot_attention_overlay(tr, picture(), tokens=[7])
+
+
+def test_encoder_view_is_what_the_encoder_sees(bundle):
+    image = picture(3, size=(120, 72))
+    view = np.asarray(encoder_view(image, bundle.encoder.image_size), dtype=np.float32)
+    pixels = bundle.encoder.preprocess([image])[0]  # (3, S, S), normalised
+    processor = bundle.encoder.processor
+    mean, std = torch.tensor(processor.image_mean)[:, None, None], torch.tensor(processor.image_std)[:, None, None]
+    seen = ((pixels * std + mean) * 255).permute(1, 2, 0).numpy()
+    assert view.shape == seen.shape
+    assert np.abs(view - seen).mean() < 1.0  # same crop; only rounding differs
+
+
+def test_image_share_plot(trace):
+    fig = plot_image_share(trace)
+    assert isinstance(fig, Figure)
+    heat = fig.axes[0].images[0]
+    np.testing.assert_allclose(np.asarray(heat.get_array()), trace.image_share.numpy().T)
+    fig = plot_image_share(trace, kind="lines")
+    assert len(fig.axes[0].lines) == trace.n_layers + 1  # one per layer + the uniform reference
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), trace.image_share[:, 0].numpy())
+
+
+# ----------------------------------------------------------------------------- token strips
+
+
+@pytest.fixture(scope="module")
+def chat(bundle):
+    conv = [{"from": "human", "value": "<image>\nWhat colour is the circle?"},
+            {"from": "gpt", "value": "The circle is red."}]
+    return encode_chat(bundle.tokenizer, conv, N_IMAGE)
+
+
+def test_describe_tokens_marks_image_and_loss_positions(bundle, chat):
+    ids, labels = chat
+    image_id = bundle.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    rows = describe_tokens(bundle.tokenizer, ids, image_token_ids=[image_id] * N_IMAGE, labels=labels)
+    assert [r[0] for r in rows] == list(range(len(ids)))
+    assert [i for i, _, is_image, _ in rows if is_image] == [i for i, t in enumerate(ids) if t == image_id]
+    assert [i for i, _, _, loss in rows if loss] == [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert all("\n" not in text for _, text, _, _ in rows)
+    assert "".join(text for _, text, _, _ in rows) == bundle.tokenizer.decode(ids).replace("\n", "↵")
+    # Without a pattern, the <|image|> tokens are found by id; a mask is taken as given.
+    assert [r[2] for r in describe_tokens(bundle.tokenizer, ids)] == [r[2] for r in rows]
+    mask = [i == 0 for i in range(len(ids))]
+    assert [r[2] for r in describe_tokens(bundle.tokenizer, ids, image_mask=mask)] == mask
+
+
+def test_describe_tokens_finds_a_multi_token_pattern_only_where_whole(bundle):
+    # The original tokenizer's placeholder is '<'*k + '>'*k: ordinary tokens, found as a pattern.
+    lt, gt = 20, 21
+    ids = [1, lt, 5, lt, lt, gt, gt, 7, gt]
+    rows = describe_tokens(bundle.tokenizer, ids, image_token_ids=[lt, lt, gt, gt])
+    assert [r[2] for r in rows] == [False, False, False, True, True, True, True, False, False]
+    with pytest.raises(ValueError, match="labels"):
+        describe_tokens(bundle.tokenizer, ids, labels=[0])
+
+
+def test_token_text_shows_the_bytes_of_a_split_character(bundle):
+    # The test tokenizer learned no Chinese, so each UTF-8 byte of these characters is one token.
+    tok = bundle.tokenizer
+    ids = tok("猫 red", add_special_tokens=False).input_ids
+    texts = [r[1] for r in describe_tokens(tok, ids)]
+    cat_bytes = "猫".encode("utf-8")
+    assert texts[: len(cat_bytes)] == [f"\\x{b:02x}" for b in cat_bytes]
+    assert "".join(texts[len(cat_bytes):]) == " red"
+
+
+def strip_boxes(fig):
+    """(kind, first index, count) of every token box in a token-strip figure."""
+    out = []
+    for patch in fig.axes[0].patches:
+        gid = patch.get_gid() or ""
+        if gid.startswith("token-"):
+            kind, first, count = gid[len("token-"):].rsplit("-", 2)
+            out.append((kind, int(first), int(count)))
+    return out
+
+
+def test_token_strip_collapses_image_and_outlines_loss(bundle, chat):
+    ids, labels = chat
+    fig = plot_token_strip(bundle.tokenizer, ids, labels=labels, max_tokens=None)
+    assert isinstance(fig, Figure)
+    boxes = strip_boxes(fig)
+    first_image = next(i for i, t in enumerate(ids) if t == bundle.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    assert [b for b in boxes if b[0].startswith("image")] == [("image-run", first_image, N_IMAGE)]
+    assert any(t.get_text() == f"{N_IMAGE} image tokens" for t in fig.axes[0].texts)
+    assert sorted(b[1] for b in boxes if b[0] == "loss") == [i for i, l in enumerate(labels) if l != IGNORE_INDEX]
+    assert sum(b[2] for b in boxes) == len(ids)
+
+    expanded = strip_boxes(plot_token_strip(bundle.tokenizer, ids, labels=labels, expand_image=True, max_tokens=None))
+    assert sorted(b[1] for b in expanded if b[0] == "image") == list(range(first_image, first_image + N_IMAGE))
+    assert len(expanded) == len(ids)
+
+
+def test_token_strip_summarises_past_max_tokens(bundle, chat):
+    ids, _ = chat
+    fig = plot_token_strip(bundle.tokenizer, ids, max_tokens=10)
+    boxes = strip_boxes(fig)
+    assert len(boxes) == 11 and boxes[-1][0] == "more"
+    assert boxes[-1][1] == boxes[-2][1] + boxes[-2][2]  # the first token not drawn
+    assert boxes[-1][2] == len(ids) - sum(b[2] for b in boxes[:-1])
+
+
+# ----------------------------------------------------------------------------- the Q&A widget
+
+
+@pytest.fixture
+def eval_images(tmp_path):
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"eval_{i}.png"
+        picture(i).save(path)
+        paths.append(path)
+    return paths
+
+
+def upload_item(name, data):
+    return {"name": name, "type": "", "size": len(data), "content": memoryview(data),
+            "last_modified": datetime.datetime.now()}
+
+
+def png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_widget_answers_a_chosen_eval_image(bundle, eval_images):
+    panel = qa_widget(bundle, eval_images, max_new_tokens=6)
+    assert panel.current_name == "eval_0.png" and bytes(panel.preview.value).startswith(b"\x89PNG")
+    panel.image_select.value = "eval_1.png"
+    streamed = []
+    panel.answer_area.observe(lambda change: streamed.append(change["new"]), names="value")
+    panel.question.value = "How many shapes are there?"
+    panel.ask_button.click()
+    expected = answer(bundle, [eval_images[1]], ["How many shapes are there?"], max_new_tokens=6)[0]
+    assert panel.last_answer == expected and panel.messages == []
+    assert len([s for s in streamed if s]) >= 3  # the answer arrived token by token
+    assert panel.answer_area.value.endswith(html.escape(expected))
+    assert panel.attention_view.layout.display == "none"
+
+    panel.show_attention.value = True
+    panel.ask_button.click()
+    assert panel.last_answer == expected and panel.last_trace.answer == expected
+    assert bytes(panel.attention_view.value).startswith(b"\x89PNG") and panel.attention_view.layout.display != "none"
+    assert not plt.get_fignums()  # the figure went into the widget, not into pyplot's list
+
+
+def test_widget_messages_instead_of_exceptions(bundle, eval_images, tmp_path):
+    panel = qa_widget(bundle, eval_images, max_new_tokens=4)
+    panel.question.value = "   "
+    panel.ask_button.click()
+    assert panel.last_answer is None and "question" in panel.messages[-1]
+
+    panel.upload.value = (upload_item("notes.txt", b"hello, not a picture"),)
+    assert "notes.txt" in panel.messages[-1] and "not an image" in panel.messages[-1]
+    assert panel.current_name == "eval_0.png"  # the previous picture stays
+    truncated = png(picture(5))[:60]
+    assert not panel.load_upload("broken.png", truncated)
+    assert "broken.png" in panel.messages[-1]
+
+    panel.question.value = "What is <s> this?"  # special-token text cannot go into a prompt
+    panel.ask_button.click()
+    assert panel.last_answer is None and "<s>" in panel.messages[-1]
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG garbage")
+    panel = qa_widget(bundle, [broken])
+    assert panel.current_image is None and "broken.png" in panel.messages[-1]
+    panel.question.value = "What colour is the circle?"
+    panel.ask_button.click()
+    assert "image" in panel.messages[-1] and panel.last_answer is None
+
+
+def test_widget_answers_an_uploaded_image(bundle):
+    panel = qa_widget(bundle, [], max_new_tokens=4)
+    grey = Image.new("LA", (30, 50), (128, 200))  # any mode is turned into RGB
+    panel.upload.value = (upload_item("mine.png", png(grey)),)
+    assert panel.current_name == "uploaded: mine.png" and panel.current_image.mode == "RGB"
+    assert panel.image_select.value == "uploaded: mine.png" and panel.upload.value == ()
+    panel.question.value = "What colour is the circle?"
+    panel.ask_button.click()
+    assert panel.messages == []
+    assert panel.last_answer == answer(bundle, [panel.current_image], ["What colour is the circle?"], max_new_tokens=4)[0]
