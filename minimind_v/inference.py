@@ -12,7 +12,7 @@ from PIL import Image
 from .data.images import load_image, to_rgb
 from .model.vision import VisionEncoder
 from .model.vlm import MiniMindVLM, resolve_vision_model
-from .tokenizer import encode_chat, load_tokenizer
+from .tokenizer import IMAGE_TOKEN, encode_chat, has_image_token, load_tokenizer
 
 # The answers of the book's world are a few tokens; leave room for longer free-form answers.
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -99,6 +99,8 @@ def answer(
     if images is not None:
         image_tokens = bundle.encoder(bundle.encoder.preprocess(as_images(images)).to(model.device))
     sampling.setdefault("do_sample", False)
+    if has_image_token(tok):  # a placeholder in an answer would read as a broken image later
+        sampling.setdefault("suppress_tokens", [tok.convert_tokens_to_ids(IMAGE_TOKEN)])
     out = model.generate(
         ids.to(model.device), attention_mask=mask.to(model.device),
         image_tokens=None if image_tokens is None else image_tokens.to(model.device),

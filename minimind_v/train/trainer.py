@@ -109,13 +109,26 @@ def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
 def atomic_torch_save(obj, path: Path) -> None:
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def append_metrics(out_dir: Path, record: dict) -> None:
     with open(out_dir / METRICS, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def forget_metrics_after(out_dir: Path, step: int) -> None:
+    """Drop metrics logged after ``step``: a resumed run does those steps again."""
+    path = out_dir / METRICS
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _sum_all_ranks(value: float, device) -> float:
@@ -153,6 +166,8 @@ def fit(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
+        if info.is_main:
+            forget_metrics_after(out_dir, start_step)
     elif args.resume and info.is_main:
         print(f"no checkpoint in {out_dir}; starting from step 0")
 
