@@ -60,6 +60,12 @@ def prompt_ids(tokenizer, question: str, num_image_tokens: int) -> list[int]:
     return ids
 
 
+def suppressed_ids(tokenizer) -> list[int]:
+    """Tokens an answer must never contain: a generated image placeholder would read as a broken
+    image when the answer is fed back in."""
+    return [tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)] if has_image_token(tokenizer) else []
+
+
 def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts so every answer starts at the same column: (ids, attention_mask)."""
     width = max(len(r) for r in rows)
@@ -99,8 +105,8 @@ def answer(
     if images is not None:
         image_tokens = bundle.encoder(bundle.encoder.preprocess(as_images(images)).to(model.device))
     sampling.setdefault("do_sample", False)
-    if has_image_token(tok):  # a placeholder in an answer would read as a broken image later
-        sampling.setdefault("suppress_tokens", [tok.convert_tokens_to_ids(IMAGE_TOKEN)])
+    if suppressed_ids(tok):
+        sampling.setdefault("suppress_tokens", suppressed_ids(tok))
     out = model.generate(
         ids.to(model.device), attention_mask=mask.to(model.device),
         image_tokens=None if image_tokens is None else image_tokens.to(model.device),

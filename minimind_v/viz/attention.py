@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from transformers.cache_utils import DynamicCache
 
-from ..inference import DEFAULT_MAX_NEW_TOKENS, as_images, prompt_ids
+from ..inference import DEFAULT_MAX_NEW_TOKENS, as_images, prompt_ids, suppressed_ids
 from ..model.vlm import placeholder_mask
 from .tokens import escape, font_family, token_text
 
@@ -118,7 +118,9 @@ def answer_with_attention(
         out = model(**step_input, cache=cache, use_cache=True, output_attentions=True, logits_to_keep=1)
         # Each layer: (1, H, t, S) -> the last query's row (H, S); stacked: (L, H, S)
         rows.append(torch.stack([a[0, :, -1, :] for a in out.attentions]).float().cpu())
-        next_id = int(out.logits[0, -1].argmax())
+        logits = out.logits[0, -1]
+        logits[suppressed_ids(tok)] = float("-inf")  # as answer() does
+        next_id = int(logits.argmax())
         if next_id == tok.eos_token_id:
             rows.pop()  # the attention that chose </s> belongs to no answer token
             break
