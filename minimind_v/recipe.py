@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -84,19 +82,6 @@ def is_done(run: str | Path, stage: str) -> bool:
     return (stage_dir(run, stage) / STAGE_DIRS[stage][1]).exists()
 
 
-def run_python_module(module: str, args: list[str], nproc: int = 1) -> None:
-    """Run a stage as its own process (torchrun when nproc > 1); raise if it fails."""
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", module, *args]
-    else:
-        cmd = [sys.executable, "-m", module, *args]
-    print("$ " + " ".join(cmd[1:] if nproc > 1 else ["python", *cmd[1:]]), flush=True)
-    result = subprocess.run(cmd)
-    if result.returncode:
-        raise RuntimeError(f"stage {module} failed with exit code {result.returncode}")
-
-
 def world_texts(world: Path) -> list[str]:
     """Every caption, question and answer of the world, without the image tags."""
     texts = []
@@ -156,6 +141,7 @@ def run_recipe(run: str | Path, recipe: Recipe | None = None, nproc: int = 1,
                stages: list[str] | None = None) -> dict:
     """Run (or reuse) every stage; returns {stage: seconds} plus the evaluation figures."""
     from .data.shapes import ShapesWorldConfig, generate_world
+    from .launch import run_module, run_torchrun
     from .tokenizer import train_tokenizer
 
     run, r = Path(run), recipe or default_recipe()
@@ -180,7 +166,9 @@ def run_recipe(run: str | Path, recipe: Recipe | None = None, nproc: int = 1,
             figures = evaluate_run(run, r)
         else:
             module, args = commands[stage]
-            run_python_module(module, args + r.extra.get(stage, []), nproc=nproc)
+            launch = run_torchrun if nproc > 1 else run_module
+            kw = {"nproc": nproc} if nproc > 1 else {}
+            launch(module, args + r.extra.get(stage, []), plot=False, **kw)
         timings[stage] = round(time.perf_counter() - t0, 1)
         print(f"[{stage}] finished in {timings[stage]:.0f} s", flush=True)
     total = sum(timings.values())

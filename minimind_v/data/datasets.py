@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from ..tokenizer import IGNORE_INDEX, IMAGE_TAG, encode_chat
 from .images import ImageError, load_image
@@ -133,21 +134,22 @@ class ChatDataset(Dataset):
         return rid, record.get("image") if uses_images else None, ids, labels
 
     def _drop_unreadable_images(self):
+        """Open every image once (or look it up in the cache) and drop the records whose fail."""
         kept = []
-        for item in self.items:
+        for item in tqdm(self.items, desc=f"checking images of {self.json_path.name}", leave=False):
             rid, image, *_ = item
             if self.feature_cache is not None:
-                ok = image in self.feature_cache
+                problem = None if image in self.feature_cache else "is not in the feature cache"
             else:
                 try:
                     load_image(self.image_dir / image)
-                    ok = True
-                except ImageError:
-                    ok = False
-            if ok:
+                    problem = None
+                except ImageError as e:
+                    problem = str(e)
+            if problem is None:
                 kept.append(item)
             else:
-                self.skipped.append(f"record {rid!r}: image {image!r} is missing or unreadable")
+                self.skipped.append(f"record {rid!r}: image {image!r} {problem}")
         self.items = kept
 
     def __len__(self) -> int:
