@@ -1,0 +1,218 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 4: placeholder substitution
+#
+# ```
+# 50 word-sized vectors ─substitution─▶ prompt embeddings ─decoder─▶   ◀── this chapter
+# ```
+#
+# The decoder reads a sequence of embeddings, one per token. To slip a picture into that
+# sequence, MiniMind-V reserves room for it in the prompt: the dataset's `<image>` tag is expanded
+# into **50 placeholder tokens**, one per CLIP token. The prompt is embedded as usual, and then the
+# 50 placeholder embeddings are **overwritten** by the 50 projected patch tokens. From there on the
+# decoder cannot tell a patch from a word: both are just vectors in its sequence.
+
+# %%
+QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow MINIMIND_V_QUICK
+NPROC = None  # training processes per stage; None: one per GPU, else 1 (see chapter 1)
+
+from minimind_v.book import default_nproc, run_folder, save_figure, use_quick_mode
+from minimind_v.recipe import default_recipe, is_done, run_recipe, stage_dir
+
+quick = use_quick_mode(QUICK)
+NPROC = NPROC or default_nproc()
+R = default_recipe()
+RUN = run_folder()
+print(f"quick mode: {quick}; run folder: {RUN}; training processes per stage: {NPROC}")
+missing = [s for s in ("world", "clip", "tokenizer", "llm") if not is_done(RUN, s)]
+if missing:  # chapters 0-2's results
+    run_recipe(RUN, R, stages=missing, nproc=NPROC)
+WORLD = stage_dir(RUN, "world")
+
+# %% [markdown]
+# The model of chapter 3: the pretrained text decoder with a fresh projection, and the frozen
+# tiny CLIP attached.
+
+# %%
+import torch
+
+from minimind_v.model.vision import VisionEncoder
+from minimind_v.tokenizer import load_tokenizer
+from minimind_v.train.vlm import load_start_model
+
+torch.manual_seed(R.seed)
+encoder = VisionEncoder.from_pretrained(stage_dir(RUN, "clip"))
+tokenizer = load_tokenizer(stage_dir(RUN, "llm"))
+vlm = load_start_model(str(stage_dir(RUN, "llm")), tokenizer, encoder, "linear").eval()
+vlm.attach_vision_encoder(encoder)
+cfg = vlm.config
+
+# %% [markdown]
+# ## The prompt
+#
+# A question from the SFT data, as the model sees it when asked to answer: the `<image>` tag
+# became 50 copies of `<|image|>` (id 3), and the prompt ends with `<s>assistant\n`.
+
+# %%
+import matplotlib.pyplot as plt
+
+from minimind_v.data.datasets import read_records
+from minimind_v.data.images import load_image
+from minimind_v.inference import prompt_ids
+from minimind_v.viz import plot_token_strip
+
+record = read_records(WORLD / "sft_data.json")[0]
+question = record["conversations"][0]["value"]
+image = load_image(WORLD / "sft_images" / record["image"])
+input_ids = torch.tensor([prompt_ids(tokenizer, question, cfg.num_image_tokens)])  # (1, T)
+print(repr(question))
+text = tokenizer.decode(input_ids[0])
+print(repr(text.replace("<|image|>" * 50, "<|image|> x 50")))
+print("input_ids:", tuple(input_ids.shape))
+
+fig = plot_token_strip(tokenizer, input_ids, image_token_ids=cfg.image_token_ids,
+                       title=f"the prompt: {input_ids.shape[1]} tokens, 50 of them stand for the picture")
+save_figure(fig, "04_prompt_tokens.png")
+plt.show()
+
+# %% [markdown]
+# ## Finding the placeholders
+#
+# `placeholder_mask` marks every position covered by the placeholder pattern, for a whole batch at
+# once: it compares every window of 50 ids with the pattern, then spreads each match over its 50
+# positions. The pattern is a sequence rather than one id because the original MiniMind tokenizer
+# has no `<|image|>` token: there the placeholder is the text `'<' * 25 + '>' * 25`, 50 ordinary
+# tokens. A toy example with a 3-token pattern:
+
+# %%
+from minimind_v.model.vlm import placeholder_mask
+
+toy = torch.tensor([[9, 5, 6, 7, 9, 9],
+                    [5, 6, 9, 5, 6, 7]])
+print(placeholder_mask(toy, torch.tensor([5, 6, 7])).int())  # (2, 6): only complete matches count
+
+pattern = torch.tensor(cfg.image_token_ids)
+mask = placeholder_mask(input_ids, pattern)  # (1, T) bool
+positions = mask[0].nonzero().squeeze(1)
+print(f"mask: {tuple(mask.shape)}, {int(mask.sum())} image positions, from {int(positions[0])} to {int(positions[-1])}")
+
+# %% [markdown]
+# ## Before and after
+#
+# Embedding the prompt gives one vector per token. The 50 placeholders are the same token, so
+# they start as 50 copies of one vector. `substitute_image_tokens` projects the patch tokens and
+# writes them into those rows with one `masked_scatter`; every other row is left untouched.
+
+# %%
+with torch.no_grad():
+    image_tokens = encoder(encoder.preprocess(image))  # (1, 50, vision_width)
+    before = vlm.tok_embeddings(input_ids)  # (1, T) -> (1, T, dim)
+    after = vlm.substitute_image_tokens(input_ids, before, image_tokens)  # (1, T, dim)
+    projected = vlm.vision_proj(image_tokens)  # (1, 50, vision_width) -> (1, 50, dim)
+
+changed = (after - before).norm(dim=-1) > 0  # (1, T)
+print("image tokens:", tuple(image_tokens.shape), " embeddings before:", tuple(before.shape),
+      " after:", tuple(after.shape))
+print("placeholder rows before substitution all equal:", bool((before[0, mask[0]] == before[0, positions[0]]).all()))
+print("changed positions are exactly the image positions:", torch.equal(changed, mask))
+print("the image rows now hold the projected patches, in order:", torch.equal(after[0, mask[0]], projected[0]))
+assert torch.equal(changed, mask) and torch.equal(after[0, mask[0]], projected[0])
+
+# %% [markdown]
+# The same in a picture: the embedding matrices before and after (positions across, features
+# down; both on the same colour scale), and each position's vector length. The projection is still
+# untrained, so the picture's vectors are far longer than the words around them (chapter 3).
+
+# %%
+import numpy as np
+
+T = input_ids.shape[1]
+limit = float(before.abs().flatten().quantile(0.99))
+fig, axes = plt.subplots(3, 1, figsize=(11, 7.2), sharex=True, gridspec_kw={"height_ratios": [1, 1, 0.8]})
+for ax, values, title in ((axes[0], before, "token embeddings"),
+                          (axes[1], after, "after substitution (same colour scale)")):
+    ax.imshow(values[0].T.numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit,
+              interpolation="nearest", extent=(-0.5, T - 0.5, cfg.dim, 0))
+    ax.set_ylabel(f"feature (dim {cfg.dim})")
+    ax.set_title(title, fontsize=10, loc="left")
+axes[2].semilogy(np.arange(T), before[0].norm(dim=-1).numpy(), ".-", label="before")
+axes[2].semilogy(np.arange(T), after[0].norm(dim=-1).numpy(), ".-", label="after")
+axes[2].set_ylabel("vector length")
+axes[2].set_xlabel("position in the prompt")
+axes[2].legend(fontsize=8, loc="center right")
+for ax in axes:
+    ax.axvspan(int(positions[0]) - 0.5, int(positions[-1]) + 0.5, color="#4a86c5", alpha=0.12, lw=0)
+axes[2].text((int(positions[0]) + int(positions[-1])) / 2, axes[2].get_ylim()[1], "the 50 image positions",
+             ha="center", va="top", fontsize=9, color="#2b5d8f")
+fig.tight_layout()
+save_figure(fig, "04_substitution.png")
+plt.show()
+
+# %% [markdown]
+# ## A batch
+#
+# Training works on batches of prompts of different lengths, each with its own picture. The
+# images are given in the order their placeholders appear, row by row; one `masked_scatter` fills
+# them all. Here two prompts, left-padded to the same length as for generation.
+
+# %%
+from minimind_v.inference import left_pad
+
+def ask(r: dict) -> list[int]:
+    return prompt_ids(tokenizer, r["conversations"][0]["value"], cfg.num_image_tokens)
+
+
+second = next(r for r in read_records(WORLD / "sft_data.json") if len(ask(r)) != input_ids.shape[1])
+rows = [ask(record), ask(second)]
+batch_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id)  # (2, T_max)
+with torch.no_grad():
+    batch_images = encoder(encoder.preprocess([image, load_image(WORLD / "sft_images" / second["image"])]))
+    batch_after = vlm.substitute_image_tokens(batch_ids, vlm.tok_embeddings(batch_ids), batch_images)
+    batch_projected = vlm.vision_proj(batch_images)  # (2, 50, dim)
+batch_mask = placeholder_mask(batch_ids, pattern)
+print("prompt lengths:", [len(r) for r in rows], " batch:", tuple(batch_ids.shape),
+      " images:", tuple(batch_images.shape), " embeddings:", tuple(batch_after.shape))
+for row in range(2):
+    print(f"row {row}: image positions {int(batch_mask[row].nonzero()[0])}..{int(batch_mask[row].nonzero()[-1])}, "
+          f"hold image {row}: {torch.equal(batch_after[row, batch_mask[row]], batch_projected[row])}")
+
+# %% [markdown]
+# ## Into the decoder
+#
+# `MiniMindVLM.forward` does the substitution itself when given pixels (through the attached
+# encoder) or ready image tokens, then runs the decoder on the embeddings. Without a picture the
+# placeholders keep their own embedding: that is the **text-only baseline** of chapter 7. Even with
+# an untrained projection, the picture changes what the model predicts next; whether it changes
+# it for the better is what training decides.
+
+# %%
+with torch.no_grad():
+    with_picture = vlm(input_ids=input_ids, pixel_values=encoder.preprocess(image), use_cache=False).logits
+    without = vlm(input_ids=input_ids, use_cache=False).logits
+print("logits:", tuple(with_picture.shape), "(batch, positions, vocabulary)")
+for name, logits in (("with the picture", with_picture), ("text only       ", without)):
+    top = logits[0, -1].softmax(-1).topk(5)
+    words = ", ".join(f"{tokenizer.decode([int(i)])!r} {p:.2f}" for p, i in zip(top.values, top.indices))
+    print(f"{name}: next token after 'assistant\\n': {words}")
+
+# %% [markdown]
+# ## Summary
+#
+# * The `<image>` tag becomes 50 placeholder tokens; `placeholder_mask` finds them in a batch,
+#   whatever the pattern (`<|image|>` x 50 here, `'<' * 25 + '>' * 25` with the original tokenizer).
+# * `substitute_image_tokens` replaces exactly those 50 rows of the embeddings with the projected
+#   patches, in order, with one `masked_scatter`: `(B, T, dim)` in, `(B, T, dim)` out.
+# * After that the decoder is an ordinary language model reading a sequence.
+#
+# Next: teaching the projection (and a little of the decoder) to make sense of the picture.

@@ -1,0 +1,189 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 5: stage 1, pretraining on captions
+#
+# ```
+# image ─CLIP─▶ tokens ─projection─▶ ─substitution─▶ prompt ─decoder─▶ caption   ◀── all of it, trained
+# ```
+#
+# The pieces are joined; now the projection must learn to translate. Stage 1 shows the model a
+# picture with a request such as "Describe this picture briefly." and trains it to produce the
+# picture's caption. The caption names everything in the picture, so the only way to lower the
+# loss is to read the 50 image vectors: the projection learns to put them where the decoder
+# understands them.
+#
+# What trains is a choice (`--freeze`). CLIP is always frozen; the original MiniMind-V fine-tunes
+# the projection and the language model. Our default for this stage, `ends`, trains the projection
+# plus the first and last decoder layers, and leaves the middle of the decoder as chapter 2 left it.
+
+# %%
+QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow MINIMIND_V_QUICK
+NPROC = None  # training processes per stage; None: one per GPU, else 1 (see chapter 1)
+
+from minimind_v.book import default_nproc, read_metrics, plot_loss, run_folder, save_figure, use_quick_mode
+from minimind_v.recipe import default_recipe, is_done, run_recipe, stage_commands, stage_dir
+
+quick = use_quick_mode(QUICK)
+NPROC = NPROC or default_nproc()
+R = default_recipe()
+RUN = run_folder()
+print(f"quick mode: {quick}; run folder: {RUN}; training processes per stage: {NPROC}")
+missing = [s for s in ("world", "clip", "tokenizer", "llm") if not is_done(RUN, s)]
+if missing:  # chapters 0-2's results
+    run_recipe(RUN, R, stages=missing, nproc=NPROC)
+WORLD = stage_dir(RUN, "world")
+
+# %% [markdown]
+# ## What trains
+#
+# The same starting model as chapters 3 and 4, counted under each freeze strategy.
+
+# %%
+import torch
+
+from minimind_v.model.vision import VisionEncoder
+from minimind_v.tokenizer import load_tokenizer
+from minimind_v.train.common import FREEZE_STRATEGIES, set_trainable
+from minimind_v.train.vlm import load_start_model
+
+encoder = VisionEncoder.from_pretrained(stage_dir(RUN, "clip"))
+tokenizer = load_tokenizer(stage_dir(RUN, "llm"))
+start = load_start_model(str(stage_dir(RUN, "llm")), tokenizer, encoder, "linear")
+for strategy, meaning in FREEZE_STRATEGIES.items():
+    trainable, total = set_trainable(start, strategy)
+    print(f"{strategy:5s} {trainable:>10,} of {total:,} parameters ({trainable / total:6.1%}): {meaning}")
+print(f"CLIP (always frozen): {sum(p.numel() for p in encoder.parameters()):,} parameters")
+print(f"this stage uses --freeze {R.pretrain_freeze}")
+
+# %% [markdown]
+# ## A training batch
+#
+# The dataset reads the original format: each record becomes token ids, labels and a picture.
+# Labels are -100 (no loss) everywhere except the caption and its closing `</s>`; chapter 6 looks
+# at this mask closely. Batches are padded to their longest sample.
+
+# %%
+from minimind_v.data.datasets import ChatDataset, collate
+
+dataset = ChatDataset(WORLD / "pretrain_data.json", tokenizer, encoder.num_tokens,
+                      image_dir=WORLD / "pretrain_images", preprocess=encoder.preprocess)
+batch = collate([dataset[i] for i in range(4)], pad_id=tokenizer.pad_token_id)
+print(f"{len(dataset)} caption samples")
+print("input_ids:     ", tuple(batch.input_ids.shape))
+print("attention_mask:", tuple(batch.attention_mask.shape), " real tokens per row:", batch.attention_mask.sum(1).tolist())
+print("labels:        ", tuple(batch.labels.shape), " tokens with a loss:", batch.n_targets)
+print("images:        ", tuple(batch.images.shape), "(pixels)")
+
+# %% [markdown]
+# Since CLIP never changes, encoding the same picture again at every step would be wasted work,
+# and on a CPU it is most of the work. With `--feature-cache` the stage encodes every picture once
+# into a memory-mapped file and the batches carry the 50 tokens instead of the pixels:
+# `images` becomes `(B, 50, vision_width)`.
+#
+# ## Training
+#
+# Launched like every stage, from this cell, under `torchrun`.
+
+# %%
+from minimind_v.launch import run_torchrun
+
+module, args = stage_commands(RUN, R)["pretrain"]
+print("torchrun --standalone --nproc_per_node", NPROC, "-m", module, " ".join(args))
+PRETRAIN_DIR = stage_dir(RUN, "pretrain")
+if is_done(RUN, "pretrain"):
+    print(f"stage 1 is already trained in {PRETRAIN_DIR}: reusing it")
+else:
+    result = run_torchrun(module, args, nproc=NPROC)
+
+# %%
+import matplotlib.pyplot as plt
+
+records = read_metrics(PRETRAIN_DIR / "metrics.jsonl")
+fig = plot_loss(records, "stage 1: caption loss (answer tokens only)")
+save_figure(fig, "05_pretrain_loss.png")
+plt.show()
+print(next(r["summary"] for r in reversed(records) if "summary" in r))
+
+# %% [markdown]
+# The feature cache the stage built, next to the data:
+
+# %%
+from minimind_v.data.features import ensure_cache
+
+cache = ensure_cache(encoder, WORLD / "pretrain_images", WORLD / "feature_cache" / "pretrain_images", progress=False)
+print(cache)
+first = cache.names[0]
+print(f"cache[{first!r}]: {tuple(cache[first].shape)} {cache[first].dtype}")
+
+# %% [markdown]
+# ## Captions after pretraining
+#
+# The demo pictures were kept out of training. For each, the caption the world wrote and the one
+# the model writes. With the quick settings the model trains for a few dozen steps only, so expect
+# fluent sentences that get little of the picture right; the full recipe trains far longer.
+
+# %%
+import json
+import textwrap
+
+from minimind_v.data.images import load_image
+from minimind_v.evaluate import CAPTION_PROMPT, DEMO_IMAGES
+from minimind_v.inference import answer, load_vlm
+
+bundle = load_vlm(PRETRAIN_DIR)
+demos = json.loads((WORLD / "world.json").read_text(encoding="utf-8"))["eval_images"]
+images = [load_image(WORLD / DEMO_IMAGES / d["file"]) for d in demos]
+captions = answer(bundle, images, [CAPTION_PROMPT] * len(images))
+blind = answer(bundle, None, [CAPTION_PROMPT])[0]  # the same prompt with no picture
+
+cols = 4
+rows = (len(images) + cols - 1) // cols
+fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 4.1 * rows), layout="constrained")
+for ax, image, demo, caption in zip(axes.flat, images, demos, captions):
+    ax.imshow(image)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel(textwrap.fill("truth: " + demo["caption"], 36) + "\n" + textwrap.fill("model: " + caption, 36),
+                  fontsize=8.5, loc="left")
+for ax in axes.flat[len(images):]:
+    ax.axis("off")
+fig.suptitle(f'"{CAPTION_PROMPT}" after stage 1')
+save_figure(fig, "05_captions.png")
+plt.show()
+print("with no picture at all, the model says:", repr(blind))
+
+# %% [markdown]
+# ## The projection after training
+#
+# Chapter 3 found the untrained projection's vectors far longer than the word embeddings. Here is
+# the same measurement after stage 1. Nothing in the loss asks the lengths to match: each block
+# reads its input through an RMSNorm, and the first decoder layer, which trains in this stage, can
+# adapt to whatever scale the projection settles on. What the loss asks is that the directions
+# carry the picture.
+
+# %%
+with torch.no_grad():
+    tokens = encoder(encoder.preprocess(images))  # (n, 50, vision_width)
+    projected = bundle.model.vision_proj(tokens)  # (n, 50, dim)
+print(f"projected patch tokens: median length {projected.norm(dim=-1).median():.3f}")
+print(f"word embeddings:        median length {bundle.model.tok_embeddings.weight.norm(dim=-1).median():.3f}")
+
+# %% [markdown]
+# ## Summary
+#
+# * Stage 1 trains on (picture, caption) pairs with the loss on the caption only; CLIP stays
+#   frozen, and `--freeze` decides how much of the decoder moves with the projection.
+# * The frozen encoder makes a feature cache possible: every picture is encoded once, and training
+#   reads `(B, 50, vision_width)` tokens instead of pixels.
+# * The result is a model that describes pictures; chapter 6 teaches it to answer questions.
