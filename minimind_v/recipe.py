@@ -62,7 +62,8 @@ class Recipe:
 
 
 QUICK = dict(n_pretrain=400, n_sft=400, n_eval=80, clip_steps=30, clip_batch=32, llm_steps=30,
-             pretrain_steps=20, sft_steps=30, batch_size=16, eval_limit=80)
+             pretrain_steps=20, sft_steps=30, batch_size=16, eval_limit=80,
+             extra={"clip": ["--probe-train", "300", "--probe-test", "200"]})
 
 
 def quick_mode() -> bool:
