@@ -42,7 +42,7 @@ class Recipe:
     n_sft: int = 20000
     n_eval: int = 1000
     # tiny CLIP
-    clip_steps: int = 600
+    clip_steps: int = 1000  # ~3.5 min on 2 CPU cores: 0.90 held-out retrieval top-1
     clip_batch: int = 64
     # tokenizer + text LM
     vocab_size: int = 6400
