@@ -20,6 +20,8 @@ The chapters import their settings from here, so one switch serves every chapter
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import argparse
 import json
 import os
@@ -75,6 +77,24 @@ def save_figure(fig, name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")
     return path
+
+
+def open_chapter(quick: bool | None = None, nproc: int | None = None, needs: Sequence[str] = ()):
+    """Every chapter's first cell: settle quick mode, the run folder and the processes per stage,
+    and run the earlier stages this chapter ``needs`` if they are not done yet.
+
+    Returns ``(recipe, run_folder, nproc)``.
+    """
+    from .recipe import default_recipe, is_done, run_recipe
+
+    quick = use_quick_mode(quick)
+    nproc = nproc or default_nproc()
+    recipe, run = default_recipe(), run_folder()
+    print(f"quick mode: {quick}; run folder: {run}; training processes per stage: {nproc}")
+    missing = [stage for stage in needs if not is_done(run, stage)]
+    if missing:  # the results of earlier chapters
+        run_recipe(run, recipe, stages=missing, nproc=nproc)
+    return recipe, run, nproc
 
 
 def default_nproc() -> int:

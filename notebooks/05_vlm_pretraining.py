@@ -31,17 +31,10 @@
 QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow MINIMIND_V_QUICK
 NPROC = None  # training processes per stage; None: one per GPU, else 1 (see chapter 1)
 
-from minimind_v.book import default_nproc, read_metrics, plot_loss, run_folder, save_figure, use_quick_mode
-from minimind_v.recipe import default_recipe, is_done, run_recipe, stage_commands, stage_dir
+from minimind_v.book import open_chapter, read_metrics, plot_loss, save_figure
+from minimind_v.recipe import is_done, stage_commands, stage_dir
 
-quick = use_quick_mode(QUICK)
-NPROC = NPROC or default_nproc()
-R = default_recipe()
-RUN = run_folder()
-print(f"quick mode: {quick}; run folder: {RUN}; training processes per stage: {NPROC}")
-missing = [s for s in ("world", "clip", "tokenizer", "llm") if not is_done(RUN, s)]
-if missing:  # chapters 0-2's results
-    run_recipe(RUN, R, stages=missing, nproc=NPROC)
+R, RUN, NPROC = open_chapter(QUICK, NPROC, needs=['world', 'clip', 'tokenizer', 'llm'])
 WORLD = stage_dir(RUN, "world")
 
 # %% [markdown]
