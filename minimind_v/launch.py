@@ -202,6 +202,7 @@ def run_torchrun(
     cwd: str | os.PathLike | None = None,
     echo: bool = True,
     stop_timeouts: tuple[float, float] = (5.0, 3.0),
+    use_torchrun: bool = True,
 ) -> LaunchResult:
     """Run ``module`` under torchrun with ``nproc`` processes and wait for it, showing progress.
 
@@ -222,37 +223,20 @@ def run_torchrun(
     cwd: the job's working directory (default: this process's).
     echo: stream the job's output (stdout and stderr, in the order written) to sys.stdout.
     stop_timeouts: seconds to wait after SIGINT and after SIGTERM before the next signal.
+    use_torchrun: False runs one plain ``python -m <module>`` process instead (see :func:`run_module`).
 
     Returns a :class:`LaunchResult`; raises :class:`LaunchError` if the job fails, and
     KeyboardInterrupt (after stopping every process of the job) if interrupted.
     """
-    command = torchrun_command(module, args, nproc)
+    command = torchrun_command(module, args, nproc) if use_torchrun else module_command(module, args)
     return _run(command, module, nproc, _args_list(args), metrics_path=metrics_path, plot=plot, progress=progress, env=env,
                 log_path=log_path, tail_lines=tail_lines, plot_path=plot_path, total_steps=total_steps,
                 cwd=cwd, echo=echo, stop_timeouts=stop_timeouts)
 
 
-def run_module(
-    module: str,
-    args: list[str] | dict | None = None,
-    metrics_path: str | os.PathLike | None = None,
-    plot: bool = True,
-    progress: bool = True,
-    env: Mapping[str, str | None] | None = None,
-    log_path: str | os.PathLike | None = None,
-    tail_lines: int = 40,
-    *,
-    plot_path: str | os.PathLike | None = None,
-    total_steps: int | None = None,
-    cwd: str | os.PathLike | None = None,
-    echo: bool = True,
-    stop_timeouts: tuple[float, float] = (5.0, 3.0),
-) -> LaunchResult:
-    """Like :func:`run_torchrun`, but one plain ``python -m <module>`` process without torchrun."""
-    command = module_command(module, args)
-    return _run(command, module, 1, _args_list(args), metrics_path=metrics_path, plot=plot, progress=progress, env=env,
-                log_path=log_path, tail_lines=tail_lines, plot_path=plot_path, total_steps=total_steps,
-                cwd=cwd, echo=echo, stop_timeouts=stop_timeouts)
+def run_module(module: str, args: list[str] | dict | None = None, **options) -> LaunchResult:
+    """Like :func:`run_torchrun` (same options), but one plain ``python -m <module>`` process."""
+    return run_torchrun(module, args, nproc=1, use_torchrun=False, **options)
 
 
 # ------------------------------------------------------------------------------ the run

@@ -142,7 +142,7 @@ def run_recipe(run: str | Path, recipe: Recipe | None = None, nproc: int = 1,
                stages: list[str] | None = None) -> dict:
     """Run (or reuse) every stage; returns {stage: seconds} plus the evaluation figures."""
     from .data.shapes import ShapesWorldConfig, generate_world
-    from .launch import run_module, run_torchrun
+    from .launch import run_torchrun
     from .tokenizer import train_tokenizer
 
     run, r = Path(run), recipe or default_recipe()
@@ -167,9 +167,8 @@ def run_recipe(run: str | Path, recipe: Recipe | None = None, nproc: int = 1,
             figures = evaluate_run(run, r)
         else:
             module, args = commands[stage]
-            launch = run_torchrun if nproc > 1 else run_module
-            kw = {"nproc": nproc} if nproc > 1 else {}
-            launch(module, args + r.extra.get(stage, []), plot=False, **kw)
+            run_torchrun(module, args + r.extra.get(stage, []), nproc=nproc,
+                         use_torchrun=nproc > 1, plot=False)
         timings[stage] = round(time.perf_counter() - t0, 1)
         print(f"[{stage}] finished in {timings[stage]:.0f} s", flush=True)
     total = sum(timings.values())

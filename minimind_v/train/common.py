@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from dataclasses import fields
 from pathlib import Path
-
-import torch
 
 from ..data.datasets import Batch
 from .trainer import TrainArgs
@@ -80,13 +77,3 @@ def save_with_tokenizer(model, tokenizer, out_dir: Path, vision_source: str | No
             model.config.vision_model = vision_source
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-
-
-def write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    tmp.replace(path)
-
-
-def cpu_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
