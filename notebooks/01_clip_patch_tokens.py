@@ -147,8 +147,9 @@ for step, accuracy in retrieval:
 # The VLM will not read CLIP's summary vector but the **patch tokens**. Do they know which shape is
 # where? The probe fits a linear classifier from frozen tokens to each object's shape, colour and
 # size, on pictures it never trained on, and compares with an encoder of the same size whose
-# weights are random. "mean" averages the 49 patch tokens of a one-object picture; "cell" takes
-# the single patch token under each object's centre.
+# weights are random. "mean" averages the 49 patch tokens of a one-object picture; "object"
+# averages the patch tokens under each object's box; "centre" takes the single patch token under
+# each object's centre.
 
 # %%
 probe = next((r["probe"] for r in reversed(records) if "probe" in r), None)
@@ -156,8 +157,10 @@ if probe is None:
     print("this run skipped the probe (--probe-train 0)")
 else:
     chance = {"shape": 1 / 4, "colour": 1 / 5, "size": 1 / 2}
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
-    for ax, features in zip(axes, ("mean", "cell")):
+    kinds = list(probe["trained"])  # the token features the probe read
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.2), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, features in zip(axes, kinds):
         x = np.arange(len(chance))
         for offset, name, colour in ((-0.2, "trained", "#2b6cb0"), (0.2, "random", "#a0aec0")):
             values = [probe[name][features][a] for a in chance]
@@ -167,12 +170,12 @@ else:
         ax.set_ylim(0, 1)
         ax.set_title(f"linear probe on patch tokens ({features})", fontsize=10)
     axes[0].set_ylabel("held-out accuracy")
-    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
     save_figure(fig, "01_shape_probe.png")
     plt.show()
     for name in ("trained", "random"):
-        print(name, {f: {a: round(v, 3) for a, v in probe[name][f].items()} for f in ("mean", "cell")})
+        print(name, {f: {a: round(v, 3) for a, v in probe[name][f].items()} for f in kinds})
 
 # %% [markdown]
 # Colour is easy for any encoder, even a random one: it is the average pixel value of a patch.
