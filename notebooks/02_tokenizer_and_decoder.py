@@ -28,7 +28,7 @@ QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow
 NPROC = None  # training processes per stage; None: one per GPU, else 1 (see chapter 1)
 
 from minimind_v.book import open_chapter, read_metrics, plot_loss, save_figure
-from minimind_v.recipe import is_done, stage_commands, stage_dir
+from minimind_v.recipe import is_done, stage_commands, stage_dir, world_texts
 
 R, RUN, NPROC = open_chapter(QUICK, NPROC, needs=['world'])
 WORLD = stage_dir(RUN, "world")
