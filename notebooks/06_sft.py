@@ -44,7 +44,6 @@ WORLD = stage_dir(RUN, "world")
 
 # %%
 import matplotlib.pyplot as plt
-import torch
 
 from minimind_v.data.datasets import read_records
 from minimind_v.tokenizer import IGNORE_INDEX, encode_chat, load_tokenizer
