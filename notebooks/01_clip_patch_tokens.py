@@ -145,8 +145,8 @@ for step, accuracy in retrieval:
 
 # %% [markdown]
 # The VLM will not read CLIP's summary vector but the **patch tokens**. Do they know which shape is
-# where? The probe fits a linear classifier from frozen tokens to each object's shape, colour and
-# size, on pictures it never trained on, and compares with an encoder of the same size whose
+# where? The probe fits a linear classifier from frozen tokens to each object's shape, colour,
+# size and grid position, on pictures it never trained on, and compares with an encoder of the same size whose
 # weights are random. "mean" averages the 49 patch tokens of a one-object picture; "object"
 # averages the patch tokens under each object's box; "centre" takes the single patch token under
 # each object's centre.
@@ -156,7 +156,9 @@ probe = next((r["probe"] for r in reversed(records) if "probe" in r), None)
 if probe is None:
     print("this run skipped the probe (--probe-train 0)")
 else:
-    chance = {"shape": 1 / 4, "colour": 1 / 5, "size": 1 / 2}
+    from minimind_v.train.clip import ATTRIBUTES
+
+    chance = {attribute: 1 / len(values) for attribute, values in ATTRIBUTES.items()}
     kinds = list(probe["trained"])  # the token features the probe read
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.2), sharey=True, squeeze=False)
     axes = axes[0]

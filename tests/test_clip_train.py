@@ -327,7 +327,7 @@ def test_object_targets_match_the_picture():
     for _ in range(20):
         scene = [dict(o, shape="square", colour=c)  # distinct colours, so a pixel names its object
                  for o, c in zip(shapes.random_scene(rng, 1, 3), rng.sample(shapes.COLOURS, 3))]
-        masks, labels = C.object_patches(scene), C.object_labels(scene)  # (9, 49), (3, 9)
+        masks, labels = C.object_patches(scene), C.object_labels(scene)  # (9, 49), (4, 9)
         pixels = torch.from_numpy(np.asarray(shapes.render_scene(scene)).copy())  # (224, 224, 3)
         centres = torch.arange(7) * 32 + 16
         centre_rgb = pixels[centres][:, centres].reshape(49, 3)
@@ -337,9 +337,13 @@ def test_object_targets_match_the_picture():
             assert torch.equal(masks[cell].bool(), (centre_rgb == colour).all(1))
             assert masks[cell].sum() >= 1
             assert labels[:, cell].tolist() == [shapes.SHAPES.index("square"), shapes.COLOURS.index(obj["colour"]),
-                                                shapes.SIZES.index(obj["size"])]
+                                                shapes.SIZES.index(obj["size"]), cell]
         empty = [c for c, p in enumerate(shapes.POSITIONS) if p not in {o["position"] for o in scene}]
         assert (labels[:, empty] == -1).all() and (masks[empty] == 0).all()
+        per_patch = C.patch_labels(masks, labels)  # (4, 49): each patch carries its object's labels
+        for p in range(49):
+            cells = masks[:, p].nonzero().flatten().tolist()
+            assert per_patch[:, p].tolist() == (labels[:, cells[0]].tolist() if cells else [-1] * 4)
     tokens = torch.randn(2, 49, 5)
     masks = torch.zeros(2, 9, 49)
     masks[0, 0, [3, 10]] = 1
@@ -348,18 +352,18 @@ def test_object_targets_match_the_picture():
     assert torch.equal(out[1], torch.zeros(9, 5))  # no patches: zeros, not NaN
 
 
-def test_object_loss_is_the_mean_over_objects():
+def test_object_loss_is_the_mean_over_labelled_patches():
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 9, 11, generator=g)
-    labels = torch.full((2, 3, 9), -1)
-    labels[0, :, 4] = torch.tensor([1, 2, 0])
-    labels[1, :, 0] = torch.tensor([3, 4, 1])
-    labels[1, :, 8] = torch.tensor([0, 0, 1])
+    logits = torch.randn(2, 9, 20, generator=g)
+    labels = torch.full((2, 4, 9), -1)
+    labels[0, :, 4] = torch.tensor([1, 2, 0, 4])
+    labels[1, :, 0] = torch.tensor([3, 4, 1, 0])
+    labels[1, :, 8] = torch.tensor([0, 0, 1, 8])
     objects = [(0, 4), (1, 0), (1, 8)]
     by_hand = sum(
         -torch.log_softmax(logits[b, c, lo:hi], 0)[labels[b, row, c]]
-        for b, c in objects for row, (lo, hi) in enumerate([(0, 4), (4, 9), (9, 11)])
-    ) / (3 * len(objects))
+        for b, c in objects for row, (lo, hi) in enumerate([(0, 4), (4, 9), (9, 11), (11, 20)])
+    ) / (4 * len(objects))
     torch.testing.assert_close(C.object_loss(logits, labels), by_hand)
     # Split over two "ranks" (1 and 2 objects), normalised by the mean count 1.5: the average matches.
     halves = [C.object_loss(logits[i : i + 1], labels[i : i + 1], count=1.5) for i in range(2)]
@@ -375,10 +379,9 @@ def test_a_few_steps_reduce_the_contrastive_loss(tokenizer):
     batch = C.training_batch(tokenizer, 0, range(16), 1)
     losses, aux = [], []
     for _ in range(25):
-        image, text, scale, object_logits = model(
-            batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["object_patches"])
+        image, text, scale, object_logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         loss = C.contrastive_loss(image, text[:16], scale, text[16:])
-        object_loss = C.object_loss(object_logits, batch["object_labels"])
+        object_loss = C.object_loss(object_logits, batch["patch_labels"])
         opt.zero_grad()
         (loss + object_loss).backward()
         opt.step()
@@ -399,6 +402,13 @@ class _PatchColourEncoder(torch.nn.Module):
         return torch.cat([patches.mean(1, keepdim=True), patches], dim=1)
 
 
+class _PatchIndexEncoder(torch.nn.Module):
+    """Stand-in encoder whose tokens know only where they are: patch k is the one-hot of k. (B, 50, 50)."""
+
+    def forward(self, pixel_values):
+        return torch.eye(50).expand(pixel_values.shape[0], 50, 50)
+
+
 class _ConstantEncoder(torch.nn.Module):
     def forward(self, pixel_values):
         return torch.zeros(pixel_values.shape[0], 50, 4)
@@ -411,7 +421,14 @@ def test_linear_probe_reads_the_object_patches(features):
     assert seen["colour"] > 0.95
     # Features that carry nothing: no better than guessing the most common class.
     blind = C.linear_probe(_ConstantEncoder(), n_train=300, n_test=200, seed=0, features=features)
-    assert blind["shape"] < 0.4 and blind["colour"] < 0.35 and blind["size"] < 0.65
+    assert blind["shape"] < 0.4 and blind["colour"] < 0.35 and blind["size"] < 0.65 and blind["position"] < 0.25
+
+
+@pytest.mark.parametrize("features", ["object", "centre"])
+def test_linear_probe_reads_position_from_where_the_tokens_are(features):
+    # Tokens that carry nothing but their own patch index: the grid cell is readable, colour is not.
+    seen = C.linear_probe(_PatchIndexEncoder(), n_train=300, n_test=200, seed=0, features=features)
+    assert seen["position"] > 0.95 and seen["colour"] < 0.35
 
 
 def test_linear_probe_rejects_unknown_features():

@@ -16,8 +16,9 @@ into the tokens:
 - every caption names every object's size, colour, shape and position;
 - each picture also meets *hard negatives*: its own caption with one thing changed (a shape,
   shapes swapped between two objects, a colour, a size, a position);
-- an auxiliary objective: the mean patch token over each object's patches must predict that
-  object's shape, colour and size (a linear head, used in training only). The shapes world knows
+- an auxiliary objective: every patch token under an object must predict that object's shape,
+  colour, size and grid position (a linear head, used in training only). The VLM then finds the
+  whole object in any one of its tokens, as it would in a real CLIP's patch tokens. The shapes world knows
   the truth of every picture; using it lets a ViT trained from scratch for a few minutes learn
   what a real CLIP learns from 400 million pairs.
 
@@ -221,8 +222,11 @@ def pixels_from_images(images: Sequence[Image.Image], image_size: int = 224) -> 
 
 # ----------------------------------------------------------------------------- data
 
-# The attributes the hard negatives change and the auxiliary objective and linear probe read.
-ATTRIBUTES = {"shape": shapes.SHAPES, "colour": shapes.COLOURS, "size": shapes.SIZES}
+# The attributes the auxiliary objective and the linear probe read (the hard negatives change
+# them too). Position is among them because contrastive training alone wipes it out of the patch
+# tokens: a probe reads a patch's own index from a random encoder's tokens far better than from
+# a tiny CLIP trained without it, while a real ViT-B/32 keeps it, and the VLM needs it to answer "where".
+ATTRIBUTES = {"shape": shapes.SHAPES, "colour": shapes.COLOURS, "size": shapes.SIZES, "position": shapes.POSITIONS}
 
 
 def content_key(scene: list[dict]) -> tuple:
@@ -261,7 +265,7 @@ def hard_negative_scene(scene: list[dict], kind: str, rng: random.Random) -> lis
         obj["position"] = rng.choice(free)
         return _reading_order(scene)
     if kind not in ATTRIBUTES:
-        raise ValueError(f"hard_negative_scene: unknown kind {kind!r}; expected bind, position or one of {tuple(ATTRIBUTES)}")
+        raise ValueError(f"hard_negative_scene: unknown kind {kind!r}; expected bind or one of {tuple(ATTRIBUTES)}")
     obj[kind] = _other(obj[kind], ATTRIBUTES[kind], rng)
     return scene
 
@@ -298,13 +302,24 @@ def object_patches(scene: list[dict], grid: int = 7, image_size: int = 224) -> t
 
 
 def object_labels(scene: list[dict]) -> torch.Tensor:
-    """(3, 9) int64: the shape, colour and size index of the object in each grid cell, -1 if empty."""
+    """(4, 9) int64: the shape, colour, size and position index of the object in each grid cell
+    (ATTRIBUTES order), -1 if empty."""
     labels = torch.full((len(ATTRIBUTES), len(shapes.POSITIONS)), -1, dtype=torch.long)
     for obj in scene:
         cell = shapes.POSITIONS.index(obj["position"])
         for row, (attribute, values) in enumerate(ATTRIBUTES.items()):
             labels[row, cell] = values.index(obj[attribute])
     return labels
+
+
+def patch_labels(masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each patch gets the labels of the object it lies under: masks (..., 9, 49) from
+    `object_patches`, labels (..., 4, 9) from `object_labels` -> (..., 4, 49), -1 off the objects.
+    (Objects sit in distinct cells, so a patch lies under at most one.)"""
+    covered = masks.sum(-2) > 0  # (..., 49)
+    cell = masks.argmax(-2)  # (..., 49): the cell whose object covers the patch (any, if none)
+    per_patch = labels.gather(-1, cell.unsqueeze(-2).expand(*labels.shape[:-1], cell.shape[-1]))
+    return per_patch.masked_fill(~covered.unsqueeze(-2), -1)
 
 
 def object_tokens(tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -328,23 +343,21 @@ def training_scene(seed: int, index: int, held_out: frozenset = frozenset()) -> 
 
 def training_batch(tokenizer, seed: int, indices: Sequence[int], n_negatives: int, held_out: frozenset = frozenset()) -> dict:
     """Examples `indices` -> pixel_values (b, 3, 224, 224), input_ids/attention_mask (b*(1+K), T),
-    object_patches (b, 9, 49), object_labels (b, 3, 9) (one slot per grid cell, for the auxiliary loss).
+    patch_labels (b, 4, 49) (each patch's object's attributes, -1 off the objects, for the auxiliary loss).
 
     Text rows: the b captions first, then the b*K hard negatives (example-major).
     """
-    images, texts, negatives, masks, labels = [], [], [], [], []
+    images, texts, negatives, labels = [], [], [], []
     for index in indices:
         scene, rng = training_scene(seed, int(index), held_out)
         text, negs = scene_example(scene, rng, n_negatives)
         images.append(shapes.render_scene(scene))
         texts.append(text)
         negatives += negs
-        masks.append(object_patches(scene))
-        labels.append(object_labels(scene))
+        labels.append(patch_labels(object_patches(scene), object_labels(scene)))
     batch = tokenize(tokenizer, texts + negatives)
     batch["pixel_values"] = pixels_from_images(images)
-    batch["object_patches"] = torch.stack(masks)  # (b, 9, 49)
-    batch["object_labels"] = torch.stack(labels)  # (b, 3, 9)
+    batch["patch_labels"] = torch.stack(labels)  # (b, 4, 49)
     return batch
 
 
@@ -408,7 +421,7 @@ def load_held_out(data: str | Path | Sequence[list[dict]] | None = None, n: int 
 
 
 class ContrastiveCLIP(nn.Module):
-    """CLIPModel (+ an object head) -> unit image and text embeddings, logit scale, object logits.
+    """CLIPModel (+ an object head) -> unit image and text embeddings, logit scale, per-patch object logits.
 
     One forward so that DDP sees every parameter used in the call it wraps. The object head is
     training scaffolding for the auxiliary objective (`object_loss`); it is not saved.
@@ -420,23 +433,23 @@ class ContrastiveCLIP(nn.Module):
         width = clip.config.vision_config.hidden_size
         self.object_head = nn.Linear(width, sum(len(v) for v in ATTRIBUTES.values()))
 
-    def forward(self, pixel_values, input_ids, attention_mask, object_patches):
+    def forward(self, pixel_values, input_ids, attention_mask):
         vision = self.clip.vision_model(pixel_values=pixel_values)
         image = self.clip.visual_projection(vision.pooler_output)  # (B, proj), from the CLS token
         text = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output  # (N, proj)
-        # Patch tokens as the VLM will read them: last hidden state, CLS dropped. (B, 49, W) -> (B, 9, W) -> (B, 9, 4+5+2)
-        object_logits = self.object_head(object_tokens(vision.last_hidden_state[:, 1:], object_patches))
+        # Patch tokens as the VLM will read them: last hidden state, CLS dropped. (B, 49, W) -> (B, 49, 4+5+2+9)
+        object_logits = self.object_head(vision.last_hidden_state[:, 1:])
         return F.normalize(image, dim=-1), F.normalize(text, dim=-1), self.clip.logit_scale.exp(), object_logits
 
 
 def object_loss(object_logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Auxiliary loss: from the mean patch token over each object's patches, predict the object's
-    shape, colour and size (mean of the three cross-entropies; empty cells, label -1, ignored).
+    """Auxiliary loss: from each patch token under an object, predict the object's shape, colour,
+    size and position (mean of the four cross-entropies; patches off the objects, label -1, ignored).
 
-    object_logits (B, 9, 11), labels (B, 3, 9).
-    count: what to divide the summed cross-entropies by; default the number of objects here.
-    Under DDP pass the mean object count per rank: then the DDP-averaged gradient is exactly that
-    of the mean over all objects of the global batch, however unevenly they fall on the ranks.
+    object_logits (B, 49, 4+5+2+9), labels (B, 4, 49) from `patch_labels`.
+    count: what to divide the summed cross-entropies by; default the number of labelled patches here.
+    Under DDP pass the mean count per rank: then the DDP-averaged gradient is exactly that of the
+    mean over all labelled patches of the global batch, however unevenly they fall on the ranks.
     """
     if count is None:
         count = (labels[:, 0] >= 0).sum().clamp(min=1)
@@ -630,7 +643,8 @@ def linear_probe(encoder, n_train: int = 2000, n_test: int = 1000, seed: int = 0
     features: "mean"   - one-object pictures; the mean of all 49 patch tokens;
               "object" - 1-3 object pictures; the mean of the patch tokens under each object's box;
               "centre" - 1-3 object pictures; the single patch token under each object's centre.
-    Returns {"shape", "colour", "size": accuracy} on n_test fresh objects; chance is 1/4, 1/5, 1/2.
+    Returns {"shape", "colour", "size", "position": accuracy} on n_test fresh objects; chance is
+    1/4, 1/5, 1/2, 1/9.
     """
     if features not in PROBE_FEATURES:
         raise ValueError(f"linear_probe: features must be one of {PROBE_FEATURES}, got {features!r}")
@@ -765,20 +779,18 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
         first = step * cfg.batch_size + info.rank * local_batch
         batch = training_batch(tokenizer, cfg.seed, range(first, first + local_batch), cfg.negatives, held_keys)
         batch = {k: v.to(info.device) for k, v in batch.items()}
-        image, text, scale, object_logits = model(
-            batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["object_patches"]
-        )
+        image, text, scale, object_logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         # Gather every rank's embeddings (with gradient): the loss below is the global-batch loss.
         positives, negatives = text[:local_batch], text[local_batch:]
         clip_loss = contrastive_loss(
             D.all_gather_with_grad(image), D.all_gather_with_grad(positives), scale,
             D.all_gather_with_grad(negatives) if cfg.negatives else None,
         )
-        # Per rank, normalised by the mean object count per rank, so that DDP's gradient average is
-        # the gradient of the global-batch mean. (A zero weight keeps the head in the graph: DDP
-        # expects every parameter to get a gradient.)
-        objects_per_rank = D.all_reduce_mean((batch["object_labels"][:, 0] >= 0).sum().float())
-        aux_loss = object_loss(object_logits, batch["object_labels"], objects_per_rank)
+        # Per rank, normalised by the mean labelled-patch count per rank, so that DDP's gradient
+        # average is the gradient of the global-batch mean. (A zero weight keeps the head in the
+        # graph: DDP expects every parameter to get a gradient.)
+        patches_per_rank = D.all_reduce_mean((batch["patch_labels"][:, 0] >= 0).sum().float())
+        aux_loss = object_loss(object_logits, batch["patch_labels"], patches_per_rank)
         loss = clip_loss + cfg.aux_weight * aux_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
