@@ -112,6 +112,12 @@ print("patches:", tuple(patches.shape))
 # shape and position, and each picture also meets "hard negatives", its own caption with one thing
 # changed, so the encoder must see every object's outline to win.
 #
+# One more push, a shortcut that only a synthetic world allows: every patch token under an object
+# must also predict that object's shape, colour, size and grid position, through a linear head used
+# in training only. The contrastive loss judges the summary vector alone, and left to itself a tiny
+# CLIP lets its patch tokens forget where they are (a probe then reads a patch's grid cell worse
+# from the trained tokens than from random ones). The decoder needs both: what, and where.
+#
 # The training runs as its own process, launched from this cell under `torchrun`, exactly as on a
 # cluster; the cell shows its progress and a live loss curve. **NPROC** is the number of processes.
 # With GPUs, use one per GPU. On a CPU every process gets cores / NPROC threads, so that processes ×

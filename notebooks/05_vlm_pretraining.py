@@ -24,8 +24,11 @@
 # understands them.
 #
 # What trains is a choice (`--freeze`). CLIP is always frozen; the original MiniMind-V fine-tunes
-# the projection and the language model. Our default for this stage, `ends`, trains the projection
-# plus the first and last decoder layers, and leaves the middle of the decoder as chapter 2 left it.
+# the projection and the language model, and so does our default for this stage, `all`. The cheaper
+# `ends` (the projection plus the first and last decoder layers) leaves the middle of the decoder as
+# chapter 2 left it; on the shapes world that was not enough: 400 steps of `ends` left the caption
+# loss at 0.36, and the answers after SFT at about 64% right, where 1200 steps of `all` bring the
+# caption loss to about 0.13.
 
 # %%
 QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow MINIMIND_V_QUICK

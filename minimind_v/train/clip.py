@@ -689,10 +689,12 @@ def probe_trained_vs_random(model_folder, n_train: int = 2000, n_test: int = 100
 class TrainConfig:
     out: str = "runs/tiny_clip"
     data: str | None = None  # shapes-world folder: its eval split is the held-out set
-    steps: int = 1000  # ~3.5 min on 2 CPU cores: retrieval ~0.9
+    steps: int = 1000  # ~3.6 min on 2 CPU cores
     batch_size: int = 64  # global, split evenly over ranks
     negatives: int = 3  # hard-negative captions per picture
-    aux_weight: float = 1.0  # weight of the auxiliary object loss on the patch tokens (0: contrastive only)
+    # Weight of the auxiliary object loss on the patch tokens (0: contrastive only). At 1 the tokens
+    # kept too little shape (probe 0.47 at 500 steps); at 10, 0.96, with retrieval as good.
+    aux_weight: float = 10.0
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
