@@ -51,7 +51,7 @@ class Recipe:
     # VLM
     pretrain_steps: int = 1200
     pretrain_freeze: str = "all"
-    sft_steps: int = 800
+    sft_steps: int = 1200
     sft_freeze: str = "all"
     mix_captions: float = 0.1
     batch_size: int = 32

@@ -352,6 +352,28 @@ def test_object_targets_match_the_picture():
     assert torch.equal(out[1], torch.zeros(9, 5))  # no patches: zeros, not NaN
 
 
+def test_scene_counts_by_hand():
+    scene = [
+        {"shape": "circle", "colour": "red", "size": "small", "position": "top left"},
+        {"shape": "circle", "colour": "blue", "size": "large", "position": "center"},
+        {"shape": "cross", "colour": "red", "size": "small", "position": "bottom"},
+    ]
+    counts = dict(zip(C.COUNTED, C.scene_counts(scene).tolist()))
+    assert counts[("shape", "circle")] == 2 and counts[("shape", "cross")] == 1 and counts[("shape", "square")] == 0
+    assert counts[("colour", "red")] == 2 and counts[("colour", "blue")] == 1 and counts[("colour", "green")] == 0
+    assert counts[("size", "small")] == 2 and counts[("size", "large")] == 1
+    assert counts[("all", None)] == 3
+    assert len(C.COUNTED) == len(shapes.SHAPES) + len(shapes.COLOURS) + len(shapes.SIZES) + 1
+
+
+def test_count_loss_by_hand():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, len(C.COUNTED), C.MAX_COUNT + 1, generator=g)
+    counts = torch.randint(0, 4, (2, len(C.COUNTED)), generator=g)
+    by_hand = -sum(torch.log_softmax(logits[b, k], 0)[counts[b, k]] for b in range(2) for k in range(len(C.COUNTED)))
+    torch.testing.assert_close(C.count_loss(logits, counts), by_hand / (2 * len(C.COUNTED)))
+
+
 def test_object_loss_is_the_mean_over_labelled_patches():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 9, 20, generator=g)
@@ -379,9 +401,9 @@ def test_a_few_steps_reduce_the_contrastive_loss(tokenizer):
     batch = C.training_batch(tokenizer, 0, range(16), 1)
     losses, aux = [], []
     for _ in range(25):
-        image, text, scale, object_logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        image, text, scale, object_logits, count_logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         loss = C.contrastive_loss(image, text[:16], scale, text[16:])
-        object_loss = C.object_loss(object_logits, batch["patch_labels"])
+        object_loss = C.object_loss(object_logits, batch["patch_labels"]) + C.count_loss(count_logits, batch["counts"])
         opt.zero_grad()
         (loss + object_loss).backward()
         opt.step()

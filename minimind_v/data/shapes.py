@@ -130,7 +130,7 @@ class ShapesWorldConfig:
     image_size: int = 224
     min_objects: int = 1
     max_objects: int = 3
-    max_sft_turns: int = 3  # each SFT record asks 1..max_sft_turns questions about its image
+    max_sft_turns: int = 5  # each SFT record asks 1..max_sft_turns questions about its image
     workers: int = 0  # processes that render images; 0 = one per CPU core
     png_compress_level: int = 1  # fast to write; the flat images stay small anyway
 
@@ -178,11 +178,13 @@ def random_scene(rng: random.Random, min_objects: int = 1, max_objects: int = 3)
     return scene
 
 
-def scene_key(scene: list[dict]) -> tuple:
-    """Everything that decides the pixels: equal keys give identical images."""
-    return tuple(sorted(
-        (o["shape"], o["colour"], o["size"], o["position"], tuple(o.get("offset", (0, 0)))) for o in scene
-    ))
+def scene_key(scene: list[dict], image_size: int = REFERENCE_IMAGE_SIZE) -> tuple:
+    """Everything that decides the pixels: equal keys give identical images, and so do equal pictures.
+
+    The drawn box, not the offset: offsets that the cell's margin clamps to the same place draw
+    the same picture, and must count as the same picture.
+    """
+    return tuple(sorted((o["shape"], o["colour"], o["position"], object_box(o, image_size)) for o in scene))
 
 
 def validate_scene(scene: list[dict], where: str = "scene") -> None:
@@ -485,10 +487,10 @@ def _demo_images(cfg: ShapesWorldConfig, held_out: set) -> list[dict]:
     while len(demos) < cfg.n_eval_images:
         scene = random_scene(rng, cfg.min_objects, min(cfg.max_objects, 2))
         name = "_and_".join(describe_object(o).replace(" ", "_") for o in scene) + ".png"
-        if name in names or scene_key(scene) in held_out:
+        if name in names or scene_key(scene, cfg.image_size) in held_out:
             continue
         names.add(name)
-        held_out.add(scene_key(scene))
+        held_out.add(scene_key(scene, cfg.image_size))
         demos.append({"file": name, "scene": scene, "caption": caption(scene, rng)})
     return demos
 
@@ -497,7 +499,7 @@ def _fresh_scene(rng: random.Random, cfg: ShapesWorldConfig, held_out: set) -> l
     """A training scene whose picture is none of the held-out pictures."""
     while True:
         scene = random_scene(rng, cfg.min_objects, cfg.max_objects)
-        if scene_key(scene) not in held_out:
+        if scene_key(scene, cfg.image_size) not in held_out:
             return scene
 
 
@@ -557,7 +559,7 @@ def generate_world(out_dir, config: ShapesWorldConfig | None = None, progress: b
 
     # Held-out pictures first, so training scenes can avoid them pixel for pixel.
     eval_records = _eval_records(cfg)
-    held_out = {scene_key(r["scene"]) for r in eval_records}
+    held_out = {scene_key(r["scene"], cfg.image_size) for r in eval_records}
     demos = _demo_images(cfg, held_out)
     pretrain_records = _pretrain_records(cfg, held_out)
     sft_records = _sft_records(cfg, held_out)

@@ -17,8 +17,9 @@ into the tokens:
 - each picture also meets *hard negatives*: its own caption with one thing changed (a shape,
   shapes swapped between two objects, a colour, a size, a position);
 - an auxiliary objective: every patch token under an object must predict that object's shape,
-  colour, size and grid position (a linear head, used in training only). The VLM then finds the
-  whole object in any one of its tokens, as it would in a real CLIP's patch tokens. The shapes world knows
+  colour, size and grid position, and the CLS token must count the objects of each shape, colour
+  and size (linear heads, used in training only). The VLM then finds the whole object in any one
+  of its tokens, as it would in a real CLIP's patch tokens, and the counts in one place. The shapes world knows
   the truth of every picture; using it lets a ViT trained from scratch for a few minutes learn
   what a real CLIP learns from 400 million pairs.
 
@@ -322,6 +323,19 @@ def patch_labels(masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return per_patch.masked_fill(~covered.unsqueeze(-2), -1)
 
 
+# What the CLS token must count (the auxiliary objective's second half): the objects of each shape,
+# colour and size, and all objects. Attention averages, so a decoder reading patch tokens sees how
+# much of the picture is red, not how many red objects there are; a count it can read is one the
+# encoder wrote down.
+COUNTED = tuple((a, v) for a in ("shape", "colour", "size") for v in ATTRIBUTES[a]) + (("all", None),)
+MAX_COUNT = len(shapes.POSITIONS)  # counts 0..9, one object per grid cell at most
+
+
+def scene_counts(scene: list[dict]) -> torch.Tensor:
+    """(len(COUNTED),) int64: how many objects have each shape, colour and size, then how many in all."""
+    return torch.tensor([len(scene) if a == "all" else sum(o[a] == v for o in scene) for a, v in COUNTED])
+
+
 def object_tokens(tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Mean patch token over each object's patches: tokens (B, 49, W), masks (B, K, 49) -> (B, K, W)."""
     weights = masks / masks.sum(-1, keepdim=True).clamp(min=1)  # (B, K, 49), rows sum to 1 (or 0)
@@ -343,11 +357,12 @@ def training_scene(seed: int, index: int, held_out: frozenset = frozenset()) -> 
 
 def training_batch(tokenizer, seed: int, indices: Sequence[int], n_negatives: int, held_out: frozenset = frozenset()) -> dict:
     """Examples `indices` -> pixel_values (b, 3, 224, 224), input_ids/attention_mask (b*(1+K), T),
-    patch_labels (b, 4, 49) (each patch's object's attributes, -1 off the objects, for the auxiliary loss).
+    patch_labels (b, 4, 49) (each patch's object's attributes, -1 off the objects) and counts
+    (b, len(COUNTED)) (`scene_counts`), the targets of the auxiliary objective.
 
     Text rows: the b captions first, then the b*K hard negatives (example-major).
     """
-    images, texts, negatives, labels = [], [], [], []
+    images, texts, negatives, labels, counts = [], [], [], [], []
     for index in indices:
         scene, rng = training_scene(seed, int(index), held_out)
         text, negs = scene_example(scene, rng, n_negatives)
@@ -355,9 +370,11 @@ def training_batch(tokenizer, seed: int, indices: Sequence[int], n_negatives: in
         texts.append(text)
         negatives += negs
         labels.append(patch_labels(object_patches(scene), object_labels(scene)))
+        counts.append(scene_counts(scene))
     batch = tokenize(tokenizer, texts + negatives)
     batch["pixel_values"] = pixels_from_images(images)
     batch["patch_labels"] = torch.stack(labels)  # (b, 4, 49)
+    batch["counts"] = torch.stack(counts)  # (b, len(COUNTED))
     return batch
 
 
@@ -421,10 +438,11 @@ def load_held_out(data: str | Path | Sequence[list[dict]] | None = None, n: int 
 
 
 class ContrastiveCLIP(nn.Module):
-    """CLIPModel (+ an object head) -> unit image and text embeddings, logit scale, per-patch object logits.
+    """CLIPModel (+ object and count heads) -> unit image and text embeddings, logit scale,
+    per-patch object logits, CLS count logits.
 
-    One forward so that DDP sees every parameter used in the call it wraps. The object head is
-    training scaffolding for the auxiliary objective (`object_loss`); it is not saved.
+    One forward so that DDP sees every parameter used in the call it wraps. The two heads are
+    training scaffolding for the auxiliary objective (`object_loss`, `count_loss`); they are not saved.
     """
 
     def __init__(self, clip: CLIPModel):
@@ -432,6 +450,7 @@ class ContrastiveCLIP(nn.Module):
         self.clip = clip
         width = clip.config.vision_config.hidden_size
         self.object_head = nn.Linear(width, sum(len(v) for v in ATTRIBUTES.values()))
+        self.count_head = nn.Linear(width, len(COUNTED) * (MAX_COUNT + 1))
 
     def forward(self, pixel_values, input_ids, attention_mask):
         vision = self.clip.vision_model(pixel_values=pixel_values)
@@ -439,7 +458,10 @@ class ContrastiveCLIP(nn.Module):
         text = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output  # (N, proj)
         # Patch tokens as the VLM will read them: last hidden state, CLS dropped. (B, 49, W) -> (B, 49, 4+5+2+9)
         object_logits = self.object_head(vision.last_hidden_state[:, 1:])
-        return F.normalize(image, dim=-1), F.normalize(text, dim=-1), self.clip.logit_scale.exp(), object_logits
+        # The CLS token as the VLM reads it (before CLIP's final norm): (B, W) -> (B, 12, 10)
+        count_logits = self.count_head(vision.last_hidden_state[:, 0]).unflatten(-1, (len(COUNTED), MAX_COUNT + 1))
+        return (F.normalize(image, dim=-1), F.normalize(text, dim=-1), self.clip.logit_scale.exp(),
+                object_logits, count_logits)
 
 
 def object_loss(object_logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -459,6 +481,12 @@ def object_loss(object_logits: torch.Tensor, labels: torch.Tensor, count: torch.
         losses.append(F.cross_entropy(logits.flatten(0, 1), labels[:, row].flatten(), ignore_index=-1, reduction="sum"))
         start += len(values)
     return torch.stack(losses).mean() / count
+
+
+def count_loss(count_logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Auxiliary loss: from the CLS token, each of the scene's counts (mean cross-entropy over
+    pictures and counts). count_logits (B, len(COUNTED), MAX_COUNT + 1), counts (B, len(COUNTED))."""
+    return F.cross_entropy(count_logits.flatten(0, 1), counts.flatten())
 
 
 def contrastive_loss(
@@ -781,7 +809,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
         first = step * cfg.batch_size + info.rank * local_batch
         batch = training_batch(tokenizer, cfg.seed, range(first, first + local_batch), cfg.negatives, held_keys)
         batch = {k: v.to(info.device) for k, v in batch.items()}
-        image, text, scale, object_logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        image, text, scale, object_logits, count_logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         # Gather every rank's embeddings (with gradient): the loss below is the global-batch loss.
         positives, negatives = text[:local_batch], text[local_batch:]
         clip_loss = contrastive_loss(
@@ -792,7 +820,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
         # average is the gradient of the global-batch mean. (A zero weight keeps the head in the
         # graph: DDP expects every parameter to get a gradient.)
         patches_per_rank = D.all_reduce_mean((batch["patch_labels"][:, 0] >= 0).sum().float())
-        aux_loss = object_loss(object_logits, batch["patch_labels"], patches_per_rank)
+        # Every rank holds the same number of pictures, so the count loss's per-rank mean averages right.
+        aux_loss = object_loss(object_logits, batch["patch_labels"], patches_per_rank) + count_loss(count_logits, batch["counts"])
         loss = clip_loss + cfg.aux_weight * aux_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -812,9 +841,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
             clip_value = clip_loss.item()  # identical on every rank (the global-batch loss)
             aux_value = D.all_reduce_mean(aux_loss).item()  # the global-batch mean (collective: every rank)
             log({"step": step + 1, "elapsed_s": round(now - start, 2), "loss": round(clip_value, 4),
-                 "object_loss": round(aux_value, 4), "lr": learning_rate(step, cfg),
+                 "aux_loss": round(aux_value, 4), "lr": learning_rate(step, cfg),
                  "logit_scale": round(clip.logit_scale.exp().item(), 2), "images_per_s": round(speed, 1)})
-            bar.set_postfix(loss=f"{clip_value:.3f}", obj=f"{aux_value:.3f}", img_s=f"{speed:.0f}", top1=f"{acc:.2f}")
+            bar.set_postfix(loss=f"{clip_value:.3f}", aux=f"{aux_value:.3f}", img_s=f"{speed:.0f}", top1=f"{acc:.2f}")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             if info.is_main:
                 acc = evaluate(step + 1, time.perf_counter() - start)
