@@ -405,7 +405,8 @@ def stages(tiny_world, world_tokenizer_dir, tiny_clip_dir, tmp_path_factory):
             llm.main(["--data", str(tiny_world), "--tokenizer", str(world_tokenizer_dir), "--out", str(root / "lm"),
                       "--preset", "tiny", *SMALL_STEPS, "--steps", "3"])
             run_stage("pretrain", ["--data", str(tiny_world), "--init", str(root / "lm"),
-                                   "--vision", str(tiny_clip_dir), "--out", str(root / "pretrain"), *SMALL_STEPS])
+                                   "--vision", str(tiny_clip_dir), "--out", str(root / "pretrain"), "--freeze", "ends",
+                                   *SMALL_STEPS])
         finally:
             torch.set_num_threads(threads)
     # SFT as a user runs it: a fresh process, the encoder found inside the pretrained folder
@@ -436,7 +437,7 @@ def test_stages_write_loadable_folders(stages, world_tokenizer, tiny_world):
         assert vlm.config.num_image_tokens == TINY_CLIP_TOKENS
         assert vlm.config.image_token_ids == [world_tokenizer.convert_tokens_to_ids("<|image|>")] * TINY_CLIP_TOKENS
 
-    # Pretraining trains the projection and the end layers only (freeze=ends); SFT trains all.
+    # Pretraining here trains the projection and the end layers only (--freeze ends); SFT trains all.
     lm_w, pre_w, sft_w = (load_file(stages / s / "model.safetensors") for s in ("lm", "pretrain", "sft"))
     for name, tensor in lm_w.items():
         frozen = not name.startswith(("layers.0.", "layers.3."))
