@@ -21,22 +21,13 @@ from minimind_v.data import shapes
 from minimind_v.train import clip as C
 from minimind_v.train import distributed as D
 
+from conftest import TORCHRUN_VARS
+
 REPO = Path(__file__).resolve().parents[1]
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
 TINY_MODEL = C.TinyClipConfig(vision_width=32, vision_layers=1, vision_heads=2, text_width=32, text_layers=1,
                               text_heads=2, projection_dim=16)
 TINY_ARGS = ["--vision-width", "32", "--vision-layers", "1", "--vision-heads", "2", "--text-width", "32",
              "--text-layers", "1", "--text-heads", "2", "--projection-dim", "16"]
-
-
-@pytest.fixture
-def alone(monkeypatch):
-    """No torchrun variables; torch's thread count restored afterwards."""
-    for name in TORCHRUN_VARS:
-        monkeypatch.delenv(name, raising=False)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
