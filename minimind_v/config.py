@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 
 PRESETS: dict[str, dict] = {
     # The book's offline default: trains in minutes on two CPU cores.
-    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2),
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=4),
     # The original MiniMind-V sizes.
     "small": dict(dim=512, n_layers=8, n_heads=16, n_kv_heads=8),
     "base": dict(dim=768, n_layers=16, n_heads=16, n_kv_heads=8),

@@ -49,9 +49,9 @@ class Recipe:
     preset: str = "tiny"
     llm_steps: int = 300
     # VLM
-    pretrain_steps: int = 1200
+    pretrain_steps: int = 1000
     pretrain_freeze: str = "all"
-    sft_steps: int = 1200
+    sft_steps: int = 1500
     sft_freeze: str = "all"
     mix_captions: float = 0.1
     batch_size: int = 32
@@ -84,11 +84,16 @@ def is_done(run: str | Path, stage: str) -> bool:
 
 
 def world_texts(world: Path) -> list[str]:
-    """Every caption, question and answer of the world, without the image tags."""
+    """Every caption, question and answer of the world as a chat turn shows it ("user\\n..."),
+    without the image tags. The role words go in too: otherwise BPE never sees "assistant" and
+    spells it letter by letter in every turn of every training sample."""
+    from .tokenizer import SEED_ROLES
+
     texts = []
     for name in ("pretrain_data.json", "sft_data.json"):
         for record in json.loads((world / name).read_text(encoding="utf-8")):
-            texts += [t["value"].replace("<image>", "").strip() for t in record["conversations"]]
+            texts += [f"{SEED_ROLES[t['from']]}\n" + t["value"].replace("<image>", "").strip()
+                      for t in record["conversations"]]
     return texts
 
 

@@ -39,7 +39,7 @@ WORLD = stage_dir(RUN, "world")
 # MiniMind uses a byte-level BPE with a vocabulary of 6400: every text is first seen as bytes (so
 # nothing is ever unknown), then the most frequent neighbouring pairs are merged into new tokens,
 # again and again, until the vocabulary is full. We train one on every caption, question and
-# answer of the world. The world only has a few hundred distinct words, so the training runs out
+# answer of the world, each behind its role name as the chat format below writes it. The world only has a few hundred distinct words, so the training runs out
 # of pairs worth merging long before 6400; the vocabulary is as large as the text needs.
 #
 # Four special tokens come first: `<unk>` = 0, `<s>` = 1 (a message begins), `</s>` = 2 (it
@@ -84,8 +84,9 @@ plt.show()
 #
 # Every message is wrapped as `<s>role\n ... </s>\n`, and a prompt ends with `<s>assistant\n`, the
 # cue for the model to answer. The model learns where an answer ends by predicting `</s>`, which
-# is also where generation stops. (The role names never occur in the world's text, so the BPE
-# spells them letter by letter; that costs a few tokens and nothing else.)
+# is also where generation stops. The tokenizer was trained on the turns as they appear here,
+# role name first, so `user` and `assistant` are one token each; a BPE that never saw them would
+# spell `assistant` in nine pieces, in every turn of every training sample.
 
 # %%
 messages = [{"role": "user", "content": "What colour is the circle?"},
@@ -113,6 +114,9 @@ plt.show()
 # * the output head **shares its matrix with the token embedding** (tied weights).
 #
 # The book's default is the `tiny` preset; the original MiniMind-V comes in `small` and `base`.
+# `small` and `base` share each key/value head between two query heads. `tiny` gives each of its
+# four query heads a key/value head of its own (a group size of one, which is plain multi-head
+# attention): its cache is small anyway, and the heads are free to look for different things.
 
 # %%
 from minimind_v.config import config_from_preset

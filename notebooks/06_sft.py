@@ -18,8 +18,10 @@
 # ```
 #
 # After stage 1 the model describes pictures. Stage 2 teaches it to answer questions about them:
-# "What colour is the circle?" - "red". The data are conversations of one to five questions
-# about a picture (several answers share one reading of its 50 image tokens), and the whole model except CLIP trains (`--freeze all`). Two details make it
+# "What colour is the circle?" - "red". The data are conversations of six to eight questions
+# about a picture, some types twice (several answers share one reading of its 50 image tokens, so
+# a long conversation teaches more per step), and the whole model except CLIP trains
+# (`--freeze all`). Two details make it
 # work: the loss falls on the **answers only**, and a few caption samples are **mixed in** so the
 # model keeps what stage 1 taught it.
 

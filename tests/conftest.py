@@ -6,7 +6,6 @@ files copy what they need first: the session fixtures are shared and must stay i
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -37,14 +36,11 @@ def tiny_world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def world_tokenizer_dir(tiny_world, tmp_path_factory) -> Path:
     """A byte-level BPE (with <|image|>) trained on the tiny world's words, saved to a folder."""
-    from minimind_v.tokenizer import IMAGE_TAG, train_tokenizer
+    from minimind_v.recipe import world_texts
+    from minimind_v.tokenizer import train_tokenizer
 
-    texts = []
-    for name in ("pretrain_data.json", "sft_data.json"):
-        for record in json.loads((tiny_world / name).read_text(encoding="utf-8")):
-            texts += [turn["value"].replace(IMAGE_TAG, "") for turn in record["conversations"]]
     folder = tmp_path_factory.mktemp("tokenizer") / "tokenizer"
-    train_tokenizer(texts, folder, vocab_size=400)
+    train_tokenizer(world_texts(tiny_world), folder, vocab_size=400)
     return folder
 
 

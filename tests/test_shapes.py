@@ -1,6 +1,7 @@
 """The shapes world: every answer is checked against the scene and, independently, against the pixels."""
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -211,15 +212,19 @@ def test_answer_rejects_unknown_and_ambiguous_questions():
 def test_captions_name_every_object_and_nothing_else():
     rng = random.Random(5)
     object_re = re.compile(r"\ba (small|large) (\w+) (\w+) (?:in|at|on) the (top left|top right|bottom left|bottom right|top|bottom|left|right|center)\b")
-    texts = set()
+    texts, orders = set(), set()
     for _ in range(500):
         scene = random_scene(rng)
         text = caption(scene, rng)
         texts.add(re.sub(object_re, "X", text))
         mentioned = [m.groups() for m in object_re.finditer(text.lower())]
-        assert mentioned == [(o["size"], o["colour"], o["shape"], o["position"]) for o in scene], text
+        objects = [(o["size"], o["colour"], o["shape"], o["position"]) for o in scene]
+        assert sorted(mentioned) == sorted(objects), text  # every object once, nothing else
+        orders.add(tuple(objects.index(m) for m in mentioned))
         assert text[0].isupper() and text.endswith(".")
     assert len({t.split("X")[0] for t in texts}) >= 3  # several sentence templates in use
+    # Objects in random order, not the scene's reading order: all six orders of three objects.
+    assert {o for o in orders if len(o) == 3} == set(itertools.permutations(range(3)))
 
 
 # ----------------------------------------------------------------------------- the written world
@@ -241,7 +246,13 @@ def test_layout_matches_the_original_dataset(world):
             assert humans[0].count("<image>") == 1 and all("<image>" not in h for h in humans[1:])
             assert humans[0].startswith("<image>\n") or humans[0].endswith("\n<image>")
     sft = load(out, "sft_data.json")
-    assert {len(r["conversations"]) // 2 for r in sft} == set(range(1, ShapesWorldConfig().max_sft_turns + 1))
+    cfg = ShapesWorldConfig()
+    assert {len(r["conversations"]) // 2 for r in sft} == set(range(cfg.min_sft_turns, cfg.max_sft_turns + 1))
+    for r in sft:  # a record never asks the same question twice
+        asked = [t["value"].replace("<image>", "").strip() for t in r["conversations"][::2]]
+        assert len(set(asked)) == len(asked), r["id"]
+    # Longer records ask some answer type twice (about another object, or in other words).
+    assert any(len(set(r["answer_types"])) < len(r["answer_types"]) for r in sft)
     world_json = load(out, "world.json")
     assert world_json["config"]["seed"] == 3 and world_json["config"]["n_sft"] == 60
     assert world_json["shapes"] == list(SHAPES) and world_json["positions"] == list(POSITIONS)
@@ -353,6 +364,8 @@ def test_bad_settings_are_named():
         ShapesWorldConfig(n_sft=-1).validate()
     with pytest.raises(ValueError, match="max_objects"):
         ShapesWorldConfig(min_objects=3, max_objects=2).validate()
+    with pytest.raises(ValueError, match="max_sft_turns"):
+        ShapesWorldConfig(min_sft_turns=5, max_sft_turns=4).validate()
     with pytest.raises(ValueError, match=r"scene\[0\]\.colour"):
         shapes.validate_scene([{"shape": "circle", "colour": "pink", "size": "small", "position": "top"}])
 

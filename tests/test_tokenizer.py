@@ -344,3 +344,13 @@ def test_encode_chat_rejects_bad_records(tokenizer, conversations, match):
 def test_encode_chat_text_only_rejects_image_tag(tokenizer):
     with pytest.raises(ValueError, match="text-only"):
         encode_chat(tokenizer, SEED_RECORD, num_image_tokens=0)
+
+
+def test_the_world_tokenizer_spells_each_chat_role_in_one_token(world_tokenizer):
+    # Trained on the world's turns behind their role names (recipe.world_texts), the BPE has
+    # learned "user" and "assistant" whole; every turn of every sample carries one of them.
+    chat = render_chat([{"role": "user", "content": "What colour is the circle?"},
+                        {"role": "assistant", "content": "red"}])
+    pieces = world_tokenizer.convert_ids_to_tokens(world_tokenizer(chat, add_special_tokens=False).input_ids)
+    assert pieces[:3] == ["<s>", "user", "Ċ"], pieces  # Ċ: how byte-level BPE writes "\n"
+    assert pieces[-6:] == ["<s>", "assistant", "Ċ", "red", "</s>", "Ċ"], pieces

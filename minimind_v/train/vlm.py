@@ -28,9 +28,9 @@ from .trainer import fit
 
 STAGES = {
     "pretrain": dict(json="pretrain_data.json", images="pretrain_images", freeze="all",
-                     train=dict(lr=2e-3, steps=1200, batch_size=32, warmup_steps=20)),
+                     train=dict(lr=2e-3, steps=1000, batch_size=32, warmup_steps=20)),
     "sft": dict(json="sft_data.json", images="sft_images", freeze="all",
-                train=dict(lr=1e-3, steps=1200, batch_size=32, warmup_steps=20)),
+                train=dict(lr=1e-3, steps=1500, batch_size=32, warmup_steps=20)),
 }
 
 
