@@ -39,8 +39,9 @@ WORLD = stage_dir(RUN, "world")
 # MiniMind uses a byte-level BPE with a vocabulary of 6400: every text is first seen as bytes (so
 # nothing is ever unknown), then the most frequent neighbouring pairs are merged into new tokens,
 # again and again, until the vocabulary is full. We train one on every caption, question and
-# answer of the world, each behind its role name as the chat format below writes it. The world only has a few hundred distinct words, so the training runs out
-# of pairs worth merging long before 6400; the vocabulary is as large as the text needs.
+# answer of the world, each behind its role name as the chat format below writes it. The world
+# only has a few hundred distinct words, so the training runs out of pairs worth merging long
+# before 6400; the vocabulary is as large as the text needs.
 #
 # Four special tokens come first: `<unk>` = 0, `<s>` = 1 (a message begins), `</s>` = 2 (it
 # ends) and `<|image|>` = 3, the placeholder that will stand for a picture in chapter 4.

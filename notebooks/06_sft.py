@@ -21,9 +21,8 @@
 # "What colour is the circle?" - "red". The data are conversations of six to eight questions
 # about a picture, some types twice (several answers share one reading of its 50 image tokens, so
 # a long conversation teaches more per step), and the whole model except CLIP trains
-# (`--freeze all`). Two details make it
-# work: the loss falls on the **answers only**, and a few caption samples are **mixed in** so the
-# model keeps what stage 1 taught it.
+# (`--freeze all`). Two details make it work: the loss falls on the **answers only**, and a few
+# caption samples are **mixed in** so the model keeps what stage 1 taught it.
 
 # %%
 QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow MINIMIND_V_QUICK
