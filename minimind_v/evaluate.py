@@ -91,6 +91,36 @@ def format_table(result: dict, baseline: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def accuracy_by_objects(rows: list[dict], records: list[dict]) -> dict[str, dict[int, float]]:
+    """{answer type or "overall": {number of objects in the picture: accuracy}} for answer rows
+    (``evaluate_vqa``'s "rows") of shapes-world records, which know their scene. Telling one
+    object from two or three is where a VLM has to find the object a question is about."""
+    objects = {r["id"]: len(r["scene"]) for r in records if "scene" in r}
+    missing = [row["id"] for row in rows if row["id"] not in objects]
+    if missing:
+        raise ValueError(f"accuracy_by_objects: {len(missing)} answer rows have no record with a scene, e.g. {missing[0]!r}")
+    hits, counts = defaultdict(int), defaultdict(int)
+    for row in rows:
+        for kind in (row["type"], "overall"):
+            hits[kind, objects[row["id"]]] += row["correct"]
+            counts[kind, objects[row["id"]]] += 1
+    table: dict[str, dict[int, float]] = defaultdict(dict)
+    for kind, n in sorted(counts, key=lambda k: (k[0] == "overall", k)):
+        table[kind][n] = hits[kind, n] / counts[kind, n]
+    return dict(table)
+
+
+def format_objects_table(by_objects: dict[str, dict[int, float]]) -> str:
+    """``accuracy_by_objects`` as a Markdown table, one column per number of objects."""
+    ns = sorted({n for per_n in by_objects.values() for n in per_n})
+    lines = ["| answer type | " + " | ".join(f"{n} object{'s' if n > 1 else ''}" for n in ns) + " |",
+             "|---|" + "---:|" * len(ns)]
+    for kind, per_n in by_objects.items():
+        cells = [f"{per_n[n]:.1%}" if n in per_n else "–" for n in ns]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def demo_table(bundles: dict[str, VLMBundle], image_dir: str | Path,
                prompts: dict[str, list[str]] | None = None) -> list[dict]:
     """The original project's table: each demo image with each model's answers.

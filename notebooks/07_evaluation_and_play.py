@@ -76,6 +76,20 @@ save_figure(fig, "07_accuracy.png")
 plt.show()
 
 # %% [markdown]
+# The same answers split by how many objects the picture holds. With one object, any question can
+# be answered by reading the only thing there. With two or three, the question's words ("the
+# small circle", "the object in the top left") must find their object among the patches first;
+# that is where a VLM's errors live, and where the shapes world's captions and long SFT
+# conversations earned their keep (the README's Results tell that story).
+
+# %%
+from minimind_v.data.datasets import read_records
+from minimind_v.evaluate import accuracy_by_objects, format_objects_table
+
+answers = json.loads((EVAL_DIR / "answers.json").read_text(encoding="utf-8"))
+display(Markdown(format_objects_table(accuracy_by_objects(answers, read_records(WORLD / "eval_data.json")))))
+
+# %% [markdown]
 # ## The demo table
 #
 # The original project shows its models side by side on a few pictures; here is the same table

@@ -485,6 +485,25 @@ def test_evaluate_prints_a_table_and_writes_consistent_figures(stages, tiny_worl
     assert evaluate.normalise(" Top  Left. ") == "top left"
 
 
+def test_accuracy_by_objects_splits_by_the_scene_size():
+    from minimind_v.evaluate import accuracy_by_objects, format_objects_table
+
+    obj = {"shape": "circle", "colour": "red", "size": "small", "position": "top"}
+    records = [{"id": "a", "scene": [obj]}, {"id": "b", "scene": [obj, obj]}, {"id": "c", "scene": [obj, obj]},
+               {"id": "d", "scene": [obj, obj, obj]}]
+    rows = [{"id": "a", "type": "colour", "correct": True}, {"id": "b", "type": "colour", "correct": False},
+            {"id": "c", "type": "count", "correct": True}, {"id": "d", "type": "colour", "correct": True}]
+    # Worked out by hand: colour is right with 1 object (a), wrong with 2 (b), right with 3 (d);
+    # count has one question, right, with 2 objects; overall with 2 objects: 1 of 2.
+    assert accuracy_by_objects(rows, records) == {"colour": {1: 1.0, 2: 0.0, 3: 1.0}, "count": {2: 1.0},
+                                                  "overall": {1: 1.0, 2: 0.5, 3: 1.0}}
+    table = format_objects_table(accuracy_by_objects(rows, records)).splitlines()
+    assert table[0] == "| answer type | 1 object | 2 objects | 3 objects |"
+    assert table[3] == "| count | – | 100.0% | – |" and table[4] == "| overall | 100.0% | 50.0% | 100.0% |"
+    with pytest.raises(ValueError, match="'e'"):
+        accuracy_by_objects(rows + [{"id": "e", "type": "size", "correct": True}], records)
+
+
 def test_chat_cli_streams_the_same_answer(stages, tiny_world):
     from minimind_v.inference import answer, load_vlm
 
