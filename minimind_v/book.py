@@ -13,8 +13,12 @@ chapter's name, the cell and its error.
 The chapters import their settings from here, so one switch serves every chapter:
 
 - ``MINIMIND_V_QUICK=1``   tiny sizes (``--quick`` sets it for the kernels);
+- ``MINIMIND_V_HOME``      the folder holding ``runs/`` and ``figures/`` (default: the project root,
+                           whatever the working directory: a chapter opened from notebooks/ in
+                           JupyterLab finds the same run folder as ``make book``);
 - ``MINIMIND_V_RUN``       the run folder (default ``runs/quick`` in quick mode, else ``runs/default``);
 - ``MINIMIND_V_FIGURES``   where chapters save their pictures (default ``figures/``);
+                           relative values of these three are taken from the project root;
 - ``MINIMIND_V_NPROC``     training processes per stage (default: one per GPU, else 1).
 """
 
@@ -31,9 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .recipe import quick_mode
+from .recipe import ROOT, default_run_folder, home, quick_mode
 
-ROOT = Path(__file__).resolve().parents[1]  # the project root (the package sits in it)
 NOTEBOOKS = ROOT / "notebooks"
 DEFAULT_OUT = "build/notebooks"
 DEFAULT_CELL_TIMEOUT_S = 3600  # a training cell of the full book runs for many minutes
@@ -57,16 +60,15 @@ def use_quick_mode(quick: bool | None) -> bool:
 
 
 def run_folder() -> Path:
-    """Where every stage leaves its result: ``MINIMIND_V_RUN``, else runs/quick or runs/default."""
-    chosen = os.environ.get("MINIMIND_V_RUN")
-    if chosen:
-        return Path(chosen)
-    return Path("runs/quick" if quick_mode() else "runs/default")
+    """Where every stage leaves its result: ``MINIMIND_V_RUN``, else runs/quick or runs/default,
+    in the project root (or ``MINIMIND_V_HOME``)."""
+    return default_run_folder()
 
 
 def figures_dir() -> Path:
-    """Where chapters save their pictures: ``MINIMIND_V_FIGURES``, else figures/."""
-    return Path(os.environ.get("MINIMIND_V_FIGURES") or "figures")
+    """Where chapters save their pictures: ``MINIMIND_V_FIGURES``, else figures/ in the project root
+    (or ``MINIMIND_V_HOME``)."""
+    return home() / (os.environ.get("MINIMIND_V_FIGURES") or "figures")
 
 
 def save_figure(fig, name: str) -> Path:
@@ -85,15 +87,14 @@ def open_chapter(quick: bool | None = None, nproc: int | None = None, needs: Seq
 
     Returns ``(recipe, run_folder, nproc)``.
     """
-    from .recipe import default_recipe, is_done, run_recipe
+    from .recipe import default_recipe, run_recipe
 
     quick = use_quick_mode(quick)
     nproc = nproc or default_nproc()
     recipe, run = default_recipe(), run_folder()
     print(f"quick mode: {quick}; run folder: {run}; training processes per stage: {nproc}")
-    missing = [stage for stage in needs if not is_done(run, stage)]
-    if missing:  # the results of earlier chapters
-        run_recipe(run, recipe, stages=missing, nproc=nproc)
+    if needs:  # the results of earlier chapters: reused when they match these settings
+        run_recipe(run, recipe, stages=list(needs), nproc=nproc)
     return recipe, run, nproc
 
 

@@ -5,31 +5,50 @@
     python -m minimind_v.recipe --run runs/default            # the embedded default
     MINIMIND_V_QUICK=1 python -m minimind_v.recipe --run runs/quick   # tiny sizes, a few minutes
 
-Every stage leaves its result in one run folder (layout in ``STAGE_DIRS``) and is skipped when
-that result is already there, so a second run reuses finished stages. Training stages run as
-their own processes (``python -m minimind_v.train.<stage>``, or under torchrun with
-``--nproc`` > 1), exactly as a reader would launch them.
+Every stage leaves its result in one run folder (layout in ``STAGE_DIRS``). A stage is reused
+only when its result is complete (``complete.json``, written last) and was built from the same
+settings and the same input stages (``fingerprint.json``); otherwise it is trained again, and
+the output says why. An interrupted stage with the same settings resumes from its checkpoint.
+Training stages run as their own processes (``python -m minimind_v.train.<stage>``, or under
+torchrun with ``--nproc`` > 1), exactly as a reader would launch them.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-# run folder layout: stage -> (sub-folder, the file whose presence means "finished")
+from .runfiles import atomic_write_json, clear_complete, is_complete, mark_complete
+
+# run folder layout: stage -> its sub-folder
 STAGE_DIRS = {
-    "world": ("world", "world.json"),
-    "clip": ("clip", "preprocessor_config.json"),
-    "tokenizer": ("tokenizer", "tokenizer.json"),
-    "llm": ("llm", "model.safetensors"),
-    "pretrain": ("pretrain", "model.safetensors"),
-    "sft": ("sft", "model.safetensors"),
-    "eval": ("eval", "results.json"),
+    "world": "world",
+    "clip": "clip",
+    "tokenizer": "tokenizer",
+    "llm": "llm",
+    "pretrain": "pretrain",
+    "sft": "sft",
+    "eval": "eval",
 }
+# The stages whose results each stage reads: retraining one of them makes these stale.
+STAGE_INPUTS = {
+    "world": (),
+    "clip": ("world",),
+    "tokenizer": ("world",),
+    "llm": ("world", "tokenizer"),
+    "pretrain": ("world", "llm", "clip"),
+    "sft": ("world", "pretrain"),
+    "eval": ("world", "pretrain", "sft"),
+}
+TRAINING_STAGES = ("clip", "llm", "pretrain", "sft")
+FINGERPRINT = "fingerprint.json"
+# Flags that change when and how often a stage writes, not what it learns.
+_NOT_IN_FINGERPRINT = ("--save-every", "--log-every")
 
 
 @dataclass
@@ -58,12 +77,30 @@ class Recipe:
     feature_cache: bool = True
     # evaluation
     eval_limit: int | None = None
+    save_every: int = 100  # checkpoints every N steps: a rerun after a crash resumes from there
     extra: dict = field(default_factory=dict)  # per-stage extra flags, e.g. {"sft": ["--lr", "5e-4"]}
 
 
 QUICK = dict(n_pretrain=400, n_sft=400, n_eval=80, clip_steps=30, clip_batch=32, llm_steps=30,
              pretrain_steps=20, sft_steps=30, batch_size=16, eval_limit=80,
              extra={"clip": ["--probe-train", "300", "--probe-test", "200"]})
+
+
+ROOT = Path(__file__).resolve().parents[1]  # the project root: the package sits in it
+
+
+def home() -> Path:
+    """The folder that holds ``runs/`` and ``figures/``: ``MINIMIND_V_HOME``, else the project root.
+    Not the working directory: a chapter opened from notebooks/ and a command run from anywhere
+    find the same run folder."""
+    chosen = os.environ.get("MINIMIND_V_HOME")
+    return ROOT / chosen if chosen else ROOT  # (an absolute path replaces ROOT)
+
+
+def default_run_folder() -> Path:
+    """``MINIMIND_V_RUN`` (relative to home()), else runs/quick in quick mode, else runs/default."""
+    chosen = os.environ.get("MINIMIND_V_RUN")
+    return home() / (chosen or ("runs/quick" if quick_mode() else "runs/default"))
 
 
 def quick_mode() -> bool:
@@ -76,11 +113,9 @@ def default_recipe() -> Recipe:
 
 
 def stage_dir(run: str | Path, stage: str) -> Path:
-    return Path(run) / STAGE_DIRS[stage][0]
-
-
-def is_done(run: str | Path, stage: str) -> bool:
-    return (stage_dir(run, stage) / STAGE_DIRS[stage][1]).exists()
+    if stage not in STAGE_DIRS:
+        raise ValueError(f"unknown stage {stage!r}; the stages are {list(STAGE_DIRS)}")
+    return Path(run) / STAGE_DIRS[stage]
 
 
 def world_texts(world: Path) -> list[str]:
@@ -100,11 +135,12 @@ def world_texts(world: Path) -> list[str]:
 def stage_commands(run: Path, r: Recipe) -> dict[str, tuple[str, list[str]]]:
     """The module and flags each training stage runs with."""
     world, cache = str(stage_dir(run, "world")), ["--feature-cache"] if r.feature_cache else []
-    common = ["--seed", str(r.seed), "--batch-size", str(r.batch_size)]
+    saves = ["--save-every", str(r.save_every)]
+    common = ["--seed", str(r.seed), "--batch-size", str(r.batch_size), *saves]
     return {
         "clip": ("minimind_v.train.clip", ["--data", world, "--out", str(stage_dir(run, "clip")),
                                             "--steps", str(r.clip_steps), "--batch-size", str(r.clip_batch),
-                                            "--seed", str(r.seed)]),
+                                            "--seed", str(r.seed), *saves]),
         "llm": ("minimind_v.train.llm", ["--data", world, "--tokenizer", str(stage_dir(run, "tokenizer")),
                                           "--out", str(stage_dir(run, "llm")), "--preset", r.preset,
                                           "--steps", str(r.llm_steps), *common]),
@@ -143,54 +179,200 @@ def evaluate_run(run: Path, r: Recipe) -> dict:
     return figures
 
 
-def run_recipe(run: str | Path, recipe: Recipe | None = None, nproc: int = 1,
-               stages: list[str] | None = None) -> dict:
-    """Run (or reuse) every stage; returns {stage: seconds} plus the evaluation figures."""
+# ----------------------------------------------------------------------------- reuse by fingerprint
+
+
+def stage_settings(r: Recipe, stage: str, nproc: int = 1) -> dict:
+    """What decides a stage's result, with the run folder written as ``<run>`` so that a moved
+    run folder keeps its fingerprints."""
+    if stage == "world":
+        return {"seed": r.seed, "n_pretrain": r.n_pretrain, "n_sft": r.n_sft, "n_eval": r.n_eval}
+    if stage == "tokenizer":
+        return {"vocab_size": r.vocab_size}
+    if stage == "eval":
+        return {"eval_limit": r.eval_limit}
+    module, argv = stage_commands(Path("<run>"), r)[stage]
+    flags = _flags_dict(argv + r.extra.get(stage, []))
+    # Processes split the global batch: 2 processes of batch B learn like one of batch 2B.
+    return {"module": module, "processes": nproc,
+            "flags": {k: v for k, v in flags.items() if k not in _NOT_IN_FINGERPRINT}}
+
+
+def _flags_dict(argv: list[str]) -> dict[str, str | bool]:
+    """["--steps", "30", "--feature-cache"] -> {"--steps": "30", "--feature-cache": True}."""
+    flags, i = {}, 0
+    while i < len(argv):
+        takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        flags[argv[i]] = argv[i + 1] if takes_value else True
+        i += 2 if takes_value else 1
+    return flags
+
+
+def _digest(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def stage_fingerprints(r: Recipe, nproc: int = 1) -> dict[str, dict]:
+    """{stage: {"fingerprint", "settings", "inputs": {input stage: its fingerprint}}}: a stage's
+    fingerprint covers its own settings and, through its inputs', everything it was built from."""
+    table: dict[str, dict] = {}
+    for stage in STAGE_DIRS:  # in order: every input comes before the stages that read it
+        settings = stage_settings(r, stage, nproc)
+        inputs = {name: table[name]["fingerprint"] for name in STAGE_INPUTS[stage]}
+        table[stage] = {"fingerprint": _digest({"stage": stage, "settings": settings, "inputs": inputs}),
+                        "settings": settings, "inputs": inputs}
+    return table
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    reuse: bool  # the finished result is there, built from the same settings and inputs
+    resume: bool  # an earlier run with the same fingerprint stopped before it finished
+    reason: str
+
+
+def _read_fingerprint(folder: Path) -> dict | None:
+    try:
+        recorded = json.loads((folder / FINGERPRINT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) and "fingerprint" in recorded else None
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """Readable differences between two settings dicts: ["--steps 1500 -> 100", ...]."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, prefix)
+        elif a != b:
+            out.append(f"{prefix}{key} {a} -> {b}")
+    return out
+
+
+def stage_status(run: str | Path, r: Recipe, stage: str, nproc: int = 1,
+                 fingerprints: dict | None = None) -> StageStatus:
+    """Whether the stage's folder can be reused, and why (or why not)."""
+    folder = stage_dir(run, stage)
+    wanted = (fingerprints or stage_fingerprints(r, nproc))[stage]
+    recorded = _read_fingerprint(folder)
+    complete = is_complete(folder)
+    if recorded is None:
+        reason = ("its folder holds a result from before fingerprints were kept" if complete
+                  else "no result yet")
+        return StageStatus(stage, False, False, reason)
+    if recorded["fingerprint"] == wanted["fingerprint"]:
+        if complete:
+            return StageStatus(stage, True, False, "same settings and inputs")
+        return StageStatus(stage, False, stage in TRAINING_STAGES,
+                           "an earlier run with the same settings stopped before it finished")
+    changed = _differences(recorded.get("settings", {}), wanted["settings"])
+    retrained = [name for name, fp in wanted["inputs"].items() if recorded.get("inputs", {}).get(name) != fp]
+    parts = []
+    if changed:
+        parts.append("settings changed: " + ", ".join(changed))
+    if retrained:
+        parts.append("built from another " + " / ".join(retrained) + " than the one now in the run folder")
+    return StageStatus(stage, False, False, "; ".join(parts) or "its fingerprint differs")
+
+
+def is_done(run: str | Path, stage: str, recipe: Recipe | None = None, nproc: int = 1) -> bool:
+    """The stage's finished result is there and was built with ``recipe``'s settings."""
+    return stage_status(run, recipe or default_recipe(), stage, nproc).reuse
+
+
+def run_stage(run: str | Path, r: Recipe | None = None, stage: str = "world", nproc: int = 1,
+              plot: bool = True, fingerprints: dict | None = None):
+    """Reuse the stage when its fingerprint matches, else build it (resuming an interrupted run of
+    the same settings); says which and why. Returns the launch result of a training stage, the
+    evaluation figures for "eval", or None when the stage was reused."""
     from .data.shapes import ShapesWorldConfig, generate_world
     from .launch import run_torchrun
     from .tokenizer import train_tokenizer
 
+    run, r = Path(run), r or default_recipe()
+    fingerprints = fingerprints or stage_fingerprints(r, nproc)
+    status = stage_status(run, r, stage, nproc, fingerprints)
+    folder = stage_dir(run, stage)
+    if status.reuse:
+        print(f"[{stage}] reusing {folder}: {status.reason}", flush=True)
+        return None
+    verb = "resuming" if status.resume else ("training" if stage in TRAINING_STAGES else "building")
+    print(f"[{stage}] {verb} {folder}: {status.reason}", flush=True)
+    # Withdraw the old result's mark before anything changes, then say what is being built.
+    folder.mkdir(parents=True, exist_ok=True)
+    clear_complete(folder)
+    atomic_write_json(folder / FINGERPRINT, fingerprints[stage])
+    result = None
+    if stage == "world":
+        generate_world(folder, ShapesWorldConfig(seed=r.seed, n_pretrain=r.n_pretrain, n_sft=r.n_sft,
+                                                 n_eval=r.n_eval), overwrite=True)
+        mark_complete(folder, {"stage": stage})
+    elif stage == "tokenizer":
+        tok = train_tokenizer(world_texts(stage_dir(run, "world")), out_dir=folder, vocab_size=r.vocab_size)
+        print(f"tokenizer: {len(tok)} tokens")
+        mark_complete(folder, {"stage": stage})
+    elif stage == "eval":
+        result = evaluate_run(run, r)
+        mark_complete(folder, {"stage": stage})
+    else:
+        module, args = stage_commands(run, r)[stage]
+        mode = ["--resume"] if status.resume else ["--overwrite"]
+        result = run_torchrun(module, args + r.extra.get(stage, []) + mode, nproc=nproc,
+                              use_torchrun=nproc > 1, plot=plot)
+        if not is_complete(folder):
+            raise RuntimeError(f"[{stage}] the training process ended without marking {folder} complete")
+    return result
+
+
+def run_recipe(run: str | Path, recipe: Recipe | None = None, nproc: int = 1,
+               stages: list[str] | None = None) -> dict:
+    """Run (or reuse) every stage; returns {stage: seconds} plus the evaluation figures."""
     run, r = Path(run), recipe or default_recipe()
     run.mkdir(parents=True, exist_ok=True)
-    (run / "recipe.json").write_text(json.dumps(asdict(r), indent=2), encoding="utf-8")
-    commands = stage_commands(run, r)
-    timings, figures = {}, None
+    fingerprints = stage_fingerprints(r, nproc)
+    timings, figures, reused = {}, None, []
     for stage in stages or list(STAGE_DIRS):
-        if is_done(run, stage):
-            print(f"[{stage}] already done in {stage_dir(run, stage)}: reusing it", flush=True)
-            continue
-        print(f"[{stage}] starting", flush=True)
         t0 = time.perf_counter()
-        if stage == "world":
-            generate_world(stage_dir(run, "world"), ShapesWorldConfig(
-                seed=r.seed, n_pretrain=r.n_pretrain, n_sft=r.n_sft, n_eval=r.n_eval), overwrite=True)
-        elif stage == "tokenizer":
-            tok = train_tokenizer(world_texts(stage_dir(run, "world")), out_dir=stage_dir(run, "tokenizer"),
-                                  vocab_size=r.vocab_size)
-            print(f"tokenizer: {len(tok)} tokens")
-        elif stage == "eval":
-            figures = evaluate_run(run, r)
-        else:
-            module, args = commands[stage]
-            run_torchrun(module, args + r.extra.get(stage, []), nproc=nproc,
-                         use_torchrun=nproc > 1, plot=False)
+        result = run_stage(run, r, stage, nproc, plot=False, fingerprints=fingerprints)
+        if result is None:
+            reused.append(stage)
+            continue
+        if stage == "eval":
+            figures = result
         timings[stage] = round(time.perf_counter() - t0, 1)
         print(f"[{stage}] finished in {timings[stage]:.0f} s", flush=True)
+    # What the run folder now holds: the settings of this recipe, which every stage matches.
+    atomic_write_json(run / "recipe.json", {"recipe": asdict(r), "processes": nproc,
+                                            "fingerprints": {k: v["fingerprint"] for k, v in fingerprints.items()}})
     total = sum(timings.values())
-    print(f"recipe: {len(timings)} stage(s) run in {total / 60:.1f} min; run folder {run}")
+    print(f"recipe: {len(timings)} stage(s) run in {total / 60:.1f} min"
+          + (f", {len(reused)} reused ({', '.join(reused)})" if reused else "") + f"; run folder {run}")
     if timings:
         with open(run / "timings.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(timings) + "\n")
-    return {"timings": timings, "figures": figures}
+    return {"timings": timings, "figures": figures, "reused": reused}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="runs/quick" if quick_mode() else "runs/default", help="run folder")
+    p.add_argument("--run", default=None,
+                   help="run folder (default: $MINIMIND_V_RUN, else runs/default or runs/quick in the project root)")
     p.add_argument("--nproc", type=int, default=1, help="processes per training stage (torchrun if > 1)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the world's and every stage's seed (default: the recipe's, 0); stages change with it")
     p.add_argument("--stages", nargs="*", choices=list(STAGE_DIRS), help="only these stages")
     ns = p.parse_args(argv)
-    run_recipe(ns.run, nproc=ns.nproc, stages=ns.stages)
+    if ns.nproc < 1:
+        p.error(f"--nproc must be at least 1, got {ns.nproc}")
+    r = default_recipe()
+    if ns.seed is not None:
+        if ns.seed < 0:
+            p.error(f"--seed must be >= 0, got {ns.seed}")
+        r = replace(r, seed=ns.seed)
+    run_recipe(ns.run or default_run_folder(), r, nproc=ns.nproc, stages=ns.stages)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow
 NPROC = None  # training processes per stage; None: one per GPU, else 1 (see chapter 1)
 
 from minimind_v.book import default_nproc, run_folder, save_figure, use_quick_mode
-from minimind_v.recipe import default_recipe, is_done, stage_dir
+from minimind_v.recipe import default_recipe, run_stage, stage_dir
 
 quick = use_quick_mode(QUICK)
 NPROC = NPROC or default_nproc()
@@ -60,7 +60,10 @@ R
 # %% [markdown]
 # The run folder will hold one sub-folder per stage: `world/` (the data), `clip/` (the vision
 # encoder), `tokenizer/`, `llm/` (the text-only decoder), `pretrain/` and `sft/` (the two VLM
-# stages) and `eval/`. A stage whose result is there is never run twice.
+# stages) and `eval/`. Every stage leaves a `fingerprint.json` (its settings and the fingerprints
+# of the stages it was built from) and, written last, `complete.json`. A stage is reused only when
+# both match what the chapter asks for: change a knob (the steps, `--freeze`, the projector) and
+# that stage and every stage after it are trained again, and the cell says why.
 #
 # ## The shapes world
 #
@@ -80,12 +83,10 @@ from minimind_v.data import shapes
 from minimind_v.data.shapes import ShapesWorldConfig, generate_world
 
 WORLD = stage_dir(RUN, "world")
-if is_done(RUN, "world"):
-    print(f"the shapes world is already in {WORLD}: reusing it")
-else:
-    config = ShapesWorldConfig(seed=R.seed, n_pretrain=R.n_pretrain, n_sft=R.n_sft, n_eval=R.n_eval)
-    summary = generate_world(WORLD, config, overwrite=True)
-    print(json.dumps(summary, indent=1))
+# What run_stage does for the world: generate_world(WORLD, ShapesWorldConfig(seed=R.seed,
+# n_pretrain=R.n_pretrain, n_sft=R.n_sft, n_eval=R.n_eval)), unless the same world is there.
+run_stage(RUN, R, "world")
+print("the world's settings:", json.loads((WORLD / "world.json").read_text(encoding="utf-8"))["config"])
 
 for path in sorted(WORLD.iterdir()):
     if path.is_dir():

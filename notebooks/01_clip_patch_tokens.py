@@ -31,7 +31,7 @@ QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow
 NPROC = None  # training processes per stage; None: one per GPU, else 1
 
 from minimind_v.book import open_chapter, read_metrics, plot_loss, save_figure
-from minimind_v.recipe import is_done, stage_commands, stage_dir
+from minimind_v.recipe import run_stage, stage_commands, stage_dir
 
 R, RUN, NPROC = open_chapter(QUICK, NPROC, needs=['world'])
 WORLD = stage_dir(RUN, "world")
@@ -125,15 +125,11 @@ print("patches:", tuple(patches.shape))
 # cores and add the cost of averaging gradients between them, so one process is fastest.
 
 # %%
-from minimind_v.launch import run_torchrun
-
 module, args = stage_commands(RUN, R)["clip"]
 print("torchrun --standalone --nproc_per_node", NPROC, "-m", module, " ".join(args))
 CLIP_DIR = stage_dir(RUN, "clip")
-if is_done(RUN, "clip"):
-    print(f"the tiny CLIP is already trained in {CLIP_DIR}: reusing it")
-else:
-    result = run_torchrun(module, args, nproc=NPROC)
+# Reused when a finished clip stage with these settings and inputs is there; else trained.
+result = run_stage(RUN, R, "clip", nproc=NPROC)
 
 # %% [markdown]
 # What the training left in its `metrics.jsonl`: the loss, the **retrieval accuracy** on held-out

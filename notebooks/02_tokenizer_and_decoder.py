@@ -28,7 +28,7 @@ QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow
 NPROC = None  # training processes per stage; None: one per GPU, else 1 (see chapter 1)
 
 from minimind_v.book import open_chapter, read_metrics, plot_loss, save_figure
-from minimind_v.recipe import is_done, stage_commands, stage_dir, world_texts
+from minimind_v.recipe import run_stage, stage_commands, stage_dir, world_texts
 
 R, RUN, NPROC = open_chapter(QUICK, NPROC, needs=['world'])
 WORLD = stage_dir(RUN, "world")
@@ -47,14 +47,14 @@ WORLD = stage_dir(RUN, "world")
 # ends) and `<|image|>` = 3, the placeholder that will stand for a picture in chapter 4.
 
 # %%
-from minimind_v.tokenizer import SPECIAL_TOKENS, load_tokenizer, render_chat, train_tokenizer
+from minimind_v.tokenizer import SPECIAL_TOKENS, load_tokenizer, render_chat
 
 TOKENIZER_DIR = stage_dir(RUN, "tokenizer")
-if is_done(RUN, "tokenizer"):
-    print(f"the tokenizer is already in {TOKENIZER_DIR}: reusing it")
-else:
-    texts = world_texts(WORLD)
-    train_tokenizer(texts, out_dir=TOKENIZER_DIR, vocab_size=R.vocab_size, progress=True)
+texts = world_texts(WORLD)
+print(f"{len(texts)} training texts, e.g. {texts[0]!r}")
+# run_stage calls train_tokenizer(texts, out_dir=TOKENIZER_DIR, vocab_size=R.vocab_size) unless
+# a tokenizer trained with the same settings on the same world is there.
+run_stage(RUN, R, "tokenizer")
 tokenizer = load_tokenizer(TOKENIZER_DIR)
 print(f"vocabulary: {len(tokenizer)} tokens (asked for at most {R.vocab_size})")
 print("special tokens:", {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS})
@@ -192,15 +192,11 @@ print(f"loss of the untrained model: {loss.item():.3f} (by hand: {by_hand.item()
 # `torchrun`, launched from this cell.
 
 # %%
-from minimind_v.launch import run_torchrun
-
 module, args = stage_commands(RUN, R)["llm"]
 print("torchrun --standalone --nproc_per_node", NPROC, "-m", module, " ".join(args))
 LLM_DIR = stage_dir(RUN, "llm")
-if is_done(RUN, "llm"):
-    print(f"the text LM is already trained in {LLM_DIR}: reusing it")
-else:
-    result = run_torchrun(module, args, nproc=NPROC)
+# Reused when a finished llm stage with these settings and inputs is there; else trained.
+result = run_stage(RUN, R, "llm", nproc=NPROC)
 
 # %%
 records = read_metrics(LLM_DIR / "metrics.jsonl")

@@ -36,7 +36,7 @@ QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow
 NPROC = None  # training processes per stage; None: one per GPU, else 1 (see chapter 1)
 
 from minimind_v.book import open_chapter, read_metrics, plot_loss, save_figure
-from minimind_v.recipe import is_done, stage_commands, stage_dir
+from minimind_v.recipe import run_stage, stage_commands, stage_dir
 
 R, RUN, NPROC = open_chapter(QUICK, NPROC, needs=['world', 'clip', 'tokenizer', 'llm'])
 WORLD = stage_dir(RUN, "world")
@@ -110,15 +110,11 @@ print("images:        ", tuple(batch.images.shape), "(pixels)")
 # Launched like every stage, from this cell, under `torchrun`.
 
 # %%
-from minimind_v.launch import run_torchrun
-
 module, args = stage_commands(RUN, R)["pretrain"]
 print("torchrun --standalone --nproc_per_node", NPROC, "-m", module, " ".join(args))
 PRETRAIN_DIR = stage_dir(RUN, "pretrain")
-if is_done(RUN, "pretrain"):
-    print(f"stage 1 is already trained in {PRETRAIN_DIR}: reusing it")
-else:
-    result = run_torchrun(module, args, nproc=NPROC)
+# Reused when a finished pretrain stage with these settings and inputs is there; else trained.
+result = run_stage(RUN, R, "pretrain", nproc=NPROC)
 
 # %%
 import matplotlib.pyplot as plt

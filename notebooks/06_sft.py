@@ -29,7 +29,7 @@ QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow
 NPROC = None  # training processes per stage; None: one per GPU, else 1 (see chapter 1)
 
 from minimind_v.book import open_chapter, read_metrics, plot_loss, save_figure
-from minimind_v.recipe import is_done, stage_commands, stage_dir
+from minimind_v.recipe import run_stage, stage_commands, stage_dir
 
 R, RUN, NPROC = open_chapter(QUICK, NPROC, needs=['world', 'clip', 'tokenizer', 'llm', 'pretrain'])
 WORLD = stage_dir(RUN, "world")
@@ -116,15 +116,11 @@ print(f"what trains: --freeze {R.sft_freeze}: {FREEZE_STRATEGIES[R.sft_freeze]}"
 # The stage starts from the stage-1 model and runs under `torchrun`, launched from this cell.
 
 # %%
-from minimind_v.launch import run_torchrun
-
 module, args = stage_commands(RUN, R)["sft"]
 print("torchrun --standalone --nproc_per_node", NPROC, "-m", module, " ".join(args))
 SFT_DIR = stage_dir(RUN, "sft")
-if is_done(RUN, "sft"):
-    print(f"stage 2 is already trained in {SFT_DIR}: reusing it")
-else:
-    result = run_torchrun(module, args, nproc=NPROC)
+# Reused when a finished sft stage with these settings and inputs is there; else trained.
+result = run_stage(RUN, R, "sft", nproc=NPROC)
 
 # %%
 records = read_metrics(SFT_DIR / "metrics.jsonl")

@@ -20,14 +20,16 @@ import nbformat
 import pytest
 
 from minimind_v import book
-from minimind_v.recipe import STAGE_DIRS, is_done
+from dataclasses import replace
+
+from minimind_v.recipe import QUICK, STAGE_DIRS, Recipe, is_done
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                  "OMP_NUM_THREADS", "TORCHELASTIC_RUN_ID")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURE_CALL = re.compile(r"""save_figure\(\s*\w+\s*,\s*["']([^"']+)["']\s*\)""")
-BOOK_ENV_VARS = ("MINIMIND_V_QUICK", "MINIMIND_V_RUN", "MINIMIND_V_FIGURES", "MINIMIND_V_NPROC")
+BOOK_ENV_VARS = ("MINIMIND_V_QUICK", "MINIMIND_V_RUN", "MINIMIND_V_FIGURES", "MINIMIND_V_NPROC", "MINIMIND_V_HOME")
 
 
 @pytest.fixture
@@ -110,13 +112,45 @@ def test_cli_rejects_an_unknown_chapter_and_a_bad_timeout(capsys):
 # ----------------------------------------------------------------------------- shared settings
 
 
-def test_run_folder_follows_quick_mode_and_the_environment(clean_env):
-    assert book.use_quick_mode(None) is False and book.run_folder() == Path("runs/default")
-    assert book.use_quick_mode(True) is True and book.run_folder() == Path("runs/quick")
+def test_run_folder_follows_quick_mode_and_the_environment(clean_env, tmp_path):
+    assert book.use_quick_mode(None) is False and book.run_folder() == REPO / "runs/default"
+    assert book.use_quick_mode(True) is True and book.run_folder() == REPO / "runs/quick"
     assert os.environ["MINIMIND_V_QUICK"] == "1"  # what the recipe and launched stages read
     clean_env.setenv("MINIMIND_V_RUN", "elsewhere/run")
-    assert book.run_folder() == Path("elsewhere/run")
+    assert book.run_folder() == REPO / "elsewhere/run"
+    clean_env.setenv("MINIMIND_V_HOME", str(tmp_path))
+    assert book.run_folder() == tmp_path / "elsewhere/run" and book.figures_dir() == tmp_path / "figures"
     assert book.use_quick_mode(False) is False and os.environ["MINIMIND_V_QUICK"] == "0"
+
+
+def test_run_folder_and_figures_do_not_follow_the_working_directory(clean_env):
+    """JupyterLab starts a chapter's kernel in notebooks/; `python -m` may run from anywhere."""
+    code = "from minimind_v import book; print(book.run_folder()); print(book.figures_dir())"
+    env = {k: v for k, v in os.environ.items() if k not in BOOK_ENV_VARS}
+    env["PYTHONPATH"] = str(REPO)
+    seen = {subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                           check=True).stdout for cwd in (REPO, REPO / "notebooks", REPO / "tests")}
+    assert seen == {f"{REPO / 'runs/default'}\n{REPO / 'figures'}\n"}
+
+
+@pytest.mark.slow
+def test_a_chapter_run_from_notebooks_and_from_the_root_shares_one_run_folder(tmp_path):
+    """Chapter 00 executed with the kernel in notebooks/ (as JupyterLab does) builds the world in
+    the home's run folder; executed again from the project root, it reuses that world."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS + BOOK_ENV_VARS}
+    env.update(PYTHONPATH=str(REPO), MINIMIND_V_HOME=str(tmp_path), MINIMIND_V_QUICK="1")
+    chapter = [c for c in book.chapter_files() if c.stem.startswith("00")]
+    outputs = []
+    for cwd in (REPO / "notebooks", REPO):
+        book.execute_chapter(chapter[0], tmp_path / f"out-{cwd.name}", cwd, timeout=600, env=env)
+        nb = nbformat.read(tmp_path / f"out-{cwd.name}" / f"{chapter[0].stem}.ipynb", as_version=4)
+        outputs.append("".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                               for o in c.get("outputs", [])))
+    world = tmp_path / "runs/quick/world"
+    assert (world / "world.json").exists() and (tmp_path / "figures/00_shapes_world.png").exists()
+    assert "[world] building" in outputs[0] and "no result yet" in outputs[0]
+    assert f"[world] reusing {world}: same settings and inputs" in outputs[1]
+    assert not (REPO / "notebooks/runs").exists() and not (REPO / "notebooks/figures").exists()
 
 
 def test_save_figure_writes_a_png_where_the_environment_says(clean_env, tmp_path):
@@ -239,4 +273,5 @@ def test_every_chapter_runs_in_quick_mode(tmp_path):
         for name in figure_names(chapter):
             figure = tmp_path / "figures" / name
             assert figure.exists() and figure.read_bytes()[:8] == PNG_MAGIC, name
-    assert all(is_done(tmp_path / "run", stage) for stage in STAGE_DIRS)
+    quick = replace(Recipe(), **QUICK)
+    assert all(is_done(tmp_path / "run", stage, quick) for stage in STAGE_DIRS)
