@@ -42,7 +42,7 @@ WORLD = stage_dir(RUN, "world")
 # CLIP first resizes the picture so its short side is 224 pixels and crops the centre square.
 # 224 / 32 = 7 patches per side, 7 × 7 = 49 patches, plus one extra learned **CLS** token that
 # collects a summary of the whole image: 50 tokens. Each token has the encoder's width: 768 for
-# ViT-B/32, 192 for our tiny CLIP.
+# ViT-B/32, 128 for our tiny CLIP.
 
 # %%
 from minimind_v.train.clip import TinyClipConfig
@@ -257,7 +257,7 @@ plt.show()
 # ## Summary
 #
 # * CLIP ViT-B/32 cuts a 224 px picture into 7×7 patches of 32 px; with the CLS token that makes
-#   **50 tokens**, the encoder's last hidden state, of width 768 (192 for our tiny CLIP).
+#   **50 tokens**, the encoder's last hidden state, of width 768 (128 for our tiny CLIP).
 # * The patch embedding is one matrix applied to every flattened patch; the transformer layers
 #   then let the patches share what they see.
 # * The encoder is frozen: the same picture always gives the same tokens, which later lets

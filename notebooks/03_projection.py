@@ -18,7 +18,7 @@
 # ```
 #
 # CLIP's patch tokens and the decoder's word embeddings are vectors of different sizes that mean
-# different things: 768 numbers (192 for our tiny CLIP) shaped by contrastive training, against
+# different things: 768 numbers (128 for our tiny CLIP) shaped by contrastive training, against
 # `dim` numbers shaped by next-token prediction. MiniMind-V joins them with the simplest bridge
 # there is, one linear layer applied to every patch token: `(B, 50, vision_width) -> (B, 50, dim)`.
 # Think of it as a dictionary that translates from CLIP's language into the decoder's. Training

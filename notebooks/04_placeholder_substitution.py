@@ -208,4 +208,5 @@ for name, logits in (("with the picture", with_picture), ("text only       ", wi
 #   patches, in order, with one `masked_scatter`: `(B, T, dim)` in, `(B, T, dim)` out.
 # * After that the decoder is an ordinary language model reading a sequence.
 #
-# Next: teaching the projection (and a little of the decoder) to make sense of the picture.
+# Next: teaching the projection (and, by default, the whole decoder with it) to make sense of the
+# picture.

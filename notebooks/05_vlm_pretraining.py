@@ -26,10 +26,9 @@
 # What trains is a choice (`--freeze`). CLIP is always frozen; the original MiniMind-V fine-tunes
 # the projection and the language model, and so does our default for this stage, `all`. The cheaper
 # `ends` (the projection plus the first and last decoder layers) leaves the middle of the decoder as
-# chapter 2 left it. On the shapes world that was not enough: 400 steps of `ends` left the caption
-# loss at 0.36, where 1200 steps of `all` brought it to 0.09 (the README's Results tell the story).
-# The default is now 1000 steps of `all`; the loss ends higher, near 0.15, because the captions
-# below list the objects in an order nobody can predict.
+# chapter 2 left it, and on the shapes world it is not enough: the caption loss stays several times
+# higher. The captions list a picture's objects in random order, so part of every caption cannot
+# be predicted from the picture: the loss cannot reach zero, and the curve below flattens above it.
 
 # %%
 QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow MINIMIND_V_QUICK
