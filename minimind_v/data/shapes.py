@@ -45,6 +45,11 @@ POSITIONS = (
     "bottom left", "bottom", "bottom right",
 )
 ANSWER_TYPES = ("colour", "shape", "size", "position", "count")
+# Questions whose answer may be "no" or "nothing": the model must learn to say what is not there.
+EXTRA_ANSWER_TYPES = ("existence", "absent", "relation")
+# Grid relations, by (row, column) of the 3x3 grid: "left of" means in a column further left,
+# whatever the row; "above" means in a row higher up, whatever the column.
+RELATIONS = ("left of", "right of", "above", "below")
 
 # Far apart in RGB so even a small encoder separates them; no anti-aliasing, so these exact
 # values are the pixels inside each object.
@@ -63,6 +68,7 @@ REFERENCE_IMAGE_SIZE = 224
 CELL_MARGIN = 2  # pixels kept free at each cell border, so neighbours never touch
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PLURAL_SHAPES = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+SINGULAR = {plural: shape for shape, plural in PLURAL_SHAPES.items()}
 
 CAPTION_REQUESTS = (
     "Describe this picture briefly.",
@@ -117,6 +123,18 @@ QUESTION_TEMPLATES = {
         "How many {plural} are in the picture?",
         "Count the {plural} in the image.",
     ),
+    "existence": (
+        "Is there {desc}?",
+        "Can you see {desc}?",
+        "Does the picture show {desc}?",
+    ),
+    "relation": (
+        "What shape is {rel} {ref}?",
+        "Which shape is {rel} {ref}?",
+    ),
+    "relation_yes_no": (
+        "Is {ref} {rel} {ref2}?",
+    ),
 }
 
 
@@ -139,6 +157,13 @@ class ShapesWorldConfig:
     max_sft_turns: int = 8
     workers: int = 0  # processes that render images; 0 = one per CPU core
     png_compress_level: int = 1  # fast to write; the flat images stay small anyway
+    # The kinds of question SFT and the held-out set ask: ANSWER_TYPES, plus any of
+    # EXTRA_ANSWER_TYPES (yes/no existence, questions about absent objects, grid relations).
+    question_types: tuple = ANSWER_TYPES
+    # Colour-shape pairs ("red", "circle") that no training picture, caption or question shows;
+    # the held-out set then mixes pictures with them ("unseen") and without ("seen").
+    held_out_pairs: tuple = ()
+    unseen_eval_fraction: float = 0.5  # of the held-out questions, when held_out_pairs is set
 
     def validate(self) -> None:
         for name in ("n_pretrain", "n_sft", "n_eval", "n_eval_images", "workers"):
@@ -156,6 +181,19 @@ class ShapesWorldConfig:
             raise ValueError(f"ShapesWorldConfig.image_size must be >= 96 pixels, got {self.image_size}")
         if not 0 <= self.png_compress_level <= 9:
             raise ValueError(f"ShapesWorldConfig.png_compress_level must be in 0..9, got {self.png_compress_level}")
+        known = ANSWER_TYPES + EXTRA_ANSWER_TYPES
+        if not self.question_types or any(k not in known for k in self.question_types) \
+                or len(set(self.question_types)) != len(self.question_types):
+            raise ValueError(f"ShapesWorldConfig.question_types must be distinct kinds among {known}, "
+                             f"got {self.question_types!r}")
+        for pair in self.held_out_pairs:
+            if len(pair) != 2 or pair[0] not in COLOURS or pair[1] not in SHAPES:
+                raise ValueError(f"ShapesWorldConfig.held_out_pairs: {pair!r} is not a (colour, shape) pair "
+                                 f"with a colour in {COLOURS} and a shape in {SHAPES}")
+        if len({tuple(p) for p in self.held_out_pairs}) == len(COLOURS) * len(SHAPES):
+            raise ValueError("ShapesWorldConfig.held_out_pairs holds every colour-shape pair: nothing is left to train on")
+        if not 0 < self.unseen_eval_fraction < 1:
+            raise ValueError(f"ShapesWorldConfig.unseen_eval_fraction must be in (0, 1), got {self.unseen_eval_fraction}")
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -354,15 +392,118 @@ def _count_question(scene: list[dict], rng: random.Random) -> tuple[str, str, st
     return question, NUMBER_WORDS[n], "count"
 
 
-def questions(scene: list[dict], rng: random.Random) -> list[tuple[str, str, str]]:
-    """One unambiguous (question, answer, answer_type) per answer type that this scene allows,
-    in ANSWER_TYPES order. Only "position" can be missing (when no object is unique without it)."""
+def questions(scene: list[dict], rng: random.Random, kinds: tuple = ANSWER_TYPES) -> list[tuple[str, str, str]]:
+    """One unambiguous (question, answer, answer_type) per kind in ``kinds`` that this scene
+    allows, in that order. "position" can be missing (when no object is unique without it), and
+    so can "relation" (when every relation asked about has two answers)."""
     out = []
-    for asked in ANSWER_TYPES:
-        qa = _count_question(scene, rng) if asked == "count" else _attribute_question(scene, rng, asked)
+    for asked in kinds:
+        if asked == "count":
+            qa = _count_question(scene, rng)
+        elif asked == "existence":
+            qa = _existence_question(scene, rng)
+        elif asked == "absent":
+            qa = _absent_question(scene, rng)
+        elif asked == "relation":
+            qa = _relation_question(scene, rng)
+        else:
+            qa = _attribute_question(scene, rng, asked)
         if qa is not None:
             out.append(qa)
     return out
+
+
+# ----------------------------------------------------------------------------- saying "no" and "nothing"
+
+
+def _indefinite(constraints: dict) -> str:
+    """{"colour": "red", "shape": "circle"} -> 'a red circle'; no shape -> 'a red object'."""
+    words = [constraints[k] for k in ("size", "colour") if k in constraints]
+    return "a " + " ".join(words + [constraints.get("shape", "object")])
+
+
+def _existence_question(scene: list[dict], rng: random.Random) -> tuple[str, str, str] | None:
+    """"Is there a red circle?": "yes" for half, and "no" for a near miss of an object that is there
+    (one attribute changed: a red square present, a blue circle present)."""
+    template = rng.choice(QUESTION_TEMPLATES["existence"])
+    obj = rng.choice(scene)
+    if rng.random() < 0.5:
+        kinds = rng.choice([("shape",), ("colour",), ("colour", "shape"), ("size", "shape"),
+                            ("size", "colour", "shape")])
+        return template.format(desc=_indefinite({k: obj[k] for k in kinds})), "yes", "existence"
+    for _ in range(20):
+        kinds = rng.choice([("colour", "shape"), ("size", "shape"), ("size", "colour", "shape")])
+        constraints = {k: obj[k] for k in kinds}
+        changed = rng.choice(kinds)
+        values = {"shape": SHAPES, "colour": COLOURS, "size": SIZES}[changed]
+        constraints[changed] = rng.choice([v for v in values if v != obj[changed]])
+        if not any(_matches(o, constraints) for o in scene):
+            return template.format(desc=_indefinite(constraints)), "no", "existence"
+    return None
+
+
+def absent_answer(constraints: dict) -> str:
+    """What to say when nothing fits: 'Nothing is in the center.' or 'There is no red triangle.'"""
+    if set(constraints) == {"position"}:
+        return f"Nothing is {position_phrase(constraints['position'])}."
+    words = [constraints[k] for k in ("size", "colour") if k in constraints]
+    phrase = " ".join(words + [constraints.get("shape", "object")])
+    if "position" in constraints:
+        phrase += " " + position_phrase(constraints["position"])
+    return f"There is no {phrase}."
+
+
+def _absent_question(scene: list[dict], rng: random.Random) -> tuple[str, str, str] | None:
+    """An attribute question about an object that is not there ("What colour is the triangle?",
+    "What shape is in the center?" with an empty centre): the answer says so."""
+    asked = rng.choice(("colour", "shape", "size", "position"))
+    empty = [p for p in POSITIONS if p not in {o["position"] for o in scene}]
+    if asked == "shape" and empty and rng.random() < 0.5:
+        position = rng.choice(empty)
+        question = rng.choice(QUESTION_TEMPLATES["shape_at"]).format(pos=position_phrase(position))
+        return question, absent_answer({"position": position}), "absent"
+    free = [a for a in ("size", "colour", "shape") if a != asked]
+    for _ in range(20):
+        kinds = [a for a in free if rng.random() < 0.6] or [rng.choice(free)]
+        constraints = {k: rng.choice({"shape": SHAPES, "colour": COLOURS, "size": SIZES}[k]) for k in kinds}
+        if not any(_matches(o, constraints) for o in scene):
+            ref = _noun_phrase(constraints, rng, allow_shape_noun=asked != "shape")
+            return rng.choice(QUESTION_TEMPLATES[asked]).format(ref=ref), absent_answer(constraints), "absent"
+    return None
+
+
+def _cell(obj: dict) -> tuple[int, int]:
+    return divmod(POSITIONS.index(obj["position"]), 3)  # (row, column)
+
+
+def related(a: dict, relation: str, b: dict) -> bool:
+    """Is object a ``relation`` ("left of", "right of", "above", "below") object b on the grid?"""
+    (ra, ca), (rb, cb) = _cell(a), _cell(b)
+    return {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[relation]
+
+
+def _relation_question(scene: list[dict], rng: random.Random) -> tuple[str, str, str] | None:
+    """"What shape is left of the blue square?" (a shape, or "nothing") or "Is the circle above the
+    cross?" (yes / no). Objects are named by descriptions that fit them alone."""
+    named = [(o, descriptive) for o in scene for descriptive in [_references(scene, o, "")[0]] if descriptive]
+    if not named:
+        return None
+    relation = rng.choice(RELATIONS)
+    if len(named) >= 2 and rng.random() < 0.4:
+        (a, ra), (b, rb) = rng.sample(named, 2)
+        question = rng.choice(QUESTION_TEMPLATES["relation_yes_no"]).format(
+            ref=_noun_phrase(rng.choice(ra), rng, True), rel=relation, ref2=_noun_phrase(rng.choice(rb), rng, True))
+        return question, "yes" if related(a, relation, b) else "no", "relation"
+    order = list(range(len(named)))
+    rng.shuffle(order)
+    for i in order:
+        anchor, refs = named[i]
+        found = [o for o in scene if o is not anchor and related(o, relation, anchor)]
+        if len(found) <= 1:  # two objects in that direction would make two right answers
+            question = rng.choice(QUESTION_TEMPLATES["relation"]).format(
+                rel=relation, ref=_noun_phrase(rng.choice(refs), rng, True))
+            return question, found[0]["shape"] if found else "nothing", "relation"
+    return None
 
 
 # ----------------------------------------------------------------------------- parsing answers
@@ -373,19 +514,33 @@ def _ALT(words) -> str:
     """Regex alternation, longest first, so 'top left' wins over 'top'."""
     return "|".join(sorted(map(re.escape, words), key=len, reverse=True))
 
-_POS_RE = rf"(?:in|at|on) the (?P<position>{_ALT(POSITIONS)})"
-_REF_RE = (
-    rf"the (?:(?P<size>{_ALT(SIZES)}) )?(?:(?P<colour>{_ALT(COLOURS)}) )?"
-    rf"(?P<noun>{_ALT(SHAPES + ('object', 'shape'))})(?: {_POS_RE})?"
-)
+def _pos_re(prefix: str = "") -> str:
+    return rf"(?:in|at|on) the (?P<{prefix}position>{_ALT(POSITIONS)})"
+
+
+def _ref_re(prefix: str = "") -> str:
+    """'the large red circle in the top left': a definite reference to one object."""
+    return (rf"the (?:(?P<{prefix}size>{_ALT(SIZES)}) )?(?:(?P<{prefix}colour>{_ALT(COLOURS)}) )?"
+            rf"(?P<{prefix}noun>{_ALT(SHAPES + ('object', 'shape'))})(?: {_pos_re(prefix)})?")
+
+
+_POS_RE = _pos_re()
+_REF_RE = _ref_re()
 _PLURAL_RE = (
     rf"(?:(?P<attr>{_ALT(SIZES + COLOURS)}) )?(?P<noun>{_ALT(tuple(PLURAL_SHAPES.values()) + ('objects',))})"
 )
+_DESC_RE = (  # 'a large red circle', 'a red object': what an existence question asks about
+    rf"a (?:(?P<size>{_ALT(SIZES)}) )?(?:(?P<colour>{_ALT(COLOURS)}) )?(?P<noun>{_ALT(SHAPES + ('object',))})"
+)
+_REL_RE = rf"(?P<relation>{_ALT(RELATIONS)})"
 
 
 def _template_regex(template: str) -> re.Pattern:
-    pieces = re.split(r"(\{ref\}|\{pos\}|\{plural\})", template)
-    sub = {"{ref}": _REF_RE, "{pos}": _POS_RE, "{plural}": _PLURAL_RE}
+    pieces = re.split(r"(\{ref\}|\{ref2\}|\{pos\}|\{plural\}|\{desc\}|\{rel\})", template)
+    # In a two-object question the first reference is the subject, the second the anchor.
+    two = "{ref2}" in pieces
+    sub = {"{ref}": _ref_re("s_" if two else ""), "{ref2}": _ref_re(), "{pos}": _POS_RE,
+           "{plural}": _PLURAL_RE, "{desc}": _DESC_RE, "{rel}": _REL_RE}
     return re.compile("".join(sub.get(p, re.escape(p)) for p in pieces), re.IGNORECASE)
 
 
@@ -394,8 +549,16 @@ _PARSERS = [
 ]
 
 
+def _constraints(groups: dict, prefix: str = "") -> dict:
+    out = {k: groups[prefix + k] for k in ("size", "colour", "position") if prefix + k in groups}
+    if groups.get(prefix + "noun") in SHAPES:
+        out["shape"] = groups[prefix + "noun"]
+    return out
+
+
 def parse_question(question: str) -> tuple[str, dict]:
     """Question text (with or without <image>) -> (answer_type, constraints on the objects).
+    A relation question gives {"relation", "anchor": constraints} and, for yes/no, "subject".
     Raises ValueError if it matches none of the templates."""
     text = " ".join(question.replace("<image>", " ").split())
     for kind, pattern in _PARSERS:
@@ -411,25 +574,48 @@ def parse_question(question: str) -> tuple[str, dict]:
             if "attr" in groups:
                 constraints["size" if groups["attr"] in SIZES else "colour"] = groups["attr"]
             return "count", constraints
-        constraints = {k: groups[k] for k in ("size", "colour", "position") if k in groups}
-        if groups.get("noun") in SHAPES:
-            constraints["shape"] = groups["noun"]
-        return ("shape" if kind == "shape_at" else kind), constraints
+        if kind == "relation":
+            return "relation", {"relation": groups["relation"], "anchor": _constraints(groups)}
+        if kind == "relation_yes_no":
+            return "relation", {"relation": groups["relation"], "subject": _constraints(groups, "s_"),
+                                "anchor": _constraints(groups)}
+        return ("shape" if kind == "shape_at" else kind), _constraints(groups)
     raise ValueError(f"answer: not a shapes-world question: {question!r}")
 
 
-def answer(scene: list[dict], question: str) -> str:
-    """Re-derive the answer to a generated question from the scene alone.
-    Raises ValueError for an unknown question or a reference that fits no object or several."""
-    kind, constraints = parse_question(question)
+def _the_one(scene: list[dict], constraints: dict, question: str) -> dict:
     found = [o for o in scene if _matches(o, constraints)]
-    if kind == "count":
-        return NUMBER_WORDS[len(found)]
     if len(found) != 1:
         raise ValueError(
             f"answer: {question!r} refers to {len(found)} objects of the scene {scene!r}; expected exactly one"
         )
-    return found[0][kind]
+    return found[0]
+
+
+def answer(scene: list[dict], question: str, absent_ok: bool = False) -> str:
+    """Re-derive the answer to a generated question from the scene alone.
+
+    A question about an object that is not there raises ValueError, unless ``absent_ok`` (the
+    worlds that ask such questions on purpose), where it gets ``absent_answer``. Unknown questions
+    and references that fit several objects always raise."""
+    kind, constraints = parse_question(question)
+    if kind == "existence":
+        return "yes" if any(_matches(o, constraints) for o in scene) else "no"
+    if kind == "relation":
+        anchor = _the_one(scene, constraints["anchor"], question)
+        if "subject" in constraints:
+            subject = _the_one(scene, constraints["subject"], question)
+            return "yes" if related(subject, constraints["relation"], anchor) else "no"
+        found = [o for o in scene if o is not anchor and related(o, constraints["relation"], anchor)]
+        if len(found) > 1:
+            raise ValueError(f"answer: {question!r} has {len(found)} answers in the scene {scene!r}")
+        return found[0]["shape"] if found else "nothing"
+    found = [o for o in scene if _matches(o, constraints)]
+    if kind == "count":
+        return NUMBER_WORDS[len(found)]
+    if not found and absent_ok:
+        return absent_answer(constraints)
+    return _the_one(scene, constraints, question)[kind]
 
 
 # ----------------------------------------------------------------------------- writing the world
@@ -463,7 +649,7 @@ def _sft_records(cfg: ShapesWorldConfig, held_out: set) -> list[dict]:
     records = []
     for i in range(cfg.n_sft):
         scene = _fresh_scene(rng, cfg, held_out)
-        turns = _distinct_questions(scene, rng, rng.randint(cfg.min_sft_turns, cfg.max_sft_turns))
+        turns = _distinct_questions(scene, rng, rng.randint(cfg.min_sft_turns, cfg.max_sft_turns), cfg)
         conv = []
         for t, (q, a, _) in enumerate(turns):
             conv.append({"from": "human", "value": _human_turn(q, rng) if t == 0 else q})
@@ -472,32 +658,52 @@ def _sft_records(cfg: ShapesWorldConfig, held_out: set) -> list[dict]:
     return records
 
 
-def _distinct_questions(scene: list[dict], rng: random.Random, n: int) -> list[tuple[str, str, str]]:
+def _distinct_questions(scene: list[dict], rng: random.Random, n: int,
+                        cfg: ShapesWorldConfig) -> list[tuple[str, str, str]]:
     """Up to n different questions about the scene, in random order. A type can come more than
     once (about another object, or in other words): each turn is more to learn from one picture."""
     pool = {}
     for _ in range(3):  # three rounds of one question per type are plenty for n <= 10
-        for qa in questions(scene, rng):
-            pool.setdefault(qa[0], qa)
+        for qa in questions(scene, rng, cfg.question_types):
+            if not names_held_out_pair(qa[0], cfg):
+                pool.setdefault(qa[0], qa)
     return rng.sample(list(pool.values()), min(n, len(pool)))
 
 
 def _eval_records(cfg: ShapesWorldConfig) -> list[dict]:
     rng = random.Random(f"shapes-world/{cfg.seed}/eval")
     # Equal numbers of each answer type, in shuffled order.
-    kinds = [ANSWER_TYPES[i % len(ANSWER_TYPES)] for i in range(cfg.n_eval)]
+    kinds = [cfg.question_types[i % len(cfg.question_types)] for i in range(cfg.n_eval)]
     rng.shuffle(kinds)
     records = []
     for i, kind in enumerate(kinds):
+        # With held-out pairs, a share of the pictures shows one of them: the "unseen" split.
+        unseen = bool(cfg.held_out_pairs) and rng.random() < cfg.unseen_eval_fraction
         while True:
             scene = random_scene(rng, cfg.min_objects, cfg.max_objects)
-            qa = [x for x in questions(scene, rng) if x[2] == kind]
+            if cfg.held_out_pairs and has_held_out_pair(scene, cfg) != unseen:
+                continue
+            # All kinds are drawn, as ever: the same seed must keep giving the same world.
+            qa = [x for x in questions(scene, rng, cfg.question_types) if x[2] == kind]
             if qa:
                 break
         q, a, _ = qa[0]
         conv = [{"from": "human", "value": _human_turn(q, rng)}, {"from": "gpt", "value": a}]
-        records.append(_record("eval", i, scene, conv, answer_type=kind))
+        extra = {"combination": "unseen" if unseen else "seen"} if cfg.held_out_pairs else {}
+        records.append(_record("eval", i, scene, conv, answer_type=kind, **extra))
     return records
+
+
+def has_held_out_pair(scene: list[dict], cfg: ShapesWorldConfig) -> bool:
+    pairs = {tuple(p) for p in cfg.held_out_pairs}
+    return any((o["colour"], o["shape"]) in pairs for o in scene)
+
+
+def names_held_out_pair(text: str, cfg: ShapesWorldConfig) -> bool:
+    """Does the text name a held-out colour-shape pair ('red circle', 'red circles')?"""
+    words = text.lower().replace("?", " ").replace(".", " ").split()
+    pairs = {tuple(p) for p in cfg.held_out_pairs}
+    return any((a, SINGULAR.get(b, b)) in pairs for a, b in zip(words, words[1:]))
 
 
 def _demo_images(cfg: ShapesWorldConfig, held_out: set) -> list[dict]:
@@ -507,7 +713,7 @@ def _demo_images(cfg: ShapesWorldConfig, held_out: set) -> list[dict]:
     while len(demos) < cfg.n_eval_images:
         scene = random_scene(rng, cfg.min_objects, min(cfg.max_objects, 2))
         name = "_and_".join(describe_object(o).replace(" ", "_") for o in scene) + ".png"
-        if name in names or scene_key(scene, cfg.image_size) in held_out:
+        if name in names or scene_key(scene, cfg.image_size) in held_out or has_held_out_pair(scene, cfg):
             continue
         names.add(name)
         held_out.add(scene_key(scene, cfg.image_size))
@@ -516,10 +722,10 @@ def _demo_images(cfg: ShapesWorldConfig, held_out: set) -> list[dict]:
 
 
 def _fresh_scene(rng: random.Random, cfg: ShapesWorldConfig, held_out: set) -> list[dict]:
-    """A training scene whose picture is none of the held-out pictures."""
+    """A training scene whose picture is none of the held-out pictures, and shows no held-out pair."""
     while True:
         scene = random_scene(rng, cfg.min_objects, cfg.max_objects)
-        if scene_key(scene, cfg.image_size) not in held_out:
+        if scene_key(scene, cfg.image_size) not in held_out and not has_held_out_pair(scene, cfg):
             return scene
 
 
@@ -616,7 +822,7 @@ def generate_world(out_dir, config: ShapesWorldConfig | None = None, progress: b
         "colours": list(COLOURS),
         "sizes": list(SIZES),
         "positions": list(POSITIONS),
-        "answer_types": list(ANSWER_TYPES),
+        "answer_types": list(cfg.question_types),
         "colour_rgb": {k: list(v) for k, v in COLOUR_RGB.items()},
         "background_rgb": list(BACKGROUND_RGB),
         "size_pixels_at_224": SIZE_PIXELS,
@@ -624,7 +830,7 @@ def generate_world(out_dir, config: ShapesWorldConfig | None = None, progress: b
     }
     _write_json_atomic(out / "world.json", world)  # written last: its presence means the world is complete
 
-    eval_counts = {k: sum(r["answer_type"] == k for r in eval_records) for k in ANSWER_TYPES}
+    eval_counts = {k: sum(r["answer_type"] == k for r in eval_records) for k in cfg.question_types}
     return {
         "out_dir": str(out),
         "seed": cfg.seed,

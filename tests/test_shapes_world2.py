@@ -1,0 +1,157 @@
+"""The shapes world's questions whose answer may be "no" or "nothing" (existence, absent objects,
+grid relations) and its compositional split (colour-shape pairs no training picture shows).
+
+Answers are checked two ways: against hand-worked scenes, and by re-deriving every generated
+answer from its scene with the parser (``answer``), which shares no code with the generators
+beyond the vocabularies.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import random
+from collections import Counter
+
+import pytest
+
+from minimind_v.data.shapes import (ANSWER_TYPES, EXTRA_ANSWER_TYPES, ShapesWorldConfig, answer,
+                                    generate_world, names_held_out_pair, questions, random_scene)
+
+ALL_TYPES = ANSWER_TYPES + EXTRA_ANSWER_TYPES
+PAIRS = (("red", "circle"), ("blue", "square"))
+EVERY_PAIR = tuple((c, s) for c in ("red", "green", "blue", "yellow", "purple")
+                   for s in ("circle", "square", "triangle", "cross"))
+
+# A scene worked by hand: a small red circle top left, a large blue square in the centre, a large
+# red triangle bottom right.
+SCENE = [
+    {"shape": "circle", "colour": "red", "size": "small", "position": "top left"},
+    {"shape": "square", "colour": "blue", "size": "large", "position": "center"},
+    {"shape": "triangle", "colour": "red", "size": "large", "position": "bottom right"},
+]
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("Is there a red circle?", "yes"),
+    ("Is there a blue circle?", "no"),  # a near miss: a red circle and a blue square are there
+    ("Can you see a large red object?", "yes"),
+    ("Does the picture show a small square?", "no"),
+    ("What colour is the cross?", "There is no cross."),
+    ("What shape is at the top?", "Nothing is at the top."),
+    ("What is on the left?", "Nothing is on the left."),
+    ("Where is the green object?", "There is no green object."),
+    ("Is the large circle small or large?", "There is no large circle."),
+    ("What colour is the square in the top left?", "There is no square in the top left."),
+    ("What shape is left of the blue square?", "circle"),
+    ("What shape is right of the blue square?", "triangle"),
+    ("Which shape is above the small object?", "nothing"),
+    ("Is the circle above the triangle?", "yes"),
+    ("Is the blue square left of the circle?", "no"),
+    ("Is the triangle right of the small red shape?", "yes"),
+])
+def test_hand_worked_answers(question, expected):
+    assert answer(SCENE, question, absent_ok=True) == expected
+
+
+def test_ambiguous_and_absent_questions_are_refused_unless_the_world_asks_them():
+    # Both the square and the triangle are below the circle: two right answers.
+    with pytest.raises(ValueError, match="has 2 answers"):
+        answer(SCENE, "What shape is below the circle?", absent_ok=True)
+    with pytest.raises(ValueError, match="refers to 0 objects"):
+        answer(SCENE, "What colour is the cross?")
+    with pytest.raises(ValueError, match="refers to 2 objects"):
+        answer(SCENE, "What colour is the large object?", absent_ok=True)
+
+
+def test_every_generated_question_is_answered_from_its_scene():
+    rng = random.Random(7)
+    seen = Counter()
+    for _ in range(400):
+        scene = random_scene(rng)
+        for question, expected, kind in questions(scene, rng, ALL_TYPES):
+            assert answer(scene, question, absent_ok=True) == expected, (scene, question)
+            seen[kind, expected if kind in ("existence", "relation") and expected in ("yes", "no", "nothing")
+                 else "other"] += 1
+    assert {k for k, _ in seen} == set(ALL_TYPES)
+    # Existence is about half yes, half no; relations sometimes answer "nothing", yes and no.
+    yes, no = seen["existence", "yes"], seen["existence", "no"]
+    assert 0.4 < yes / (yes + no) < 0.6
+    assert min(seen["relation", "nothing"], seen["relation", "yes"], seen["relation", "no"]) > 10
+
+
+def test_existence_near_misses_differ_from_a_present_object_in_one_attribute():
+    rng = random.Random(3)
+    checked = 0
+    for _ in range(300):
+        scene = random_scene(rng)
+        for question, expected, kind in questions(scene, rng, ("existence",)):
+            if expected != "no":
+                continue
+            words = question.rstrip("?").split()[-3:]
+            asked = {w for w in words}
+            best = max(len(asked & {o["shape"], o["colour"], o["size"]}) for o in scene)
+            assert best >= 1, (question, scene)  # shares attributes with something present
+            checked += 1
+    assert checked > 50
+
+
+def _world(tmp_path, name, **overrides):
+    config = ShapesWorldConfig(seed=5, n_pretrain=150, n_sft=150, n_eval=240, n_eval_images=3, image_size=96,
+                               workers=1, question_types=ALL_TYPES, held_out_pairs=PAIRS, **overrides)
+    out = tmp_path / name
+    generate_world(out, config, progress=False)
+    return out
+
+
+def test_world_two_records_answer_from_their_scenes_and_hold_out_pairs(tmp_path):
+    world = _world(tmp_path, "a")
+    cfg = ShapesWorldConfig(question_types=ALL_TYPES, held_out_pairs=PAIRS)
+    pretrain = json.loads((world / "pretrain_data.json").read_text())
+    sft = json.loads((world / "sft_data.json").read_text())
+    evaluation = json.loads((world / "eval_data.json").read_text())
+    # Training pictures, captions and questions never show or name a held-out pair.
+    for record in pretrain + sft:
+        assert not any((o["colour"], o["shape"]) in PAIRS for o in record["scene"]), record["id"]
+        for turn in record["conversations"]:
+            assert not names_held_out_pair(turn["value"], cfg), (record["id"], turn["value"])
+    for demo in json.loads((world / "world.json").read_text())["eval_images"]:
+        assert not any((o["colour"], o["shape"]) in PAIRS for o in demo["scene"])
+    # The held-out set has both splits; an unseen picture shows a held-out pair, a seen one none.
+    splits = Counter(r["combination"] for r in evaluation)
+    assert splits["seen"] > 60 and splits["unseen"] > 60
+    for r in evaluation:
+        shows = any((o["colour"], o["shape"]) in PAIRS for o in r["scene"])
+        assert shows == (r["combination"] == "unseen"), r["id"]
+    # Every answer, in every split, is re-derived from the scene.
+    for record in sft + evaluation:
+        turns = record["conversations"]
+        for q, a in zip(turns[::2], turns[1::2]):
+            assert answer(record["scene"], q["value"], absent_ok=True) == a["value"], (record["id"], q["value"])
+    assert Counter(r["answer_type"] for r in evaluation) == {k: 30 for k in ALL_TYPES}
+    assert {k for r in sft for k in r["answer_types"]} == set(ALL_TYPES)
+
+
+def test_the_same_seed_gives_byte_identical_files(tmp_path):
+    a, b = _world(tmp_path, "a"), _world(tmp_path, "b")
+    comparison = filecmp.dircmp(a, b)
+    assert not comparison.diff_files and not comparison.left_only and not comparison.right_only
+    for sub in comparison.common_dirs:
+        _, mismatch, errors = filecmp.cmpfiles(a / sub, b / sub, [p.name for p in (a / sub).iterdir()], shallow=False)
+        assert not mismatch and not errors, sub
+    for name in ("pretrain_data.json", "sft_data.json", "eval_data.json", "world.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    c = _world(tmp_path, "c", unseen_eval_fraction=0.3)
+    assert (a / "eval_data.json").read_bytes() != (c / "eval_data.json").read_bytes()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(question_types=("colour", "mood")), "question_types"),
+    (dict(question_types=("colour", "colour")), "question_types"),
+    (dict(held_out_pairs=(("red", "hexagon"),)), "held_out_pairs"),
+    (dict(held_out_pairs=EVERY_PAIR), "every colour-shape pair"),
+    (dict(held_out_pairs=PAIRS, unseen_eval_fraction=1.0), "unseen_eval_fraction"),
+])
+def test_bad_world_settings_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ShapesWorldConfig(**overrides).validate()
