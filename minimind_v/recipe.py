@@ -60,6 +60,8 @@ class Recipe:
     n_pretrain: int = 20000
     n_sft: int = 20000
     n_eval: int = 1000
+    question_types: tuple | None = None  # None: the world's own (shapes.ANSWER_TYPES)
+    held_out_pairs: tuple = ()  # colour-shape pairs kept out of training (the seen/unseen split)
     # tiny CLIP
     clip_steps: int = 1000  # ~3.6 min on 2 CPU cores
     clip_batch: int = 64
@@ -116,6 +118,18 @@ def stage_dir(run: str | Path, stage: str) -> Path:
     if stage not in STAGE_DIRS:
         raise ValueError(f"unknown stage {stage!r}; the stages are {list(STAGE_DIRS)}")
     return Path(run) / STAGE_DIRS[stage]
+
+
+def world_config(r: Recipe):
+    """The shapes world this recipe trains on."""
+    from .data.shapes import ShapesWorldConfig
+
+    config = ShapesWorldConfig(seed=r.seed, n_pretrain=r.n_pretrain, n_sft=r.n_sft, n_eval=r.n_eval,
+                               held_out_pairs=tuple(tuple(p) for p in r.held_out_pairs))
+    if r.question_types is not None:
+        config = replace(config, question_types=tuple(r.question_types))
+    config.validate()
+    return config
 
 
 def world_texts(world: Path) -> list[str]:
@@ -186,7 +200,7 @@ def stage_settings(r: Recipe, stage: str, nproc: int = 1) -> dict:
     """What decides a stage's result, with the run folder written as ``<run>`` so that a moved
     run folder keeps its fingerprints."""
     if stage == "world":
-        return {"seed": r.seed, "n_pretrain": r.n_pretrain, "n_sft": r.n_sft, "n_eval": r.n_eval}
+        return {"config": asdict(world_config(r))}
     if stage == "tokenizer":
         return {"vocab_size": r.vocab_size}
     if stage == "eval":
@@ -288,7 +302,7 @@ def run_stage(run: str | Path, r: Recipe | None = None, stage: str = "world", np
     """Reuse the stage when its fingerprint matches, else build it (resuming an interrupted run of
     the same settings); says which and why. Returns the launch result of a training stage, the
     evaluation figures for "eval", or None when the stage was reused."""
-    from .data.shapes import ShapesWorldConfig, generate_world
+    from .data.shapes import generate_world
     from .launch import run_torchrun
     from .tokenizer import train_tokenizer
 
@@ -307,8 +321,7 @@ def run_stage(run: str | Path, r: Recipe | None = None, stage: str = "world", np
     atomic_write_json(folder / FINGERPRINT, fingerprints[stage])
     result = None
     if stage == "world":
-        generate_world(folder, ShapesWorldConfig(seed=r.seed, n_pretrain=r.n_pretrain, n_sft=r.n_sft,
-                                                 n_eval=r.n_eval), overwrite=True)
+        generate_world(folder, world_config(r), overwrite=True)
         mark_complete(folder, {"stage": stage})
     elif stage == "tokenizer":
         tok = train_tokenizer(world_texts(stage_dir(run, "world")), out_dir=folder, vocab_size=r.vocab_size)

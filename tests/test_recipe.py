@@ -52,6 +52,7 @@ def test_a_changed_setting_changes_its_stage_and_every_stage_built_from_it():
     assert changed_stages(base, replace(base, clip_steps=10)) == {"clip", "pretrain", "sft", "eval"}
     assert changed_stages(base, replace(base, vocab_size=500)) == {"tokenizer", "llm", "pretrain", "sft", "eval"}
     assert changed_stages(base, replace(base, seed=1)) == set(recipe_module.STAGE_DIRS)
+    assert changed_stages(base, replace(base, held_out_pairs=(("red", "circle"),))) == set(recipe_module.STAGE_DIRS)
     assert changed_stages(base, replace(base, extra={"sft": ["--projector", "mlp"]})) == {"sft", "eval"}
     # How often a stage saves does not change what it learns; how many processes share a batch does.
     assert changed_stages(base, replace(base, save_every=7)) == set()
