@@ -4,6 +4,10 @@
 
 prints a table (with the text-only baseline: the same model, the same prompts, no picture)
 and writes the figures as JSON. Works for any generated world, not only the training one.
+
+Every record is checked as training checks it (data/records.py): a bad record or an unreadable
+image stops the evaluation with an error naming the record and the file, or, with
+--skip-bad-samples, is left out of the accuracy, counted and listed.
 """
 
 from __future__ import annotations
@@ -12,15 +16,17 @@ import argparse
 import json
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .data.datasets import read_records
-from .data.images import load_image
-from .inference import VLMBundle, answer, load_vlm
+from .data.images import ImageError, load_image
+from .data.records import (TOO_LONG, UNENCODABLE, UNREADABLE_IMAGE, DataError, Skipped, check_record,
+                           confined_image_path, read_records, skip_summary)
+from .inference import DEFAULT_MAX_NEW_TOKENS, VLMBundle, answer, load_vlm, prompt_ids
+from .runfiles import atomic_write_text
 
 EVAL_JSON, EVAL_IMAGES = "eval_data.json", "eval_data_images"
 DEMO_IMAGES = "eval_images"
@@ -42,41 +48,97 @@ def evaluate_vqa(
     limit: int | None = None,
     with_image: bool = True,
     progress: bool = True,
+    skip_bad_samples: bool = False,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> dict:
     """Greedy answers to every held-out question; accuracy overall and per ``answer_type``.
 
-    ``with_image=False`` is the text-only baseline: the same prompts, placeholders left empty.
+    ``with_image=False`` is the text-only baseline: the same prompts, placeholders left empty
+    (the pictures are still opened, so that both runs leave out the same bad ones).
+    A bad record or image raises DataError naming it and the file; ``skip_bad_samples=True``
+    leaves it out of the accuracy instead: "skipped" counts them, "skipped_records" lists every
+    one ({"id", "kind", "message"}), "skipped_by_kind" counts them per reason.
     """
     data_dir = Path(data_dir)
-    records = read_records(data_dir / json_name)[:limit]
+    json_path, folder = data_dir / json_name, data_dir / image_dir
+    records = read_records(json_path)[:limit]
+    skipped: list[Skipped] = []
+
+    def refuse(error: DataError) -> None:
+        if not skip_bad_samples:
+            raise error from None
+        skipped.append(Skipped.from_error(error))
+
+    questions = []  # (id, image name, question, answer, answer type) of the usable records
+    for index, record in enumerate(records):
+        try:
+            checked = check_record(record, index, json_path, need_image=True, image_dir=folder,
+                                   image_tags="at_most_one")
+            question, truth = checked.turns[0]["value"], checked.turns[1]["value"]
+            check_prompt_fits(bundle, question, max_new_tokens, f"record {checked.id!r} in {json_path}", checked.id)
+        except DataError as err:
+            refuse(err)
+            continue
+        kind = record.get("answer_type", "all")
+        questions.append((checked.id, checked.image, question, truth, kind if isinstance(kind, str) else str(kind)))
+
     hits, counts, rows = defaultdict(int), defaultdict(int), []
     start = time.perf_counter()
-    for lo in tqdm(range(0, len(records), batch_size), desc="evaluating" + ("" if with_image else " (no image)"),
+    for lo in tqdm(range(0, len(questions), batch_size), desc="evaluating" + ("" if with_image else " (no image)"),
                    disable=not progress):
-        chunk = records[lo : lo + batch_size]
-        questions = [r["conversations"][0]["value"] for r in chunk]
-        images = [load_image(data_dir / image_dir / r["image"]) for r in chunk] if with_image else None
-        predictions = answer(bundle, images, questions)
-        for r, q, pred in zip(chunk, questions, predictions):
-            truth = r["conversations"][1]["value"]
-            kind = r.get("answer_type", "all")
+        chunk, pictures = [], []
+        for item in questions[lo : lo + batch_size]:
+            rid, name = item[0], item[1]
+            where = f"record {rid!r} in {json_path}"
+            try:
+                # Confined again at the read: the folder may have changed since the check.
+                pictures.append(load_image(confined_image_path(folder, name, where, rid)))
+                chunk.append(item)
+            except ImageError as err:
+                refuse(DataError(f"{where}: image {name!r}: {err}", UNREADABLE_IMAGE, rid))
+            except DataError as err:
+                refuse(err)
+        if not chunk:
+            continue
+        predictions = answer(bundle, pictures if with_image else None, [item[2] for item in chunk],
+                             max_new_tokens=max_new_tokens)
+        for (rid, _, q, truth, kind), pred in zip(chunk, predictions):
             ok = normalise(pred) == normalise(truth)
             hits[kind] += ok
             counts[kind] += 1
-            rows.append({"id": r["id"], "type": kind, "question": q.replace("<image>", "").strip(),
+            rows.append({"id": rid, "type": kind, "question": q.replace("<image>", "").strip(),
                          "answer": truth, "prediction": pred, "correct": ok})
     seconds = time.perf_counter() - start
+    if skipped and not rows:
+        raise DataError(f"{json_path}: no question left to evaluate; {skip_summary(skipped, 'question(s)')}")
     return {
         "overall": sum(hits.values()) / max(1, sum(counts.values())),
         "per_type": {k: hits[k] / counts[k] for k in sorted(counts)},
         "n": sum(counts.values()),
-        "answers_per_s": round(len(records) / max(seconds, 1e-9), 1),
+        "answers_per_s": round(len(rows) / max(seconds, 1e-9), 1),
         "rows": rows,
+        "skipped": len(skipped),
+        "skipped_by_kind": dict(Counter(s.kind for s in skipped)),
+        "skipped_records": [{"id": s.id, "kind": s.kind, "message": s.message} for s in skipped],
     }
 
 
+def check_prompt_fits(bundle: VLMBundle, question: str, max_new_tokens: int, where: str, rid=None) -> None:
+    """DataError unless the question encodes to a prompt that, with its answer, fits the model."""
+    config = bundle.model.config
+    try:
+        ids = prompt_ids(bundle.tokenizer, question, config.num_image_tokens)
+    except ValueError as err:
+        raise DataError(f"{where}: the question cannot be encoded ({err})", UNENCODABLE, rid) from None
+    limit = config.max_position_embeddings
+    if len(ids) + max_new_tokens > limit:
+        raise DataError(f"{where}: the question makes a prompt of {len(ids)} tokens; with up to {max_new_tokens} "
+                        f"answer tokens that exceeds the model's max_position_embeddings={limit}", TOO_LONG, rid)
+
+
 def format_table(result: dict, baseline: dict | None = None) -> str:
-    """A Markdown table: answer type, questions, accuracy (and the text-only baseline)."""
+    """A Markdown table: answer type, questions, accuracy (and the text-only baseline); a footer
+    line says how many questions were skipped as bad, for what, and names the first few."""
     head = "| answer type | questions | accuracy |" + (" text-only baseline |" if baseline else "")
     rule = "|---|---:|---:|" + ("---:|" if baseline else "")
     n_per = defaultdict(int)
@@ -88,6 +150,9 @@ def format_table(result: dict, baseline: dict | None = None) -> str:
         lines.append(f"| {kind} | {n_per[kind]} | {acc:.1%} |{extra}")
     extra = f" **{baseline['overall']:.1%}** |" if baseline else ""
     lines.append(f"| **overall** | {result['n']} | **{result['overall']:.1%}** |{extra}")
+    if result.get("skipped"):
+        skipped = [Skipped(**s) for s in result["skipped_records"]]
+        lines += ["", skip_summary(skipped, "question(s), not in the accuracy")]
     return "\n".join(lines)
 
 
@@ -158,20 +223,26 @@ def main(argv=None):
     p.add_argument("--no-baseline", action="store_true", help="skip the text-only baseline")
     p.add_argument("--out", default=None, help="JSON file for the figures (default: <model>/eval.json)")
     p.add_argument("--device", default=None)
+    p.add_argument("--skip-bad-samples", action="store_true",
+                   help="leave bad records and unreadable images out of the accuracy, count and list them")
     ns = p.parse_args(argv)
     torch.manual_seed(0)
     bundle = load_vlm(ns.model, device=ns.device)
-    kw = dict(json_name=ns.json, image_dir=ns.images, batch_size=ns.batch_size, limit=ns.limit)
+    kw = dict(json_name=ns.json, image_dir=ns.images, batch_size=ns.batch_size, limit=ns.limit,
+              skip_bad_samples=ns.skip_bad_samples)
     result = evaluate_vqa(bundle, ns.data, **kw)
     baseline = None if ns.no_baseline else evaluate_vqa(bundle, ns.data, with_image=False, **kw)
     print(format_table(result, baseline))
     out = Path(ns.out) if ns.out else Path(ns.model) / "eval.json"
     figures = {"model": str(ns.model), "data": str(ns.data), "overall": result["overall"],
-               "per_type": result["per_type"], "n": result["n"], "answers_per_s": result["answers_per_s"]}
+               "per_type": result["per_type"], "n": result["n"], "answers_per_s": result["answers_per_s"],
+               "skipped": result["skipped"], "skipped_by_kind": result["skipped_by_kind"]}
     if baseline:
         figures["text_only_baseline"] = {"overall": baseline["overall"], "per_type": baseline["per_type"]}
-    out.write_text(json.dumps({**figures, "rows": result["rows"]}, indent=2), encoding="utf-8")
-    print(f"figures written to {out}")
+    payload = {**figures, "skipped_records": result["skipped_records"], "rows": result["rows"]}
+    atomic_write_text(out, json.dumps(payload, indent=2))
+    print(f"figures written to {out}" + (f" (every skipped record listed under 'skipped_records')"
+                                         if result["skipped"] else ""))
     return figures
 
 

@@ -155,8 +155,8 @@ def test_corrupt_and_non_image_files_name_the_record_and_file(bad_world, world_t
     assert len(skipping) == 4
     assert [s.id for s in skipping] == [r["id"] for i, r in enumerate(records) if i not in (1, 3)]
     assert len(skipping.skipped) == 2
-    assert records[1]["id"] in skipping.skipped[0] and truncated.name in skipping.skipped[0]
-    assert records[3]["id"] in skipping.skipped[1] and not_image.name in skipping.skipped[1]
+    assert skipping.skipped[0].id == records[1]["id"] and truncated.name in skipping.skipped[0].message
+    assert skipping.skipped[1].id == records[3]["id"] and not_image.name in skipping.skipped[1].message
 
 
 def test_missing_image_file_names_the_record(bad_world, world_tokenizer, tiny_encoder):
@@ -181,7 +181,7 @@ BROKEN = {
     "value not a string": (lambda r: {**r, "conversations": [r["conversations"][0], {"from": "gpt", "value": 3}]},
                            r"record '{id}' in .*every turn needs a string 'value'"),
     "turns out of order": (lambda r: {**r, "conversations": [{**t, "from": "gpt"} for t in r["conversations"][:2]]},
-                           r"record '{id}': turn 0 is from 'gpt', expected 'human'"),
+                           r"record '{id}' in .*sft_data.json: turn 0 is from 'gpt', expected 'human'"),
     "no image file name": (lambda r: {**r, "image": None}, r"record '{id}' in .*has no 'image' file name"),
     "two image tags": (lambda r: {**r, "conversations": [{**r["conversations"][0], "value": "<image> <image> what?"},
                                                           *r["conversations"][1:]]},
@@ -243,8 +243,8 @@ def test_feature_cache_samples_are_the_encoders_patch_tokens(tiny_world, world_t
     assert collate(samples).images.shape == (4, N, 32)
     # a record whose image the cache does not hold is named
     record = {**read_records(tiny_world / "sft_data.json")[0], "id": "stranger", "image": "elsewhere.png"}
-    with pytest.raises(DataError, match=r"record 'stranger': image 'elsewhere.png' is not in the feature cache"):
+    with pytest.raises(DataError, match=r"record 'stranger' in .*: image 'elsewhere.png' is not in the feature cache"):
         ChatDataset(tiny_world / "sft_data.json", world_tokenizer, N, feature_cache=cache, records=[record])[0]
     skipping = ChatDataset(tiny_world / "sft_data.json", world_tokenizer, N, feature_cache=cache,
                            records=[record, read_records(tiny_world / "sft_data.json")[1]], skip_bad_samples=True)
-    assert len(skipping) == 1 and "stranger" in skipping.skipped[0]
+    assert len(skipping) == 1 and skipping.skipped[0].id == "stranger"

@@ -18,6 +18,14 @@ Safety rules:
   previous complete cache or no meta.json at all, never a cache that looks valid but is not.
 - Each image's file size and modification time (ns) are recorded; `open(..., image_dir=...)`
   refuses a cache whose images changed, disappeared or were replaced.
+- meta.json is data from disk, not trusted: every name in it is checked (features_file must be
+  exactly `features-<12 hex>.npy` inside the cache folder, image names relative without '..'),
+  and a meta.json that fails any check is refused as stale, so a crafted one can neither make a
+  rebuild delete nor make an open read anything outside the cache folder. The token file is
+  read with allow_pickle=False: loading it never runs code.
+- With skip_bad_images=True a build encodes the images it can read and records the others
+  (`cache.unreadable`: name -> reason); without it the first unreadable image stops the build
+  with an error naming the file.
 
 Staleness by size + mtime_ns rather than a content hash: checking a content hash means reading
 every image again on every open (tens of GB for the real dataset), while a stat costs
@@ -31,7 +39,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -41,11 +51,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .images import ImageError, list_image_files
+from ..runfiles import atomic_write_json, fsync_path, inside
+from .images import ImageError, list_image_files, load_image
+from .records import relative_name_problem
 
 META_FILE = "meta.json"
+_FEATURES_NAME = re.compile(r"features-[0-9a-f]{12}\.npy")  # the only token file name a build writes
 _PARTIAL_NAME = re.compile(r"^features-[0-9a-f]{12}\.npy\.(?P<host>.+)-(?P<pid>\d+)\.partial$")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds "unreadable"; version 1 caches (no unreadable images) are still read
+_READABLE_FORMATS = (1, 2)
+_DTYPE_NAMES = ("float16", "float32")
+
+# Fault injection for tests (never set it otherwise): "batch:<n>" SIGKILLs this process after the
+# n-th encoded batch is written, "commit" after the token file is in place but before meta.json.
+FAULT_ENV = "MINIMIND_V_FAULT_KILL_CACHE_BUILD"
 
 # Token dtypes a cache can hold; numpy has no bfloat16.
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
@@ -53,6 +72,9 @@ _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
 
 class StaleCacheError(RuntimeError):
     """The feature cache is missing, incomplete, or was built from other weights, preprocessing or images."""
+
+
+_REBUILD = "rebuild it with FeatureCache.build(encoder, image_dir, cache_dir) or ensure_cache(...)"
 
 
 class FeatureCache:
@@ -66,8 +88,12 @@ class FeatureCache:
     def __init__(self, cache_dir: str | os.PathLike, meta: dict):
         self.cache_dir = Path(cache_dir)
         self.meta = meta
-        self.names: list[str] = list(meta["names"])
-        self.index: dict[str, int] = {name: row for row, name in enumerate(self.names)}
+        self.names: list[str] = list(meta["names"])  # every image the build tried, readable or not
+        # name -> why it could not be read (builds with skip_bad_images); these have no tokens.
+        self.unreadable: dict[str, str] = dict(meta.get("unreadable") or {})
+        self.index: dict[str, int] = {
+            name: row for row, name in enumerate(self.names) if name not in self.unreadable
+        }
         self.fingerprint: str = meta["fingerprint"]
         self.num_tokens: int = int(meta["num_tokens"])
         self.width: int = int(meta["width"])
@@ -87,21 +113,44 @@ class FeatureCache:
         dtype: torch.dtype = torch.float16,
         progress: bool = True,
         num_workers: int | None = None,
+        skip_bad_images: bool = False,
     ) -> "FeatureCache":
         """Encode `names` (default: every image under image_dir) with `encoder` and store the tokens.
 
         names are paths relative to image_dir, as in the dataset's "image" fields (duplicates are
-        encoded once). num_workers: processes decoding images (None: a few for large builds).
-        Replaces any cache already in cache_dir, atomically.
+        encoded once); one that leads outside image_dir is refused. num_workers: processes decoding
+        images (None: a few for large builds). skip_bad_images: encode the images that can be read
+        and record the others in `cache.unreadable` (name -> reason) instead of stopping at the
+        first, with an ImageError naming it. Replaces any cache already in cache_dir, atomically.
         """
         image_dir, cache_dir = Path(image_dir), Path(cache_dir)
         if dtype not in _NUMPY_DTYPES:
             raise ValueError(f"dtype must be torch.float16 or torch.float32, got {dtype}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         names = _unique_names(names) if names is not None else list_image_files(image_dir)
         if not names:
             raise ValueError(f"no images to encode: {image_dir} holds no image files and no names were given")
+        unreadable: dict[str, str] = {}
+        paths: list[Path | None] = []
+        for name in names:  # confine every name before anything is stat'ed or opened
+            try:
+                paths.append(inside(image_dir, name, "image"))
+            except ValueError as err:
+                if not skip_bad_images:
+                    raise ImageError(f"cannot build the feature cache {cache_dir}: {err}") from None
+                unreadable[name] = f"refused, never opened: {err}"
+                paths.append(None)
         # Stat before reading: if a file changes during the build, open() will see it as stale.
-        stats = _stat_images(image_dir, names)
+        stats, missing = _stat_paths(paths)
+        if missing and not skip_bad_images:
+            raise ImageError(
+                f"{len(missing)} of {len(names)} images are missing from {image_dir}, e.g. "
+                + ", ".join(repr(names[row]) for row in missing[:5])
+            )
+        for row in missing:
+            unreadable[names[row]] = f"{paths[row]}: no such image file"
+            paths[row] = None
         if num_workers is None:
             num_workers = min(8, (os.cpu_count() or 1) - 1) if len(names) >= 512 else 0
         fingerprint = encoder.fingerprint()
@@ -115,22 +164,42 @@ class FeatureCache:
         started = time.perf_counter()
         committed = False
         try:
+            # Rows of unreadable images stay zero; the index never points at them.
             store = np.lib.format.open_memmap(partial, mode="w+", dtype=_NUMPY_DTYPES[dtype], shape=(count, tokens, width))
-            paths = [image_dir / name for name in names]
+            loader = torch.utils.data.DataLoader(
+                _DecodedImages(paths, encoder.processor), batch_size=batch_size, shuffle=False,
+                num_workers=num_workers, collate_fn=_collate_decoded, pin_memory=encoder.device.type == "cuda",
+            )
             with tqdm(total=count, unit="img", desc="encoding images", disable=not progress) as bar:
-                for start, pixel_values in encoder.pixel_batches(paths, batch_size, num_workers):
-                    batch = encoder(pixel_values).to(dtype)  # (b, 3, S, S) -> (b, T, W)
-                    if not torch.isfinite(batch).all():
-                        raise ValueError(
-                            f"encoder output for images {names[start]!r}.. is not finite in {dtype}; "
-                            f"build with dtype=torch.float32"
-                        )
-                    store[start : start + len(batch)] = batch.cpu().numpy()
-                    bar.update(len(batch))
+                start = 0
+                for batch_number, (pixel_values, good, problems) in enumerate(loader, 1):
+                    for local, problem in problems:
+                        name = names[start + local]
+                        if name in unreadable:
+                            continue  # refused or missing, recorded above
+                        if not skip_bad_images:
+                            raise ImageError(
+                                f"cannot build the feature cache {cache_dir}: image {name!r} in {image_dir}: "
+                                f"{problem} (skip_bad_images=True, or --skip-bad-samples, leaves it out)"
+                            )
+                        unreadable[name] = problem
+                    if good:
+                        batch = encoder(pixel_values).to(dtype)  # (b, 3, S, S) -> (b, T, W)
+                        if not torch.isfinite(batch).all():
+                            raise ValueError(
+                                f"encoder output for images {names[start + good[0]]!r}.. is not finite in {dtype}; "
+                                f"build with dtype=torch.float32"
+                            )
+                        store[start + np.asarray(good)] = batch.cpu().numpy()
+                    size = len(good) + len(problems)
+                    start += size
+                    bar.update(size)
+                    _fault_point(f"batch:{batch_number}")
             store.flush()
             del store
-            _fsync(partial)
+            fsync_path(partial)
             os.replace(partial, cache_dir / features_file)
+            _fault_point("commit")
             meta = {
                 "format": FORMAT_VERSION,
                 "fingerprint": fingerprint,
@@ -142,24 +211,33 @@ class FeatureCache:
                 "dtype": str(dtype).removeprefix("torch."),
                 "image_dir": str(image_dir.resolve()),
                 "names": names,
-                "image_stats": stats.tolist(),  # [[size_bytes, mtime_ns], ...] per name
+                "image_stats": stats.tolist(),  # [[size_bytes, mtime_ns], ...] per name, -1 if missing
+                "unreadable": unreadable,
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
-            _write_json_atomically(cache_dir / META_FILE, meta)  # the commit point
+            atomic_write_json(cache_dir / META_FILE, meta, indent=None)  # the commit point
             committed = True
         finally:
             if not committed:
                 for leftover in (partial, cache_dir / features_file):
                     leftover.unlink(missing_ok=True)
-        if previous is not None and previous.get("features_file") not in (None, features_file):
-            (cache_dir / previous["features_file"]).unlink(missing_ok=True)
+        # The replaced token file. Its name comes from the old meta.json: only a name of the exact
+        # form this builder writes is removed, so it is a file directly in cache_dir (a link
+        # there is removed itself, never what it points to).
+        old_file = previous.get("features_file") if previous is not None else None
+        if isinstance(old_file, str) and _FEATURES_NAME.fullmatch(old_file) and old_file != features_file:
+            try:
+                (cache_dir / old_file).unlink(missing_ok=True)
+            except OSError:
+                pass  # e.g. a folder of that name: not ours to remove
         seconds = time.perf_counter() - started
         cache = cls(cache_dir, meta)
         if progress:
             megabytes = (cache_dir / features_file).stat().st_size / 1e6
+            skipped = f", {len(unreadable)} unreadable images left out" if unreadable else ""
             print(
                 f"feature cache: {count} images -> {cache_dir} ({count}x{tokens}x{width} {meta['dtype']}, "
-                f"{megabytes:.1f} MB) in {seconds:.1f} s, {count / max(seconds, 1e-9):.1f} images/s"
+                f"{megabytes:.1f} MB) in {seconds:.1f} s, {count / max(seconds, 1e-9):.1f} images/s{skipped}"
             )
         return cache
 
@@ -172,23 +250,25 @@ class FeatureCache:
     ) -> "FeatureCache":
         """Open a built cache, refusing it (StaleCacheError) if it does not belong to this encoder.
 
-        With image_dir, also refuse it if any cached image file changed or disappeared.
+        With image_dir, also refuse it if any cached image file changed or disappeared. A
+        meta.json that is not what a build writes (a name reaching outside the folder, a field
+        of the wrong kind) is refused as stale too, naming the field.
         """
         cache_dir = Path(cache_dir)
         meta = _read_meta_or_none(cache_dir)
-        rebuild = "rebuild it with FeatureCache.build(encoder, image_dir, cache_dir) or ensure_cache(...)"
         if meta is None:
             raise StaleCacheError(
                 f"no complete feature cache in {cache_dir} (missing or unreadable {META_FILE}; "
-                f"an interrupted build leaves none): {rebuild}"
+                f"an interrupted build leaves none): {_REBUILD}"
             )
+        _check_meta(cache_dir, meta)
         expected = (
             encoder_or_fingerprint if isinstance(encoder_or_fingerprint, str) else encoder_or_fingerprint.fingerprint()
         )
         if meta["fingerprint"] != expected:
             raise StaleCacheError(
                 f"feature cache {cache_dir} was built by encoder {meta['fingerprint']} ({meta.get('encoder')!r}), "
-                f"not by this encoder ({expected}): other weights or preprocessing give other tokens; {rebuild}"
+                f"not by this encoder ({expected}): other weights or preprocessing give other tokens; {_REBUILD}"
             )
         cache = cls(cache_dir, meta)
         cache._check_features_file()
@@ -200,15 +280,18 @@ class FeatureCache:
         """Raise StaleCacheError if any cached image under image_dir changed (size or mtime) or is gone."""
         image_dir = Path(image_dir)
         recorded = np.asarray(self.meta["image_stats"], dtype=np.int64).reshape(-1, 2)
-        current = _stat_images(image_dir, self.names, missing_ok=True)  # (N, 2), -1 where missing
+        # Names were checked by _check_meta (relative, no '..'); one refused at build time (a link
+        # out) stays unstated, as then, so that it does not look changed on every open.
+        paths = [None if name in self.unreadable and not _confined(image_dir, name) else image_dir / name
+                 for name in self.names]
+        current, _ = _stat_paths(paths)  # (N, 2), -1 where missing
         changed = np.flatnonzero((current != recorded).any(axis=1))
         if len(changed):
             gone = [self.names[i] for i in changed if current[i, 0] < 0]
             examples = ", ".join(repr(self.names[i]) for i in changed[:3])
             raise StaleCacheError(
                 f"feature cache {self.cache_dir} is stale: {len(changed)} of {len(self.names)} images in "
-                f"{image_dir} changed since it was built ({len(gone)} missing), e.g. {examples}; rebuild it "
-                f"with FeatureCache.build(encoder, image_dir, cache_dir) or ensure_cache(...)"
+                f"{image_dir} changed since it was built ({len(gone)} missing), e.g. {examples}; {_REBUILD}"
             )
 
     # ----------------------------------------------------------------- reading
@@ -225,8 +308,12 @@ class FeatureCache:
         try:
             return np.fromiter((self.index[name] for name in names), dtype=np.int64, count=len(names))
         except KeyError as err:
+            name = err.args[0]
+            if name in self.unreadable:
+                raise KeyError(f"image {name!r} has no tokens in the feature cache {self.cache_dir}: it could "
+                               f"not be read when the cache was built ({self.unreadable[name]})") from None
             raise KeyError(
-                f"image {err.args[0]!r} is not in the feature cache {self.cache_dir} "
+                f"image {name!r} is not in the feature cache {self.cache_dir} "
                 f"({len(self.names)} images from {self.meta.get('image_dir')})"
             ) from None
 
@@ -244,6 +331,7 @@ class FeatureCache:
         return self.get([name])[0]
 
     def __contains__(self, name: str) -> bool:
+        """Whether the cache holds tokens for image `name` (False for unreadable ones)."""
         return name in self.index
 
     def __len__(self) -> int:
@@ -261,16 +349,25 @@ class FeatureCache:
         return state
 
     def _check_features_file(self) -> np.ndarray:
-        path = self.cache_dir / self.meta["features_file"]
+        name = self.meta["features_file"]  # checked by _check_meta: features-<12 hex>.npy
+        try:
+            path = inside(self.cache_dir, name, "features_file")
+        except ValueError as err:
+            raise StaleCacheError(f"feature cache {self.cache_dir}: meta.json field 'features_file': {err}; "
+                                  f"refused, {_REBUILD}") from None
         expected = (len(self.names), self.num_tokens, self.width)
         try:
-            features = np.load(path, mmap_mode="r")
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or lie
+                raise OSError("not a regular file")
+            # allow_pickle=False: an object array in the file is refused, never unpickled.
+            features = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as err:
-            raise StaleCacheError(f"feature cache {self.cache_dir}: cannot read {path.name} ({err}); rebuild it") from None
-        if features.shape != expected or features.dtype != np.dtype(self.meta["dtype"]):
+            raise StaleCacheError(f"feature cache {self.cache_dir}: cannot read {name} ({err}); rebuild it") from None
+        if not isinstance(features, np.ndarray) or features.shape != expected \
+                or features.dtype != np.dtype(self.meta["dtype"]):
             raise StaleCacheError(
-                f"feature cache {self.cache_dir}: {path.name} holds {features.shape} {features.dtype}, "
-                f"meta.json says {expected} {self.meta['dtype']}; rebuild it"
+                f"feature cache {self.cache_dir}: {name} holds {getattr(features, 'shape', '?')} "
+                f"{getattr(features, 'dtype', '?')}, meta.json says {expected} {self.meta['dtype']}; rebuild it"
             )
         return features
 
@@ -284,31 +381,79 @@ def ensure_cache(
     dtype: torch.dtype = torch.float16,
     progress: bool = True,
     num_workers: int | None = None,
+    skip_bad_images: bool = False,
 ) -> FeatureCache:
     """Open the cache in cache_dir if it is valid for this encoder, these images and names; else build it.
 
+    skip_bad_images: as in FeatureCache.build; without it, a cache that left out any of the
+    wanted images is rebuilt, so the build names the file that cannot be read.
     In multi-process training, call it on one process first (the build is not shared), then open.
     """
     fingerprint = encoder.fingerprint()
     wanted = _unique_names(names) if names is not None else list_image_files(image_dir)
     try:
         cache = FeatureCache.open(cache_dir, fingerprint, image_dir=image_dir)
-        missing = [name for name in wanted if name not in cache.index]
-        if not missing and cache.dtype == dtype:
+        tried = set(cache.names)
+        missing = [name for name in wanted if name not in tried]
+        unreadable = [] if skip_bad_images else [name for name in wanted if name in cache.unreadable]
+        if not missing and not unreadable and cache.dtype == dtype:
             return cache
-        reason = (
-            f"{len(missing)} requested images are not in it, e.g. {missing[0]!r}"
-            if missing
-            else f"it holds {cache.dtype}, {dtype} was asked"
-        )
+        if missing:
+            reason = f"{len(missing)} requested images are not in it, e.g. {missing[0]!r}"
+        elif unreadable:
+            reason = f"{len(unreadable)} requested images were left out as unreadable, e.g. {unreadable[0]!r}"
+        else:
+            reason = f"it holds {cache.dtype}, {dtype} was asked"
     except StaleCacheError as err:
         reason = str(err)
     if progress:
         print(f"building the feature cache: {reason}")
     return FeatureCache.build(
         encoder, image_dir, cache_dir, names=wanted, batch_size=batch_size, dtype=dtype,
-        progress=progress, num_workers=num_workers,
+        progress=progress, num_workers=num_workers, skip_bad_images=skip_bad_images,
     )
+
+
+# --------------------------------------------------------------------- decoding for a build
+
+
+class _DecodedImages(torch.utils.data.Dataset):
+    """Item i: (pixel_values (3, S, S) or None, problem or None); None paths were refused earlier.
+
+    A bad file is reported, not raised, so that the build can decide (skip it or stop) in the
+    main process with a message naming it, also when decoding runs in worker processes.
+    """
+
+    def __init__(self, paths: Sequence[Path | None], processor):
+        self.paths, self.processor = paths, processor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        if path is None:
+            return None, "refused or missing"
+        try:
+            image = load_image(path)  # the same steps as VisionEncoder.pixel_batches
+            return self.processor(images=[image], return_tensors="pt")["pixel_values"][0], None
+        except (ImageError, OSError, ValueError) as err:
+            return None, str(err) if isinstance(err, ImageError) else f"{path}: cannot preprocess the image ({err})"
+
+
+def _collate_decoded(items):
+    """[(pixels | None, problem | None)] -> (pixels of the good ones (g, 3, S, S) | None,
+    their positions in the batch, [(position, problem)])."""
+    good = [i for i, (pixels, _) in enumerate(items) if pixels is not None]
+    problems = [(i, problem) for i, (pixels, problem) in enumerate(items) if pixels is None]
+    pixels = torch.stack([items[i][0] for i in good]) if good else None
+    return pixels, good, problems
+
+
+def _fault_point(point: str) -> None:
+    """Die here, as `kill -9` would, when the FAULT_ENV test hook names this point."""
+    if os.environ.get(FAULT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --------------------------------------------------------------------- file helpers
@@ -319,56 +464,76 @@ def _unique_names(names: Sequence) -> list[str]:
     return list(dict.fromkeys(Path(name).as_posix() if isinstance(name, os.PathLike) else str(name) for name in names))
 
 
-def _stat_images(image_dir: Path, names: Sequence[str], missing_ok: bool = False) -> np.ndarray:
-    """(N, 2) int64 [size_bytes, mtime_ns] per image; rows of missing files are -1 if missing_ok."""
-    stats = np.full((len(names), 2), -1, dtype=np.int64)
+def _stat_paths(paths: Sequence[Path | None]) -> tuple[np.ndarray, list[int]]:
+    """(N, 2) int64 [size_bytes, mtime_ns] per path (-1 for None or a missing file), and the rows missing."""
+    stats = np.full((len(paths), 2), -1, dtype=np.int64)
     missing = []
-    for row, name in enumerate(names):  # one stat() system call per file; I/O, not tensor work
+    for row, path in enumerate(paths):  # one stat() system call per file; I/O, not tensor work
+        if path is None:
+            continue
         try:
-            status = os.stat(image_dir / name)
+            status = os.stat(path)
             stats[row] = (status.st_size, status.st_mtime_ns)
         except (FileNotFoundError, NotADirectoryError):
-            missing.append(name)
-    if missing and not missing_ok:
-        raise ImageError(
-            f"{len(missing)} of {len(names)} images are missing from {image_dir}, e.g. "
-            + ", ".join(repr(name) for name in missing[:5])
-        )
-    return stats
+            missing.append(row)
+    return stats, missing
+
+
+def _confined(folder: Path, name: str) -> bool:
+    try:
+        inside(folder, name)
+        return True
+    except ValueError:
+        return False
 
 
 def _read_meta_or_none(cache_dir: Path) -> dict | None:
     try:
-        meta = json.loads((cache_dir / META_FILE).read_text())
+        meta = json.loads((cache_dir / META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT_VERSION else None
+    return meta if isinstance(meta, dict) and meta.get("format") in _READABLE_FORMATS else None
 
 
-def _write_json_atomically(path: Path, payload: dict) -> None:
-    temporary = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+def _check_meta(cache_dir: Path, meta: dict) -> None:
+    """Refuse (StaleCacheError naming the field) a meta.json that a build would not have written."""
+
+    def refuse(field: str, problem: str):
+        raise StaleCacheError(f"feature cache {cache_dir}: meta.json field {field!r} {problem}; "
+                              f"refused as stale, {_REBUILD}")
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not isinstance(meta.get("fingerprint"), str):
+        refuse("fingerprint", "is not a string")
+    features_file = meta.get("features_file")
+    if not isinstance(features_file, str) or not _FEATURES_NAME.fullmatch(features_file):
+        refuse("features_file", f"is {features_file!r}, not a name of the form features-<12 hex digits>.npy")
+    for field in ("num_images", "num_tokens", "width"):
+        if not is_int(meta.get(field)) or meta[field] < (0 if field == "num_images" else 1):
+            refuse(field, f"is {meta.get(field)!r}, not a positive integer")
+    if meta.get("dtype") not in _DTYPE_NAMES:
+        refuse("dtype", f"is {meta.get('dtype')!r}, not one of {_DTYPE_NAMES}")
+    names = meta.get("names")
+    if not isinstance(names, list) or len(names) != meta["num_images"]:
+        refuse("names", f"is not a list of num_images={meta['num_images']} image names")
+    for name in names:
+        problem = relative_name_problem(name)
+        if problem:
+            refuse("names", f"holds {name!r}, which {problem}")
+    if len(set(names)) != len(names):
+        refuse("names", "holds the same name twice")
     try:
-        with open(temporary, "w") as handle:
-            json.dump(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    _fsync(path.parent)  # make the rename itself durable
-
-
-def _fsync(path: Path) -> None:
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # e.g. folders on Windows cannot be opened; durability is best effort there
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+        stats = np.asarray(meta.get("image_stats"))
+    except (ValueError, TypeError):
+        stats = None
+    if stats is None or stats.shape != (len(names), 2) or (stats.size and stats.dtype.kind != "i"):
+        refuse("image_stats", f"is not one [size, mtime_ns] pair of integers per name ({len(names)})")
+    unreadable = meta.get("unreadable", {})
+    if not isinstance(unreadable, dict) or not all(isinstance(v, str) for v in unreadable.values()) \
+            or not set(unreadable) <= set(names):
+        refuse("unreadable", "is not a mapping from cached image names to reasons")
 
 
 def _remove_abandoned_partials(cache_dir: Path) -> None:

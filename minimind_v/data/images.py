@@ -72,9 +72,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except PermissionError:
         raise ImageError(f"{path}: permission denied while reading the image") from None
     except UnidentifiedImageError:
-        raise ImageError(
-            f"{path}: not an image file PIL can read (first bytes: {_first_bytes(path)!r})"
-        ) from None
+        # (No excerpt of the file: the path may come from a record, and its bytes are not ours to show.)
+        raise ImageError(f"{path}: not an image file PIL can read") from None
     except Image.DecompressionBombError as err:
         raise ImageError(
             f"{path}: too large to decode safely ({err}). If the file is trusted, raise the "
@@ -115,21 +114,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def list_image_files(folder: str | os.PathLike) -> list[str]:
-    """Every image file under `folder` (recursively), as sorted '/'-separated names relative to it."""
+    """Every image file under `folder` (recursively), as sorted '/'-separated names relative to it.
+
+    Links to files outside `folder` are left out (rglob does not enter linked folders)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageError(f"{folder}: no such image folder")
+    base = folder.resolve()
     names = [
         path.relative_to(folder).as_posix()
         for path in folder.rglob("*")
         if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        # a link that leads out of the folder is not one of its images
+        and (not path.is_symlink() or base in path.resolve().parents)
     ]
     return sorted(names)
 
-
-def _first_bytes(path: Path, count: int = 16) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(count)
-    except OSError:
-        return b""
