@@ -50,6 +50,7 @@ def evaluate_vqa(
     progress: bool = True,
     skip_bad_samples: bool = False,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    shuffle_pictures: int | None = None,
 ) -> dict:
     """Greedy answers to every held-out question; accuracy overall and per ``answer_type``.
 
@@ -58,6 +59,8 @@ def evaluate_vqa(
     A bad record or image raises DataError naming it and the file; ``skip_bad_samples=True``
     leaves it out of the accuracy instead: "skipped" counts them, "skipped_records" lists every
     one ({"id", "kind", "message"}), "skipped_by_kind" counts them per reason.
+    ``shuffle_pictures=seed`` is the shuffled-picture baseline: every question is asked about
+    another question's picture (a seeded shuffle that leaves no picture in place).
     """
     data_dir = Path(data_dir)
     json_path, folder = data_dir / json_name, data_dir / image_dir
@@ -82,6 +85,8 @@ def evaluate_vqa(
         kind = record.get("answer_type", "all")
         questions.append((checked.id, checked.image, question, truth, kind if isinstance(kind, str) else str(kind)))
 
+    if shuffle_pictures is not None and len(questions) > 1:
+        questions = _swap_pictures(questions, shuffle_pictures)
     hits, counts, rows = defaultdict(int), defaultdict(int), []
     start = time.perf_counter()
     for lo in tqdm(range(0, len(questions), batch_size), desc="evaluating" + ("" if with_image else " (no image)"),
@@ -123,6 +128,15 @@ def evaluate_vqa(
     }
 
 
+def _swap_pictures(questions: list[tuple], seed: int) -> list[tuple]:
+    """Give each question the picture of the next one in a seeded random cycle: no picture stays."""
+    order = torch.randperm(len(questions), generator=torch.Generator().manual_seed(seed)).tolist()
+    swapped = list(questions)
+    for here, there in zip(order, order[1:] + order[:1]):
+        swapped[here] = (*questions[here][:1], questions[there][1], *questions[here][2:])
+    return swapped
+
+
 def check_prompt_fits(bundle: VLMBundle, question: str, max_new_tokens: int, where: str, rid=None) -> None:
     """DataError unless the question encodes to a prompt that, with its answer, fits the model."""
     config = bundle.model.config
@@ -156,33 +170,61 @@ def format_table(result: dict, baseline: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def accuracy_by_objects(rows: list[dict], records: list[dict]) -> dict[str, dict[int, float]]:
-    """{answer type or "overall": {number of objects in the picture: accuracy}} for answer rows
-    (``evaluate_vqa``'s "rows") of shapes-world records, which know their scene. Telling one
-    object from two or three is where a VLM has to find the object a question is about."""
-    objects = {r["id"]: len(r["scene"]) for r in records if "scene" in r}
-    missing = [row["id"] for row in rows if row["id"] not in objects]
+def accuracy_by(rows: list[dict], records: list[dict], group, what: str = "a group") -> dict[str, dict]:
+    """{answer type or "overall": {group: accuracy}} for answer rows (``evaluate_vqa``'s "rows"),
+    grouping each row by ``group(record)`` of its record (None: the record has no such group)."""
+    groups = {r["id"]: group(r) for r in records if isinstance(r, dict) and group(r) is not None}
+    missing = [row["id"] for row in rows if row["id"] not in groups]
     if missing:
-        raise ValueError(f"accuracy_by_objects: {len(missing)} answer rows have no record with a scene, e.g. {missing[0]!r}")
+        raise ValueError(f"{len(missing)} answer rows have no record with {what}, e.g. {missing[0]!r}")
     hits, counts = defaultdict(int), defaultdict(int)
     for row in rows:
         for kind in (row["type"], "overall"):
-            hits[kind, objects[row["id"]]] += row["correct"]
-            counts[kind, objects[row["id"]]] += 1
-    table: dict[str, dict[int, float]] = defaultdict(dict)
-    for kind, n in sorted(counts, key=lambda k: (k[0] == "overall", k)):
-        table[kind][n] = hits[kind, n] / counts[kind, n]
+            hits[kind, groups[row["id"]]] += row["correct"]
+            counts[kind, groups[row["id"]]] += 1
+    table: dict[str, dict] = defaultdict(dict)
+    for kind, g in sorted(counts, key=lambda k: (k[0] == "overall", k)):
+        table[kind][g] = hits[kind, g] / counts[kind, g]
     return dict(table)
 
 
-def format_objects_table(by_objects: dict[str, dict[int, float]]) -> str:
-    """``accuracy_by_objects`` as a Markdown table, one column per number of objects."""
+def accuracy_by_objects(rows: list[dict], records: list[dict]) -> dict[str, dict[int, float]]:
+    """``accuracy_by`` the number of objects in the picture, for shapes-world records (which know
+    their scene). Telling one object from two or three is where a VLM has to find the object a
+    question is about."""
+    try:
+        return accuracy_by(rows, records, lambda r: len(r["scene"]) if "scene" in r else None, "a scene")
+    except ValueError as err:
+        raise ValueError(f"accuracy_by_objects: {err}") from None
+
+
+def accuracy_by_combination(rows: list[dict], records: list[dict]) -> dict[str, dict[str, float]]:
+    """``accuracy_by`` "seen" / "unseen": pictures with or without a colour-shape pair that no
+    training picture showed (a world made with held-out pairs)."""
+    return accuracy_by(rows, records, lambda r: r.get("combination"), "a seen/unseen combination")
+
+
+def format_objects_table(by_objects: dict[str, dict], label=None) -> str:
+    """``accuracy_by_objects`` (or any ``accuracy_by``) as a Markdown table, one column per group."""
+    label = label or (lambda n: f"{n} object{'s' if n > 1 else ''}")
     ns = sorted({n for per_n in by_objects.values() for n in per_n})
-    lines = ["| answer type | " + " | ".join(f"{n} object{'s' if n > 1 else ''}" for n in ns) + " |",
-             "|---|" + "---:|" * len(ns)]
+    lines = ["| answer type | " + " | ".join(label(n) for n in ns) + " |", "|---|" + "---:|" * len(ns)]
     for kind, per_n in by_objects.items():
         cells = [f"{per_n[n]:.1%}" if n in per_n else "–" for n in ns]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_baselines_table(result: dict, baselines: dict[str, dict]) -> str:
+    """Accuracy per answer type next to each baseline ({name: {"overall", "per_type"}})."""
+    n_per = Counter(row["type"] for row in result["rows"])
+    lines = ["| answer type | questions | accuracy | " + " | ".join(baselines) + " |",
+             "|---|---:|---:|" + "---:|" * len(baselines)]
+    for kind, acc in result["per_type"].items():
+        cells = [f"{b['per_type'].get(kind, float('nan')):.1%}" for b in baselines.values()]
+        lines.append(f"| {kind} | {n_per[kind]} | {acc:.1%} | " + " | ".join(cells) + " |")
+    cells = [f"**{b['overall']:.1%}**" for b in baselines.values()]
+    lines.append(f"| **overall** | {result['n']} | **{result['overall']:.1%}** | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

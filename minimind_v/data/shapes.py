@@ -556,6 +556,20 @@ def _constraints(groups: dict, prefix: str = "") -> dict:
     return out
 
 
+_VOCABULARY = [(w, "<position>") for w in sorted(POSITIONS, key=len, reverse=True)] + \
+    [(w, "<shapes>") for w in PLURAL_SHAPES.values()] + [(w, "<shape>") for w in SHAPES] + \
+    [(w, "<colour>") for w in COLOURS] + [(w, "<size>") for w in SIZES]
+_VOCABULARY_RE = re.compile(r"\b(" + "|".join(re.escape(w) for w, _ in _VOCABULARY) + r")\b")
+
+
+def question_form(question: str) -> str:
+    """The question with its object words masked: 'What colour is the small circle?' ->
+    'what colour is the <size> <shape>?'. Questions of one form differ only in what they name."""
+    text = " ".join(question.replace("<image>", " ").lower().split())
+    slots = dict(_VOCABULARY)
+    return _VOCABULARY_RE.sub(lambda m: slots[m.group(1)], text)
+
+
 def parse_question(question: str) -> tuple[str, dict]:
     """Question text (with or without <image>) -> (answer_type, constraints on the objects).
     A relation question gives {"relation", "anchor": constraints} and, for yes/no, "subject".
