@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from transformers import TextStreamer
 
@@ -26,15 +27,23 @@ def main(argv=None) -> str:
     ns = p.parse_args(argv)
     if not ns.question.strip():
         p.error("the question is empty")
-    bundle = load_vlm(ns.model, device=ns.device)
+    try:
+        bundle = load_vlm(ns.model, device=ns.device)
+    except (OSError, ValueError) as err:  # not a MiniMind-V folder, unsafe or missing weights, no encoder
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     sampling = {"do_sample": ns.temperature > 0}
     if ns.temperature > 0:
         sampling.update(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p)
     if ns.repetition_penalty:
         sampling["repetition_penalty"] = ns.repetition_penalty
     streamer = TextStreamer(bundle.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    return answer(bundle, [ns.image], [ns.question], max_new_tokens=ns.max_new_tokens,
-                  streamer=streamer, **sampling)[0]
+    try:
+        return answer(bundle, [ns.image], [ns.question], max_new_tokens=ns.max_new_tokens,
+                      streamer=streamer, **sampling)[0]
+    except ValueError as err:  # e.g. a question too long for the model, an unreadable image
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

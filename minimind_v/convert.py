@@ -24,18 +24,19 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import pickle
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
 from .config import MiniMindConfig
-from .model.llm import MiniMindForCausalLM
+from .model.llm import MiniMindForCausalLM, describe_model_type, read_folder_config
 from .model.vlm import MiniMindVLM, VLMConfig
+from .runfiles import atomic_torch_save
 
 V1_NUM_HEADS = 16  # every v1 model (small and base) uses 16 query heads
 V1_NUM_IMAGE_TOKENS = 50  # CLIP ViT-B/32: 7x7 patches + CLS
@@ -64,6 +65,9 @@ class CheckpointMismatchError(ValueError):
 
 
 def _read_weights_file(path: Path) -> object:
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): expected a PyTorch state dict (.pth) or a safetensors file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -73,14 +77,27 @@ def _read_weights_file(path: Path) -> object:
             raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
     try:
         # weights_only: a checkpoint is data; never run code pickled inside a downloaded file.
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a raw pickle's protocol; refused below anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch's message is long; its one informative line names what the unpickler refused.
+        found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(err))
+        # Its first sentence only: the rest advises allowlisting the global, which would run it.
+        detail = found.group(1).split(". ")[0].strip().rstrip(".") if found else type(err).__name__
         raise ValueError(
-            f"{path} is not a plain state dict: torch.load(weights_only=True) refused it ({err}). "
-            "Save the weights with torch.save(model.state_dict(), path)."
+            f"{path} is not a plain state dict (or no checkpoint at all): torch.load(weights_only=True) "
+            f"refused it, so nothing in it was run ({detail}). Expected a state dict written by "
+            "torch.save(model.state_dict(), path)."
         ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{path} is not a PyTorch checkpoint: {err}") from err
+    except MemoryError:
+        raise  # a real file too big for this machine is not "damaged"
+    except Exception as err:  # garbage makes the unpickler fail in any way (IndexError, KeyError, ...)
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{path} ({size} bytes) is not a PyTorch checkpoint, or is truncated or damaged: {detail}. "
+            "Expected a state dict written by torch.save (a .pth file)."
+        ) from err
 
 
 def _weights_file_in(folder: Path) -> Path:
@@ -187,11 +204,15 @@ def _v1_name(our_key: str) -> str:
 # ----------------------------------------------------------------------------- config from shapes
 
 
-def _require(state_dict: StateDict, key: str, what: str) -> torch.Tensor:
+def _require(state_dict: StateDict, key: str, what: str, ndim: int = 2) -> torch.Tensor:
     if key not in state_dict:
         raise ValueError(f"not a MiniMind v1 state dict: no {key!r} ({what}); "
                          f"its first keys are {list(state_dict)[:6]}")
-    return state_dict[key]
+    tensor = state_dict[key]
+    if tensor.dim() != ndim or 0 in tensor.shape:
+        raise ValueError(f"not a MiniMind v1 state dict: {key!r} ({what}) has shape {tuple(tensor.shape)}, "
+                         f"expected a non-empty {ndim}-D tensor")
+    return tensor
 
 
 def v1_config(state_dict: Mapping[str, torch.Tensor], tokenizer=None, **overrides) -> VLMConfig:
@@ -237,7 +258,7 @@ def v1_config(state_dict: Mapping[str, torch.Tensor], tokenizer=None, **override
 
     first = V1_PROJ_PREFIX + "0.weight"
     if first in sd:
-        inferred["vision_width"] = sd[first].shape[1]
+        inferred["vision_width"] = _require(sd, first, "the projection").shape[1]
         inferred["projector"] = "mlp" if V1_PROJ_PREFIX + "2.weight" in sd else "linear"
 
     if tokenizer is not None:
@@ -324,7 +345,7 @@ def _v1_folder_overrides(path: Path) -> dict:
     config_file = path / "config.json" if path.is_dir() else None
     if config_file is None or not config_file.is_file():
         return {}
-    raw = json.loads(config_file.read_text(encoding="utf-8"))
+    raw = read_folder_config(path, "v1 transformers folder")
     names = ("n_heads", "num_experts_per_tok", "norm_topk_prob", "norm_eps", "rope_theta")
     return {name: raw[name] for name in names if raw.get(name) is not None}
 
@@ -363,17 +384,15 @@ def convert_to_hf(pth, tokenizer_dir, out, vision_model: str | None = None, n_he
 def convert_to_v1(model_dir, out) -> Path:
     """A ``save_pretrained`` folder -> a v1-layout ``.pth`` state dict."""
     model_dir, out = Path(model_dir), Path(out)
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{model_dir} is not a saved model folder (no config.json)")
-    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    model_type = read_folder_config(model_dir).get("model_type")
     classes = {VLMConfig.model_type: MiniMindVLM, MiniMindConfig.model_type: MiniMindForCausalLM}
     if model_type not in classes:
-        raise ValueError(f"{config_file} has model_type {model_type!r}; expected one of {sorted(classes)}")
-    model = classes[model_type].from_pretrained(str(model_dir))
+        raise ValueError(f"{model_dir} is {describe_model_type(model_type)}, not a MiniMind or MiniMind-V folder "
+                         f"(model_type {model_type!r}; expected one of {sorted(classes)})")
+    model = classes[model_type].from_pretrained(str(model_dir))  # checked, safetensors only
     state_dict = model_to_v1(model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict, str(out))
+    atomic_torch_save(state_dict, out)  # a kill mid-write never leaves half a .pth
     print(f"wrote {len(state_dict)} tensors in the v1 layout ({_summary(model)}) -> {out}")
     return out
 
@@ -404,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
             convert_to_hf(args.pth, tokenizer_dir, args.out, args.vision_model, args.n_heads)
         else:
             convert_to_v1(args.model, args.out)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # bad or missing files: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -35,14 +35,23 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def load_vlm(folder: str | Path, device: str | None = None, vision_model: str | None = None) -> VLMBundle:
+def load_vlm(folder: str | Path, device: str | None = None, vision_model: str | None = None,
+             require_complete: bool = False) -> VLMBundle:
     """Load a ``save_pretrained`` folder of MiniMind-V: weights, tokenizer (same folder) and the
-    vision encoder its config names (a folder inside it, a local folder or a hub id)."""
+    vision encoder its config names (a folder inside it, a local folder or a hub id).
+
+    The folder is checked before anything is loaded (see ``MiniMindForCausalLM.from_pretrained``):
+    a text LM folder, a CLIP folder, a folder without or with a damaged config.json, and one whose
+    weights are a pickle (pytorch_model.bin) are refused with a message saying what the folder is.
+    A folder whose training never finished (checkpoint.pt without complete.json) loads with an
+    ``IncompleteModelWarning``, or is refused with ``require_complete=True``.
+    """
     folder = Path(folder)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} is not a saved MiniMind-V folder (no config.json)")
+    if not folder.is_dir():  # a local folder only: a name that is not one must not reach the hub
+        raise FileNotFoundError(f"{folder} is a file, not a MiniMind-V folder" if folder.exists()
+                                else f"no MiniMind-V folder at {folder}: the folder does not exist")
     device = pick_device(device)
-    model = MiniMindVLM.from_pretrained(folder).to(device).eval()
+    model = MiniMindVLM.from_pretrained(folder, require_complete=require_complete).to(device).eval()
     tokenizer = load_tokenizer(folder)
     encoder = VisionEncoder.from_pretrained(
         vision_model or resolve_vision_model(folder, model.config.vision_model), device=device
@@ -99,8 +108,19 @@ def answer(
     are given.
     """
     model, tok = bundle.model, bundle.tokenizer
+    if not questions:
+        return []
     # The text-only baseline keeps the placeholders: the same prompt with no picture in them.
     rows = [prompt_ids(tok, q, model.config.num_image_tokens) for q in questions]
+    # Prompt and answer share the model's positions; generate cuts the answer to what is left.
+    limit = model.config.max_position_embeddings
+    longest = max(range(len(rows)), key=lambda i: len(rows[i]))
+    if len(rows[longest]) >= limit:
+        raise ValueError(
+            f"question {longest} ({questions[longest][:60]!r}) makes a prompt of {len(rows[longest])} tokens "
+            f"({model.config.num_image_tokens} of them the image), but the model's maximum length "
+            f"(max_position_embeddings) is {limit}: no room is left for an answer; shorten the question"
+        )
     ids, mask = left_pad(rows, tok.pad_token_id or 0)
     if images is not None:
         image_tokens = bundle.encoder(bundle.encoder.preprocess(as_images(images)).to(model.device))

@@ -12,8 +12,12 @@ Why a child process and not a function call: DDP needs one process per device, a
 hung collective must not take the notebook's kernel down with it.
 
 * The job runs in its own process group (a new session), so the notebook's interrupt button
-  reaches only the kernel; the launcher then stops the *whole* group (SIGINT, then SIGTERM, then
+  reaches only the kernel; the launcher then stops the *whole* job (SIGINT, then SIGTERM, then
   SIGKILL), so no torchrun worker, DataLoader worker or other grandchild is left holding a GPU.
+  torchrun starts each worker in a session of its own, outside the group: every process of the
+  job carries a tag in its environment (``MINIMIND_V_LAUNCH_TAGS``), and on Linux the launcher
+  finds them all in /proc, and says every process has ended only once it has checked. Whatever a
+  finished or failed job leaves running (a failed worker's child) is stopped the same way.
   On Linux the job also gets SIGTERM if the kernel itself dies (a restart), via PR_SET_PDEATHSIG.
 * A failed job raises :class:`LaunchError` carrying the command, the exit code and the end of the
   log, with torchrun's own traceback and report cut out, so the failing rank's traceback shows.
@@ -28,6 +32,7 @@ import math
 import os
 import queue
 import re
+import secrets
 import shlex
 import signal
 import subprocess
@@ -258,7 +263,7 @@ def _available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _child_env(env: Mapping[str, str | None] | None, nproc: int) -> dict[str, str]:
+def _child_env(env: Mapping[str, str | None] | None, nproc: int, tag: str | None = None) -> dict[str, str]:
     merged = dict(os.environ)
     for key, value in (env or {}).items():
         if value is None:
@@ -271,6 +276,8 @@ def _child_env(env: Mapping[str, str | None] | None, nproc: int) -> dict[str, st
     # A kernel exports its inline backend; a child is no kernel, so it draws with Agg.
     if merged.get("MPLBACKEND", "").startswith("module://matplotlib_inline"):
         merged["MPLBACKEND"] = "Agg"
+    if tag is not None:  # inherited by every process of the job (see _job_processes)
+        merged[LAUNCH_TAG_VAR] = ":".join(filter(None, (merged.get(LAUNCH_TAG_VAR), tag)))
     return merged
 
 
@@ -319,6 +326,7 @@ def _run(command, module, nproc, argv, *, metrics_path, plot, progress, env, log
     popen_group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
                    else {"start_new_session": True})
 
+    tag = _new_tag()
     log = open(log_path, "w", encoding="utf-8")
     log.write("$ " + shlex.join(command) + "\n")
     log.flush()
@@ -327,7 +335,7 @@ def _run(command, module, nproc, argv, *, metrics_path, plot, progress, env, log
     try:
         # One pipe for stdout and stderr keeps their lines in the order they were written.
         proc = subprocess.Popen(spawn, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=_child_env(env, nproc), cwd=cwd, **popen_group)
+                                env=_child_env(env, nproc, tag), cwd=cwd, **popen_group)
     except BaseException:
         log.close()
         raise
@@ -353,21 +361,27 @@ def _run(command, module, nproc, argv, *, metrics_path, plot, progress, env, log
                     break
                 exited_at = exited_at or time.monotonic()
                 waited = time.monotonic() - exited_at
-                if waited > 2.0 and _group_alive(proc):
+                if waited > 2.0 and _group_alive(proc, tag):
                     # The job is gone but something it started still holds its output open.
-                    _stop_process_group(proc, (0.0, 1.0))
+                    _stop_process_group(proc, (0.0, 1.0), tag, interrupt=False)
                 elif waited > 4.0:
-                    break  # held open from outside the job's group: stop reading
+                    break  # held open from outside the job: stop reading
         _pump(events, out, timeout=0)
-        if _group_alive(proc):  # leftovers of a finished job go with it
-            _stop_process_group(proc, (0.0, 1.0))
+        # Leftovers of a finished (or failed) job go with it: a failed worker's child, a
+        # DataLoader worker, anything that left the group.
+        if _group_alive(proc, tag) and not _stop_process_group(proc, (0.0, 1.0), tag, interrupt=False):
+            note = f"{name}: the job has ended, but {_leftovers(proc, tag)}"
+            with lock:
+                if not log.closed:
+                    log.write(f"# {note}\n")
+            warnings.warn(note, RuntimeWarning, stacklevel=3)
     except BaseException as exc:  # KeyboardInterrupt (the notebook's stop button) above all
-        stopped = _stop_process_group(proc, stop_timeouts)
+        stopped = _stop_process_group(proc, stop_timeouts, tag)
         reader.join(timeout=2.0)
         _pump(events, out, timeout=0)
         what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped by {type(exc).__name__}"
-        note = (f"{name}: {what}; " + ("every process of the job has ended" if stopped
-                                       else f"processes of group {proc.pid} may still be running"))
+        # Said only after checking: no process of the group, and none that left it.
+        note = f"{name}: {what}; " + ("every process of the job has ended" if stopped else _leftovers(proc, tag))
         with lock:
             log.write(f"# {note}\n")
         if echo:
@@ -690,62 +704,130 @@ class _LossCurve:
 # ------------------------------------------------------------------------------ stopping
 
 
-def _group_alive(proc: subprocess.Popen) -> bool:
-    """Whether any process of the job's group still runs (zombies waiting to be reaped don't count)."""
+# Every process a job starts inherits this variable, holding the job's tag (colon-separated, so a
+# job launched from inside a job carries both tags). torchrun starts each worker in a session of
+# its own (setsid), outside the job's process group, and a worker's child that outlives it is
+# re-parented to init: the tag is how the launcher still finds them.
+LAUNCH_TAG_VAR = "MINIMIND_V_LAUNCH_TAGS"
+
+
+def _new_tag() -> str:
+    return f"{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def _read_stat(pid: str) -> tuple[bytes, int, int] | None:
+    """(state, ppid, pgrp) of a process from /proc, or None when it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after "pid (name)": state ppid pgrp ...
+        return fields[0], int(fields[1]), int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _carries_tag(pid: int, tag: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read()
+    except OSError:  # another user's process (not ours to find), or gone
+        return False
+    prefix = LAUNCH_TAG_VAR.encode() + b"="
+    for item in environ.split(b"\0"):
+        if item.startswith(prefix):
+            return tag.encode() in item[len(prefix):].split(b":")
+    return False
+
+
+def _job_processes(proc: subprocess.Popen, tag: str | None) -> dict[int, int] | None:
+    """{pid: process group} of every running process of the job: its process group, the leader's
+    descendants, and every process carrying the job's tag (workers that called setsid, orphans).
+    Zombies don't count. None where there is no /proc to look in."""
     proc.poll()  # reap the leader, so it stops counting
+    if not os.path.isdir("/proc"):
+        return None
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _read_stat(entry)
+            if stat is not None and stat[0] not in (b"Z", b"X"):
+                table[int(entry)] = stat
+    found = {pid for pid, (_, _, pgrp) in table.items() if pgrp == proc.pid}
+    children: dict[int, list[int]] = {}
+    for pid, (_, ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    stack = [proc.pid]
+    while stack:  # descendants of the leader, in whatever group or session they are
+        for child in children.get(stack.pop(), ()):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    if tag is not None:
+        found |= {pid for pid in table if pid not in found and _carries_tag(pid, tag)}
+    found.discard(os.getpid())  # never the launcher itself
+    return {pid: table[pid][2] for pid in sorted(found) if pid in table}
+
+
+def _group_alive(proc: subprocess.Popen, tag: str | None = None) -> bool:
+    """Whether any process of the job still runs (zombies waiting to be reaped don't count)."""
+    proc.poll()
     if os.name == "nt":
         return proc.returncode is None
-    try:
+    processes = _job_processes(proc, tag)
+    if processes is not None:
+        return bool(processes)
+    try:  # no /proc (macOS): the process group is all we can see
         os.killpg(proc.pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    if not os.path.isdir("/proc"):
-        return True
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    return True
+
+
+def _signal_group(proc: subprocess.Popen, sig: int, tag: str | None = None) -> None:
+    """``sig`` to the job's process group, and to each process of the job outside it."""
+    if os.name == "nt":
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()  # after "pid (name)": state ppid pgrp ...
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == proc.pid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        if os.name == "nt":
             if sig == signal.SIGINT:
                 proc.send_signal(signal.CTRL_BREAK_EVENT)
             elif sig == signal.SIGTERM:
                 proc.terminate()
             else:
                 proc.kill()
-        else:
-            os.killpg(proc.pid, sig)
-    except (ProcessLookupError, OSError):
+        except OSError:
+            pass
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except OSError:  # the group is empty (or gone)
         pass
+    for pid, pgrp in (_job_processes(proc, tag) or {}).items():
+        if pgrp != proc.pid:  # group members had theirs; one signal each, not two
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
 
 
-def _stop_process_group(proc: subprocess.Popen, timeouts: tuple[float, float]) -> bool:
-    """SIGINT, then SIGTERM, then SIGKILL to every process of the job, each after the previous one
-    had its time. A second Ctrl-C (or stop button) skips straight to SIGKILL. True if all ended."""
+def _stop_process_group(proc: subprocess.Popen, timeouts: tuple[float, float], tag: str | None = None,
+                        interrupt: bool = True) -> bool:
+    """SIGINT, then SIGTERM, then SIGKILL to every process of the job (its group, and the
+    processes that left it: see :func:`_job_processes`), each after the previous one had its
+    time. A second Ctrl-C (or stop button) skips straight to SIGKILL. True only when it has
+    checked that none is left. ``interrupt=False`` starts at SIGTERM (leftovers of a job that has
+    ended: no KeyboardInterrupt traceback from them in its output)."""
     kill = getattr(signal, "SIGKILL", signal.SIGTERM)
-    plan = [(signal.SIGINT, timeouts[0]), (signal.SIGTERM, timeouts[1]), (kill, 5.0)]
+    plan = [(signal.SIGINT, timeouts[0]), (signal.SIGTERM, timeouts[1]), (kill, 5.0)][0 if interrupt else 1:]
     i = 0
     while i < len(plan):
         sig, wait = plan[i]
-        if not _group_alive(proc):
+        if not _group_alive(proc, tag):
             return True
-        _signal_group(proc, sig)
+        _signal_group(proc, sig, tag)
         deadline = time.monotonic() + wait
         try:
             while time.monotonic() < deadline:
-                if not _group_alive(proc):
+                if not _group_alive(proc, tag):
                     return True
                 time.sleep(0.05)
         except KeyboardInterrupt:
@@ -754,7 +836,13 @@ def _stop_process_group(proc: subprocess.Popen, timeouts: tuple[float, float]) -
             i = len(plan) - 1  # impatient: kill now
             continue
         i += 1
-    return not _group_alive(proc)
+    return not _group_alive(proc, tag)
+
+
+def _leftovers(proc: subprocess.Popen, tag: str | None) -> str:
+    processes = _job_processes(proc, tag)
+    return (f"processes {sorted(processes)} of the job" if processes
+            else f"processes of group {proc.pid}") + " may still be running"
 
 
 # ------------------------------------------------------------------------------ failure report

@@ -151,10 +151,21 @@ def load_tokenizer(path_or_name: str | Path, keep_chat_template: bool = False) -
     `apply_chat_template` renders the very format that `encode_chat` trains on whatever the
     folder declared. A missing pad token becomes <unk> (or </s> where there is no <unk>).
     """
+    from .model.vision import _looks_like_local_path, load_hub_id
+
+    source = str(path_or_name)
     try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path_or_name))
+        if Path(source).expanduser().is_dir():
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(Path(source).expanduser()), local_files_only=True)
+        elif Path(source).exists():
+            raise FileNotFoundError(f"{source} is a file, not a tokenizer folder")
+        elif _looks_like_local_path(source):
+            raise FileNotFoundError(f"no tokenizer folder at {source}")
+        else:  # a hub name: from the cache, or from the hub only when it answers (no long retries)
+            tokenizer = load_hub_id(source, lambda **hub: PreTrainedTokenizerFast.from_pretrained(source, **hub),
+                                    "tokenizer")
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load a tokenizer from {str(path_or_name)!r}: {err}") from err
+        raise ValueError(f"cannot load a tokenizer from {source!r}: {err}") from err
 
     vocab = tokenizer.get_vocab()
     missing = [token for token in (BOS_TOKEN, EOS_TOKEN) if token not in vocab]

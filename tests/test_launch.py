@@ -114,6 +114,29 @@ with open(os.environ["PIDS_FILE"], "w") as f:
 print("left a detached child", flush=True)
 '''
 
+# Run as is, it plays torchrun: starts itself with --worker in a session of its own (as torchrun
+# starts each worker) and waits. The worker starts a child, writes both pids, then either ignores
+# SIGINT and SIGTERM and sleeps (--stubborn), or fails (--fail) leaving its sleeping child behind.
+WORKER_JOB = '''
+import os, signal, subprocess, sys, time
+if "--worker" not in sys.argv:
+    worker = subprocess.Popen([sys.executable, "-m", "worker_job", "--worker", *sys.argv[1:]], start_new_session=True)
+    sys.exit(worker.wait())
+ignore = "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
+stubborn = "--stubborn" in sys.argv
+if stubborn:
+    exec(ignore)
+child = subprocess.Popen([sys.executable, "-c", (ignore if stubborn else "") + "import time; time.sleep(300)"])
+pids = os.environ["PIDS_FILE"]
+with open(pids + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {child.pid} {os.getsid(0)}")
+os.replace(pids + ".tmp", pids)
+print("worker up", flush=True)
+if "--fail" in sys.argv:
+    raise ValueError("worker-failed-5521")
+time.sleep(300)
+'''
+
 DDP_FAILING_JOB = '''
 import os, time
 rank = int(os.environ["RANK"])
@@ -132,7 +155,7 @@ def jobs(tmp_path):
     for name, code in [("metrics_job", METRICS_JOB), ("failing_job", FAILING_JOB),
                        ("sigkilled_job", SIGKILLED_JOB), ("sleeping_job", SLEEPING_JOB),
                        ("ddp_job", DDP_JOB), ("ddp_failing_job", DDP_FAILING_JOB),
-                       ("detaching_job", DETACHING_JOB)]:
+                       ("detaching_job", DETACHING_JOB), ("worker_job", WORKER_JOB)]:
         (folder / f"{name}.py").write_text(textwrap.dedent(code))
     return folder, {"PYTHONPATH": str(folder)}
 
@@ -284,6 +307,7 @@ def test_output_held_open_outside_the_job_does_not_hang_the_launcher(jobs, tmp_p
                             log_path=tmp_path / "launch.log")
         assert result.summary == "left a detached child"
         assert time.monotonic() - started < 30
+        assert not alive(int(pids_file.read_text()))  # the job's leftover went with it
     finally:
         if pids_file.exists() and alive(int(pids_file.read_text())):
             os.kill(int(pids_file.read_text()), signal.SIGKILL)
@@ -344,6 +368,65 @@ def test_interrupt_stops_every_process_of_the_job(jobs, tmp_path, stubborn):
     assert not any(alive(pid) for pid in pids), pids
     if stubborn:  # SIGINT and SIGTERM were ignored, so each had its full wait before SIGKILL
         assert time.monotonic() - started >= 1.0
+
+
+def kill_leftovers(pids_file: Path) -> None:
+    """Test cleanup: whatever the launcher left running, by pid."""
+    if pids_file.exists():
+        for pid in (int(p) for p in pids_file.read_text().split()):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def launch_worker_job(torchrun: bool, flags: list[str], env: dict, tmp_path: Path, **options):
+    """torchrun itself (nproc 1, the worker run directly), or the job that plays torchrun."""
+    if torchrun:
+        return run_torchrun("worker_job", ["--worker", *flags], nproc=1, env=env, plot=False, echo=False,
+                            log_path=tmp_path / "launch.log", **options)
+    return run_module("worker_job", flags, env=env, echo=False, log_path=tmp_path / "launch.log", **options)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finding processes that left the group reads /proc")
+@pytest.mark.parametrize("torchrun", [False, True], ids=["own-session", "torchrun"])
+def test_interrupt_stops_a_stubborn_worker_in_its_own_session(jobs, tmp_path, torchrun):
+    """torchrun starts each worker with setsid: outside the job's process group. A worker (and its
+    child) ignoring SIGINT and SIGTERM must still be gone, by pid, when the launcher says so."""
+    folder, env = jobs
+    pids_file = tmp_path / "pids"
+
+    def press_stop():
+        if wait_for_file(pids_file):
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_stop, daemon=True)
+    presser.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch_worker_job(torchrun, ["--stubborn"], {**env, "PIDS_FILE": str(pids_file)}, tmp_path,
+                              stop_timeouts=(0.5, 0.5))
+        presser.join()
+        worker, child, session = (int(p) for p in pids_file.read_text().split())
+        assert session == worker  # the worker really led a session of its own, outside the job's group
+        assert not alive(worker) and not alive(child), (worker, child)
+        assert "every process of the job has ended" in (tmp_path / "launch.log").read_text()
+    finally:
+        kill_leftovers(pids_file)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finding processes that left the group reads /proc")
+@pytest.mark.parametrize("torchrun", [False, True], ids=["own-session", "torchrun"])
+def test_failed_workers_child_is_gone_when_the_launcher_raises(jobs, tmp_path, torchrun):
+    folder, env = jobs
+    pids_file = tmp_path / "pids"
+    try:
+        with pytest.raises(LaunchError, match="worker-failed-5521"):
+            launch_worker_job(torchrun, ["--fail"], {**env, "PIDS_FILE": str(pids_file)}, tmp_path)
+        worker, child, session = (int(p) for p in pids_file.read_text().split())
+        assert session == worker and not alive(worker)
+        assert not alive(child), f"the failed worker's child {child} outlived the job"
+    finally:
+        kill_leftovers(pids_file)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")

@@ -11,7 +11,12 @@ and ``generate`` (greedy, sampling, top-k, top-p, repetition penalty, streamers)
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +26,85 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import MiniMindConfig
+from ..runfiles import COMPLETE, is_complete
 
 IGNORE_INDEX = -100
+TRAINING_CHECKPOINT = "checkpoint.pt"  # the trainer's resume file (train/trainer.py)
+
+# What a folder is, by the model_type in its config.json.
+FOLDER_KINDS = {
+    "minimind": "a MiniMind text LM folder",
+    "minimind_v": "a MiniMind-V folder",
+    "clip": "a CLIP folder (a vision encoder)",
+    "clip_vision_model": "a CLIP folder (a vision encoder)",
+}
+
+
+class ModelFolderError(ValueError):
+    """A folder that is not the model asked for: another kind of model, or a damaged config.json."""
+
+
+class IncompleteModelWarning(UserWarning):
+    """A model folder whose training started but never finished (checkpoint.pt, no complete.json)."""
+
+
+def read_folder_config(folder: str | os.PathLike, what: str = "model folder") -> dict:
+    """The parsed config.json of a local model folder, or an error saying what is missing or damaged."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"no {what} at {folder}: the folder does not exist")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is a file, not a {what}")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        why = (f" (it holds {TRAINING_CHECKPOINT}: training started but never saved the model; resume it "
+               "with --resume)" if (folder / TRAINING_CHECKPOINT).is_file() else "")
+        raise FileNotFoundError(f"{folder} is not a saved {what} (no config.json){why}")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ModelFolderError(f"{config_file} is not readable JSON ({err}): the folder's configuration is damaged") from None
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"{config_file} holds a JSON {type(config).__name__}, not the object of a model config")
+    return config
+
+
+def describe_model_type(model_type) -> str:
+    if model_type in FOLDER_KINDS:
+        return FOLDER_KINDS[model_type]
+    return f"a folder of model_type {model_type!r}" if model_type else "a folder whose config.json names no model_type"
+
+
+def check_model_folder(
+    folder: str | os.PathLike,
+    expected: Sequence[str],
+    hints: Mapping[str, str] | None = None,
+    require_complete: bool = False,
+) -> dict:
+    """Check a local folder before anything in it is loaded; return its config.json.
+
+    The folder must name one of the ``expected`` model types (``hints[found]`` says what to do
+    instead), hold its weights as safetensors (a pickle could run code), and, when it holds a
+    training checkpoint, be marked complete: otherwise :class:`IncompleteModelWarning`, or an
+    error with ``require_complete``.
+    """
+    from .vision import check_safe_weights
+
+    folder = Path(folder)
+    want = " or ".join(describe_model_type(t) for t in expected)
+    config = read_folder_config(folder, want.removeprefix("a ").removeprefix("an "))
+    model_type = config.get("model_type")
+    if model_type not in expected:
+        hint = (hints or {}).get(model_type)
+        raise ModelFolderError(f"{folder} is {describe_model_type(model_type)}, not {want}" + (f": {hint}" if hint else ""))
+    if (folder / TRAINING_CHECKPOINT).is_file() and not is_complete(folder):
+        message = (f"{folder} holds {TRAINING_CHECKPOINT} but no {COMPLETE}: its training never finished "
+                   "(interrupted, or still running), so its weights are an intermediate save")
+        if require_complete:
+            raise ModelFolderError(message + "; finish the training (--resume) first")
+        warnings.warn(message, IncompleteModelWarning, stacklevel=3)
+    check_safe_weights(folder)
+    return config
 
 
 class RMSNorm(nn.Module):
@@ -231,6 +313,78 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
             cfg = module.config
             cos, sin = rope_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
             module.rope_cos, module.rope_sin = cos.to(module.rope_cos.device), sin.to(module.rope_sin.device)
+
+    # -- loading: local folders are checked first and read as safetensors only ----------
+    @classmethod
+    def folder_hints(cls, folder: str) -> dict[str, str]:
+        """What to say when a folder of another model_type is given (model_type -> advice)."""
+        return {"minimind_v": "load it with MiniMindVLM.from_pretrained or minimind_v.inference.load_vlm"}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, require_complete: bool = False, **kwargs):
+        """transformers' ``from_pretrained``, safe for folders of unknown origin.
+
+        A local folder is checked before anything is loaded: its config.json must name this
+        class's model_type (else :class:`ModelFolderError` saying what the folder is), and its
+        weights must be ``model.safetensors`` (``pytorch_model.bin`` is a pickle that could run
+        code: refused). A folder with a training checkpoint but no ``complete.json`` gives an
+        :class:`IncompleteModelWarning` (an error with ``require_complete=True``). A hub id is
+        read from the cache, or from the hub when it answers; never ~20 s of retries offline.
+        """
+        from .vision import _looks_like_local_path, load_hub_id
+
+        source = os.fspath(pretrained_model_name_or_path)
+        local = Path(source).expanduser()
+        load = super().from_pretrained
+        if local.exists() or _looks_like_local_path(source):
+            check_model_folder(local, (cls.config_class.model_type,), cls.folder_hints(source), require_complete)
+            if kwargs.get("use_safetensors") is False:
+                raise ValueError("this package loads model folders from safetensors only (use_safetensors=False refused)")
+            kwargs.update(use_safetensors=True, weights_only=True)
+            kwargs.setdefault("local_files_only", True)
+            return load(str(local), *model_args, **kwargs)
+        kwargs["weights_only"] = True  # a hub repo with only a .bin is read as data, never as code
+        if "local_files_only" in kwargs:
+            return load(source, *model_args, **kwargs)
+        return load_hub_id(source, lambda **hub: load(source, *model_args, **kwargs, **hub),
+                           f"{cls.__name__} model")
+
+    # -- generation: never past the model's maximum length ------------------------------
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """transformers' ``generate``, with the answer capped to the positions the prompt leaves.
+
+        RoPE tables end at ``max_position_embeddings``: a request for more new tokens than fit
+        would stream part of an answer and then fail. It is cut to fit (with a warning) and ends
+        cleanly at the limit; a prompt that alone fills the model is a ValueError.
+        """
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if prompt is None:
+            prompt = kwargs.get("inputs_embeds")
+            length = None if prompt is None else prompt.shape[1]
+        else:
+            length = prompt.shape[-1]
+        if length is not None:
+            limit = self.config.max_position_embeddings
+            room = limit - length
+            if room <= 0:
+                raise ValueError(
+                    f"the prompt has {length} tokens, but the model's maximum length (max_position_embeddings) "
+                    f"is {limit}: no room is left for an answer; shorten the prompt"
+                )
+            config = generation_config if generation_config is not None else self.generation_config
+            asked = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+            if asked is None:
+                max_length = kwargs.get("max_length", getattr(config, "max_length", None))
+                asked = None if max_length is None else max_length - length
+            if asked is None or asked > room:
+                if asked is not None:
+                    warnings.warn(
+                        f"max_new_tokens={asked} cut to {room}: the prompt has {length} tokens and the model's "
+                        f"maximum length (max_position_embeddings) is {limit}", stacklevel=2,
+                    )
+                kwargs.pop("max_length", None)
+                kwargs["max_new_tokens"] = room
+        return super().generate(inputs, generation_config, **kwargs)
 
     def get_input_embeddings(self):
         return self.tok_embeddings

@@ -20,8 +20,10 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
+from urllib.parse import urlparse
 
 import torch
 from PIL import Image
@@ -58,8 +60,86 @@ HOW_TO_GET_CLIP = (
 )
 
 
+# The weights files this package reads from a local folder: safetensors only. A pickled
+# pytorch_model.bin can run code when it is unpickled, so a folder holding only one is refused.
+SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 class VisionModelNotFoundError(OSError):
     """The CLIP encoder could not be found locally nor downloaded."""
+
+
+class HubUnreachableError(OSError):
+    """A hub id that is neither a local folder nor in the Hugging Face cache, while the hub cannot be reached."""
+
+
+# ----------------------------------------------------------------- hub ids: cache first, fail fast
+
+_T = TypeVar("_T")
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set (in the environment now, or as huggingface_hub read it at import)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached, or None when it may be. huggingface_hub retries a failed
+    request for ~20 s before giving up; one TCP connection answers the question in milliseconds
+    (or ``timeout`` seconds). Behind a proxy the direct connection says nothing, so it is skipped."""
+    from huggingface_hub import constants
+
+    if hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return None
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"{constants.ENDPOINT} cannot be reached ({err})"
+    return None
+
+
+def load_hub_id(name: str, load: Callable[..., _T], what: str) -> _T:
+    """``load(local_files_only=...)`` for a hub id: from the Hugging Face cache when it is there,
+    else from the hub, but only after checking the hub answers: no 20 s of retries to learn that
+    a machine is offline. Raises :class:`HubUnreachableError` saying there is no such local folder."""
+    try:
+        return load(local_files_only=True)
+    except (OSError, ValueError):  # not cached, or only partly (tokenizers say so with a ValueError)
+        pass
+    reason = hub_unreachable_reason()
+    if reason is not None:
+        raise HubUnreachableError(
+            f"{what} {name!r}: there is no local folder of that name, it is not in the Hugging Face cache, "
+            f"and the hub cannot be reached: {reason}"
+        )
+    return load(local_files_only=False)
+
+
+def check_safe_weights(folder: str | os.PathLike, what: str = "model folder") -> Path:
+    """The safetensors weights file of a local model folder; refuses a folder whose only weights
+    are a pickle (pytorch_model.bin), which could run code when loaded."""
+    folder = Path(folder)
+    for name in SAFE_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    pickles = [name for name in PICKLE_WEIGHT_FILES if (folder / name).is_file()]
+    if pickles:
+        raise ValueError(
+            f"{folder} holds {pickles[0]} and no model.safetensors: a .bin file is a pickle, which can run "
+            f"code when it is loaded, so this {what} is refused. Convert it with a tool you trust "
+            "(e.g. load it yourself and call save_pretrained, which writes model.safetensors)."
+        )
+    raise FileNotFoundError(f"{folder} holds no model.safetensors: this {what} has no weights")
 
 
 class VisionEncoder(nn.Module):
@@ -101,6 +181,17 @@ class VisionEncoder(nn.Module):
         """
         source = os.fspath(name_or_path)
         local = Path(source).expanduser()
+
+        def load(local_files_only: bool, use_safetensors: bool | None = None):
+            with quiet_transformers():
+                model_and_info = CLIPVisionModel.from_pretrained(
+                    load_from, dtype=dtype or torch.float32, output_loading_info=True, weights_only=True,
+                    use_safetensors=use_safetensors, local_files_only=local_files_only,
+                )
+                processor = CLIPImageProcessorPil.from_pretrained(load_from, local_files_only=local_files_only)
+                return model_and_info, processor
+
+        hub = False
         if local.is_dir():
             _check_clip_folder(local)
             load_from = str(local)
@@ -109,14 +200,16 @@ class VisionEncoder(nn.Module):
         elif _looks_like_local_path(source):
             raise VisionModelNotFoundError(f"No CLIP model folder at {source}.\n{HOW_TO_GET_CLIP}")
         else:
-            load_from = source  # a hub id such as openai/clip-vit-base-patch32
+            load_from, hub = source, True  # a hub id such as openai/clip-vit-base-patch32
         try:
-            with quiet_transformers():
-                model, info = CLIPVisionModel.from_pretrained(
-                    load_from, dtype=dtype or torch.float32, output_loading_info=True
-                )
-                processor = CLIPImageProcessorPil.from_pretrained(load_from)
-        except OSError as err:  # offline and not cached, unknown repo, missing files
+            if hub:
+                (model, info), processor = load_hub_id(source, load, "CLIP vision encoder")
+            else:
+                # A local folder: safetensors only (checked above), never the hub.
+                (model, info), processor = load(use_safetensors=True, local_files_only=True)
+        except HubUnreachableError as err:
+            raise VisionModelNotFoundError(f"{err}\n{HOW_TO_GET_CLIP}") from err
+        except OSError as err:  # unknown repo, missing files
             raise VisionModelNotFoundError(
                 f"Cannot load the CLIP vision encoder {source!r}: {str(err).splitlines()[0]}\n{HOW_TO_GET_CLIP}"
             ) from err
@@ -373,13 +466,17 @@ def _check_clip_folder(folder: Path) -> None:
             f"(saved by CLIPImageProcessor.save_pretrained).\n{HOW_TO_GET_CLIP}"
         )
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in _CLIP_MODEL_TYPES:
-        raise ValueError(
-            f"{config_file}: model_type is {model_type!r}, expected one of {_CLIP_MODEL_TYPES} (a CLIP checkpoint)"
-        )
+        found = f"model_type is {model_type!r}" if isinstance(config, dict) else f"it holds a JSON {type(config).__name__}"
+        raise ValueError(f"{config_file}: {found}, expected one of {_CLIP_MODEL_TYPES} (a CLIP checkpoint)")
+    try:
+        check_safe_weights(folder, "CLIP folder")
+    except FileNotFoundError as err:
+        raise VisionModelNotFoundError(f"{err}.\n{HOW_TO_GET_CLIP}") from None
 
 
 def _looks_like_local_path(source: str) -> bool:

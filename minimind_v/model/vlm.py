@@ -72,6 +72,17 @@ class MiniMindVLM(MiniMindForCausalLM):
         self.post_init()
 
     @classmethod
+    def folder_hints(cls, folder: str) -> dict[str, str]:
+        clip = (f"a MiniMind-V folder names its encoder in config.json (vision_model); give {folder} as "
+                "--vision to the VLM training stages, or as vision_model= to load_vlm")
+        return {
+            "minimind": (f"train the VLM stages first (python -m minimind_v.train.pretrain_vlm --init {folder} ..., "
+                         "then minimind_v.train.sft_vlm) and load the folder they write"),
+            "clip": clip,
+            "clip_vision_model": clip,
+        }
+
+    @classmethod
     def from_language_model(cls, lm: MiniMindForCausalLM, **vision_kwargs) -> "MiniMindVLM":
         """A VLM whose decoder starts as ``lm`` and whose projection is freshly initialised."""
         config = VLMConfig(**{**lm.config.to_diff_dict(), **vision_kwargs})
