@@ -146,6 +146,47 @@ for step, accuracy in retrieval:
     print(f"step {step:5d}: held-out top-1 retrieval {accuracy:.1%} (chance {1 / 64:.1%})")
 
 # %% [markdown]
+# ## The contrastive loss, written out
+#
+# The training process minimised `contrastive_loss` from `minimind_v.train.clip` (with the
+# auxiliary loss beside it). Here is its core in a few lines, run on the trained tiny CLIP. Eight
+# held-out pictures and their eight captions give an 8 × 8 table of cosine similarities,
+# multiplied by a learned temperature, the **logit scale**. Row i asks "which caption is picture
+# i's?", a classification among eight whose right answer is caption i; column j asks the same of
+# caption j among the pictures. The loss is the mean of the two cross-entropies. An encoder that
+# cannot tell the pictures apart gives every caption the same score and pays ln 8 = 2.08; a
+# perfect one pays nearly 0. (Training also adds hard-negative captions as extra columns;
+# exercise 4 adds them here.)
+
+# %%
+import math
+
+import torch
+import torch.nn.functional as F
+
+from minimind_v.train.clip import contrastive_loss, embed_held_out, load_clip, load_held_out
+
+
+def clip_loss(image_embeds, text_embeds, scale):
+    """Symmetric cross-entropy over B (picture, caption) pairs: row i of each is a pair, unit vectors."""
+    logits = scale * image_embeds @ text_embeds.T  # (B, D) @ (D, B) -> (B, B): picture i vs caption j
+    targets = torch.arange(len(logits))  # picture i's caption is caption i, and back
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+clip, clip_tokenizer = load_clip(CLIP_DIR)
+held = load_held_out(WORLD, n=8)  # 8 held-out pictures, one caption each
+image_embeds, text_embeds = embed_held_out(clip, clip_tokenizer, held)  # (8, D) each, unit length
+logit_scale = clip.logit_scale.exp().detach()
+ours = clip_loss(image_embeds, text_embeds, logit_scale)
+torch.testing.assert_close(ours, contrastive_loss(image_embeds, text_embeds, logit_scale))
+similarity = image_embeds @ text_embeds.T  # (8, 8) cosines
+print(f"logit scale {logit_scale:.1f}; loss {ours:.3f} (the package's: the same); ln 8 = {math.log(8):.3f}")
+print("cosine similarity, pictures (rows) x captions (columns):")
+print(similarity.numpy().round(2))
+print("best caption for each picture:", similarity.argmax(1).tolist(), " (right: [0, 1, ..., 7])")
+
+# %% [markdown]
 # The VLM will not read CLIP's summary vector but the **patch tokens**. Do they know which shape is
 # where? The probe fits a linear classifier from frozen tokens to each object's shape, colour,
 # size and grid position, on pictures it never trained on, and compares with an encoder of the same size whose
@@ -207,17 +248,45 @@ print(f"num_tokens = {encoder.num_tokens}, grid = {encoder.grid}x{encoder.grid},
 print("frozen:", not any(p.requires_grad for p in encoder.parameters()))
 
 # %% [markdown]
+# ## The patch embedding, written out
+#
 # The first layer of the encoder is the patch embedding: a convolution with a 32×32 kernel and a
-# stride of 32, which is the same as one matrix multiplying each flattened 3072-number patch.
+# stride of 32. Its windows do not overlap, so it is the same as one matrix multiplying each
+# flattened 3072-number patch. Below, the reader's version (a reshape and a matmul) against the
+# encoder's own convolution, on our picture.
 
 # %%
-conv = encoder.model.embeddings.patch_embedding  # Conv2d(3, width, kernel 32, stride 32)
-as_matrix = conv.weight.reshape(conv.out_channels, -1)  # (width, 3072)
-by_matmul = patches @ as_matrix.T  # (1, 49, 3072) @ (3072, width) -> (1, 49, width)
+def patch_embedding(pixel_values, weight, patch_size):
+    """(B, 3, S, S) -> (B, (S/P)^2, width): cut into P x P patches, flatten each, one matrix for all."""
+    B, C, S, _ = pixel_values.shape
+    g = S // patch_size  # patches per side
+    patches = (pixel_values.reshape(B, C, g, patch_size, g, patch_size)  # (B, 3, row, y, col, x)
+               .permute(0, 2, 4, 1, 3, 5)  # (B, row, col, 3, y, x): the patches in reading order
+               .reshape(B, g * g, C * patch_size * patch_size))  # (B, 49, 3072)
+    return patches @ weight.reshape(len(weight), -1).T  # (B, 49, 3072) @ (3072, width) -> (B, 49, width)
+
+
+conv = encoder.model.embeddings.patch_embedding  # Conv2d(3, width, kernel 32, stride 32, no bias)
+by_matmul = patch_embedding(pixel_values, conv.weight, encoder.patch_size)
 with torch.no_grad():
     by_conv = conv(pixel_values).flatten(2).transpose(1, 2)  # (1, width, 7, 7) -> (1, 49, width)
+# 3072 float32 products summed in another order than the convolution's: equal up to rounding
+torch.testing.assert_close(by_matmul, by_conv, rtol=1e-5, atol=1e-4)
 print("patch embedding:", tuple(by_matmul.shape),
       f" max |matmul - conv| = {(by_matmul - by_conv).abs().max():.1e}")
+
+# %% [markdown]
+# What the first transformer layer receives is one step further: the learned CLS vector in front
+# of the 49 patch vectors, and a learned position vector added to each of the 50. Without the
+# positions the layers could not tell where a patch was: attention treats its inputs as a set.
+
+# %%
+embeddings = encoder.model.embeddings
+cls = embeddings.class_embedding.expand(1, 1, -1)  # (width,) -> (1, 1, width): the same for every picture
+layer_input = torch.cat([cls, by_matmul], dim=1) + embeddings.position_embedding.weight  # (1, 50, width)
+with torch.no_grad():
+    torch.testing.assert_close(layer_input, embeddings(pixel_values), rtol=1e-5, atol=1e-4)
+print("into the first layer:", tuple(layer_input.shape), "= (CLS + 49 patches) + 50 positions")
 
 # %% [markdown]
 # The 50 tokens of our picture. Left, the whole (50 × width) matrix: row 0 is CLS. Its vertical
@@ -264,3 +333,24 @@ plt.show()
 #   training read them from a cache instead of recomputing them.
 #
 # Next: the other half of the model, the tokenizer and the decoder that will read these tokens.
+#
+# ## Exercises
+#
+# Worked solutions: `notebooks/solutions/01_solutions.py`, one function per exercise
+# (`python notebooks/solutions/01_solutions.py` runs them all; the tests run them too). Try each
+# before you look.
+#
+# 1. **Predict, then run.** OpenAI's larger CLIP, ViT-L/14 at 336 px, cuts patches of 14 px. How
+#    many tokens does it hand a VLM per picture? And ViT-B/16 at 224 px? Check both by building a
+#    tiny random vision tower of each geometry (`transformers.CLIPVisionConfig` with a small
+#    width) and counting the rows of its output.
+# 2. **Predict, then run.** Paint the patch in row 2, column 5 of a picture white. Which rows of
+#    the patch embedding change? Which of the encoder's 50 output tokens change? Check with
+#    `patch_embedding` above and a random encoder.
+# 3. **Predict, then run.** B pictures, each with its own caption vector equal to the picture's,
+#    all B vectors orthogonal: write the contrastive loss at logit scale s as a formula. Then
+#    every picture and caption the same vector: what is the loss now? Check both against
+#    `contrastive_loss`.
+# 4. **Change the code.** Extend `clip_loss` with hard negatives: M extra captions that match no
+#    picture, as extra columns of the picture -> caption table only (a caption-to-picture row has
+#    no use for them). Check it against `contrastive_loss(image, text, scale, negative_embeds)`.

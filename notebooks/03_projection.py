@@ -80,6 +80,23 @@ print("image tokens:", tuple(image_tokens.shape))
 print("projected:   ", tuple(projected.shape))
 
 # %% [markdown]
+# The projection written out: one weight matrix and one bias, the same for all 50 tokens of every
+# picture. A batched matmul over the 16 × 50 tokens above gives exactly what `vision_proj` gave.
+
+# %%
+def project(image_tokens, weight, bias):
+    """(B, 50, vision_width) -> (B, 50, dim): one matrix and one bias for every token of every picture."""
+    return image_tokens @ weight.T + bias  # (B, 50, W) @ (W, dim) + (dim,) -> (B, 50, dim)
+
+
+linear = vlm.vision_proj.layers[0]  # nn.Linear(vision_width, dim)
+with torch.no_grad():
+    ours = project(image_tokens, linear.weight, linear.bias)
+torch.testing.assert_close(ours, projected)
+print(f"weight {tuple(linear.weight.shape)} and bias {tuple(linear.bias.shape)}: "
+      f"{tuple(image_tokens.shape)} -> {tuple(ours.shape)}, equal to vision_proj's output")
+
+# %% [markdown]
 # ## How many parameters?
 #
 # A linear layer from W to dim has a W × dim matrix and a bias of dim: `W·dim + dim`. For the real
@@ -187,3 +204,20 @@ print(f"best cosine, mean over the 50 tokens: {best.mean():.3f};  "
 #   directions. Stage-1 pretraining is where it learns which directions mean what to the decoder.
 #
 # Next: where those 50 vectors enter the prompt.
+#
+# ## Exercises
+#
+# Worked solutions: `notebooks/solutions/03_solutions.py`, one function per exercise.
+#
+# 1. **Predict, then run.** How many parameters does the projection have for OpenAI's ViT-L/14
+#    (width 1024) joined to the `base` decoder (dim 768)? And LLaVA-1.5's two-layer MLP
+#    (`--projector mlp`: Linear, GELU, Linear dim → dim) for the same pair? Check with
+#    `VisionProjector`.
+# 2. **Predict, then run.** Shuffle the 50 tokens of a picture before the projection. What happens
+#    to its output? Where, then, can the decoder learn which patch a token came from?
+# 3. **Predict, then run.** Derive the untrained length 0.02·|x|·√dim: what is the variance of one
+#    output number when the weights are drawn with standard deviation 0.02? Then predict the length
+#    with PyTorch's default initialisation of `nn.Linear` (uniform in ±1/√W, before the VLM
+#    re-initialises it). Check both on random tokens.
+# 4. **Change the code.** Write LLaVA-1.5's MLP projector as a function of its weights, like
+#    `project` above, and check it against `VisionProjector(W, dim, "mlp")`.

@@ -101,6 +101,30 @@ positions = mask[0].nonzero().squeeze(1)
 print(f"mask: {tuple(mask.shape)}, {int(mask.sum())} image positions, from {int(positions[0])} to {int(positions[-1])}")
 
 # %% [markdown]
+# The same search written as plainly as possible: slide a window of N ids along the rows, and
+# where it equals the pattern, mark its N positions. It is a Python loop over positions, fine to
+# read but too slow for a training step; the package does the same comparison for all windows at
+# once. Both agree on the toy rows and on the real prompt.
+
+# %%
+def find_placeholders(input_ids, pattern):
+    """(B, T) bool: True on every position inside a complete copy of `pattern` (N ids)."""
+    B, T = input_ids.shape
+    N = len(pattern)
+    found = torch.zeros(B, T, dtype=torch.bool)
+    for start in range(T - N + 1):  # every window of N ids
+        hit = (input_ids[:, start:start + N] == pattern).all(dim=1)  # (B,): rows whose window is the pattern
+        found[hit, start:start + N] = True
+    return found
+
+
+toy_pattern = torch.tensor([5, 6, 7])
+torch.testing.assert_close(find_placeholders(toy, toy_pattern), placeholder_mask(toy, toy_pattern))
+torch.testing.assert_close(find_placeholders(input_ids, pattern), mask)
+print(f"the reader's mask = placeholder_mask: {int(find_placeholders(toy, toy_pattern).sum())} toy positions, "
+      f"{int(find_placeholders(input_ids, pattern).sum())} in the prompt")
+
+# %% [markdown]
 # ## Before and after
 #
 # Embedding the prompt gives one vector per token. The 50 placeholders are the same token, so
@@ -181,6 +205,30 @@ for row in range(2):
           f"hold image {row}: {torch.equal(batch_after[row, batch_mask[row]], batch_projected[row])}")
 
 # %% [markdown]
+# The substitution written out. The mask picks the placeholder rows of the whole batch in reading
+# order, row by row, which is the order of the images: image 0's 50 tokens fill the first 50
+# placeholder rows, image 1's the next 50. A count that does not match is an error, never a silent
+# misalignment. On the batch and on the single prompt, the reader's version gives the package's
+# embeddings.
+
+# %%
+def substitute(embeds, found, projected):
+    """embeds (B, T, dim), found (B, T) bool, projected (n_images, N, dim) -> new (B, T, dim)."""
+    n_images, N, dim = projected.shape
+    if int(found.sum()) != n_images * N:
+        raise ValueError(f"{int(found.sum())} placeholder positions, but {n_images} image(s) of {N} tokens")
+    out = embeds.clone()
+    out[found] = projected.reshape(n_images * N, dim)  # (n_images * N, dim) into the marked rows, in order
+    return out
+
+
+with torch.no_grad():
+    ours = substitute(vlm.tok_embeddings(batch_ids), find_placeholders(batch_ids, pattern), batch_projected)
+    torch.testing.assert_close(ours, batch_after)
+    torch.testing.assert_close(substitute(before, find_placeholders(input_ids, pattern), projected), after)
+print("the reader's substitution = substitute_image_tokens:", tuple(ours.shape), "and", tuple(after.shape))
+
+# %% [markdown]
 # ## Into the decoder
 #
 # `MiniMindVLM.forward` does the substitution itself when given pixels (through the attached
@@ -210,3 +258,21 @@ for name, logits in (("with the picture", with_picture), ("text only       ", wi
 #
 # Next: teaching the projection (and, by default, the whole decoder with it) to make sense of the
 # picture.
+#
+# ## Exercises
+#
+# Worked solutions: `notebooks/solutions/04_solutions.py`, one function per exercise.
+#
+# 1. **Predict, then run.** The prompt for "What colour is the circle?" with one picture has some
+#    text tokens plus the placeholders. How much longer is it with ViT-L/14's 577 tokens per
+#    picture instead of 50? What does that do to the cost of attention over the prompt?
+# 2. **Predict, then run.** Break the count: a prompt with 49 placeholders for a 50-token picture,
+#    and a batch of two prompts with a picture each but the tokens of one picture only. What does
+#    `substitute_image_tokens` say in each case? And `substitute` above?
+# 3. **Predict, then run.** With a pattern of several ids, as in the original tokenizer
+#    (`'<' * 25 + '>' * 25`; here shortened to `[5, 5, 6, 6]`), which positions does
+#    `placeholder_mask` mark in `[5, 5, 6, 6, 5, 5, 6, 6]` (two pictures back to back), in
+#    `[5, 5, 6, 5, 5, 6, 6, 9]` and in `[5, 6, 6, 9, 5, 5, 6, 9]`? Check with `find_placeholders` too.
+# 4. **Predict, then run.** Backpropagate a loss through a forward pass with a picture. What
+#    gradient does the row of `<|image|>` in the token embedding receive? And the projection?
+#    What does that mean for the placeholder's own embedding during training?

@@ -196,3 +196,24 @@ print(f"word embeddings:        median length {bundle.model.tok_embeddings.weigh
 # * The frozen encoder makes a feature cache possible: every picture is encoded once, and training
 #   reads `(B, 50, vision_width)` tokens instead of pixels.
 # * The result is a model that describes pictures; chapter 6 teaches it to answer questions.
+#
+# ## Exercises
+#
+# Worked solutions: `notebooks/solutions/05_solutions.py`, one function per exercise.
+#
+# 1. **Predict, then run.** For the book's VLM (the `tiny` decoder, dim 128 and 4 layers, joined
+#    to the 128-wide tiny CLIP), how many parameters train under `--freeze proj`? Under `ends`,
+#    which adds the first and last blocks? Check with `set_trainable`.
+# 2. **Predict, then run.** How many bytes does the feature cache hold per picture for CLIP
+#    ViT-B/32 in float16 (the default)? For the original's ~595,000 pretraining pictures? For our
+#    tiny CLIP and 20,000 pictures? Check the per-picture size against a cache built for three
+#    pictures with a random encoder.
+# 3. **Predict, then run.** How many tokens of a caption sample carry a loss? Count the caption's
+#    tokens first, then check with `encode_chat`, and for a batch with `collate` and
+#    `Batch.n_targets`.
+# 4. **Predict, then run.** How many different captions can one picture of three objects get,
+#    counting the orders of the objects and the five sentence templates? How many nats of each
+#    such caption can no picture predict? Count the captions `shapes.caption` really writes for
+#    one scene.
+# 5. **Change the code.** Take one optimiser step with `--freeze proj` (`set_trainable(model,
+#    "proj")`) on a tiny VLM and compare every parameter before and after: which ones moved?

@@ -86,6 +86,37 @@ print(supervised)
 assert supervised == answers
 
 # %% [markdown]
+# The labels written out, from the token ids alone: an answer starts right after each
+# `<s>assistant\n` header and ends with its `</s>`, which is included (the model must learn to
+# stop); every other position gets -100. The package builds the labels while it encodes the chat,
+# piece by piece; both ways agree on this record and on the first 200 SFT records.
+
+# %%
+import torch
+
+
+def answer_only_labels(ids, tokenizer):
+    """Token ids of a chat -> labels: ids inside each answer (up to and including its </s>), else -100."""
+    header = tokenizer("<s>assistant\n", add_special_tokens=False).input_ids  # <s>, assistant, \n: 3 ids here
+    out, answering, t = [], False, 0
+    while t < len(ids):
+        if not answering and ids[t:t + len(header)] == header:  # an answer begins after this header
+            out += [IGNORE_INDEX] * len(header)
+            t, answering = t + len(header), True
+            continue
+        out.append(ids[t] if answering else IGNORE_INDEX)
+        answering = answering and ids[t] != tokenizer.eos_token_id  # </s> closes the answer
+        t += 1
+    return out
+
+
+torch.testing.assert_close(torch.tensor(answer_only_labels(ids, tokenizer)), torch.tensor(labels))
+for other in sft[:200]:
+    other_ids, other_labels = encode_chat(tokenizer, other["conversations"], cfg.num_image_tokens)
+    torch.testing.assert_close(torch.tensor(answer_only_labels(other_ids, tokenizer)), torch.tensor(other_labels))
+print(f"the reader's labels = encode_chat's, on record {record['id']} and on {len(sft[:200])} SFT records")
+
+# %% [markdown]
 # The shift, on the first answer: the logits at position t are compared with the label at t+1.
 
 # %%
@@ -95,6 +126,37 @@ for t in range(first - 3, first + 2):
     target = labels[t + 1]
     shown = repr(tokenizer.decode([target])) if target != IGNORE_INDEX else "-100 (no loss)"
     print(f"{t:>8}  {tokenizer.decode([ids[t]])!r:>14}  {shown:>22}")
+
+# %% [markdown]
+# The loss with the shift, written out, on this record and its picture, with the stage-1 model
+# that SFT starts from: drop the last position's logits (there is no token after it to predict),
+# drop the first label (no position predicts it), and take the cross-entropy of what is left,
+# skipping -100. It is the loss the package computes (exercise 2 shows what goes wrong without
+# the shift).
+
+# %%
+import torch.nn.functional as F
+
+from minimind_v.data.images import load_image
+from minimind_v.inference import load_vlm
+
+
+def shifted_loss(logits, labels):
+    """logits (B, T, vocab), labels (B, T): position t is scored on the label at t+1."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+stage1 = load_vlm(stage_dir(RUN, "pretrain"))
+record_ids, record_labels = torch.tensor([ids]), torch.tensor([labels])  # (1, T) each
+with torch.no_grad():
+    pixels = stage1.encoder.preprocess(load_image(WORLD / "sft_images" / record["image"]))  # (1, 3, 224, 224)
+    logits = stage1.model(input_ids=record_ids, pixel_values=pixels, use_cache=False).logits  # (1, T, vocab)
+    package_loss = stage1.model(input_ids=record_ids, pixel_values=pixels, labels=record_labels, use_cache=False).loss
+ours = shifted_loss(logits, record_labels)
+# The package runs the output head on the answer rows only: equal up to float rounding.
+torch.testing.assert_close(ours, package_loss, rtol=1e-5, atol=1e-5)
+print(f"loss of the stage-1 model on this record's {int((record_labels[:, 1:] != IGNORE_INDEX).sum())} answer "
+      f"tokens: {ours:.3f} (the package's: {package_loss:.3f})")
 
 # %% [markdown]
 # ## Mixing in captions
@@ -157,3 +219,22 @@ for r, q, p in zip(held_out, questions, predictions):
 # * A share of caption samples keeps the stage-1 skill alive; CLIP stays frozen, the rest trains.
 #
 # Next: how good is it, where does it look, and what does it say to your own questions?
+#
+# ## Exercises
+#
+# Worked solutions: `notebooks/solutions/06_solutions.py`, one function per exercise.
+#
+# 1. **Predict, then run.** Encode a conversation of two questions about a picture, "What colour is
+#    the circle?" - "red" and "How many shapes are there?" - "two". How many tokens carry a loss?
+#    Check that no header, question or placeholder position does.
+# 2. **Predict, then run.** A "model" that copies its input: its logits put a large score on the
+#    very token at each position. What is its loss with the shift, and without it? What would a
+#    model trained without the shift learn?
+# 3. **Predict, then run.** The `\n` after each answer's `</s>` is part of the chat, but its label
+#    is -100. Check that for every answer of a conversation. Why is it never needed?
+# 4. **Predict, then run.** A sample pays for its picture once (50 placeholders and the headers)
+#    and then about a question-and-answer turn per question. What share of a sample's tokens
+#    carries a loss with one question, and with seven?
+# 5. **Predict, then run.** The loss of a batch averages over all its answer tokens, not over its
+#    samples. For a batch of a one-answer sample and a seven-answer sample, write the batch loss
+#    as a weighted mean of the two samples' own losses, and check it with a tiny model.
