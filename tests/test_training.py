@@ -170,7 +170,8 @@ def test_step_loss_is_the_mean_over_every_answer_token_of_the_global_batch(make_
     reference.train()
     total_loss, total_targets = 0.0, 0
     for s in samples:  # per sample: no padding, no batching
-        out = reference(input_ids=s.input_ids[None], labels=s.labels[None], pixel_values=s.image[None],
+        pixels = s.image if s.image.dim() == 4 else s.image[None]  # (n_images, 3, S, S) per sample
+        out = reference(input_ids=s.input_ids[None], labels=s.labels[None], pixel_values=pixels,
                         use_cache=False)
         n = int((s.labels[1:] != -100).sum())
         total_loss = total_loss + out.loss * n
@@ -245,10 +246,10 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]
 
     def dies_half_way(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        f.write(b"PK\x03\x04 half a checkpoint")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(trainer.torch, "save", dies_half_way)
+    monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(OSError, match="No space left"):
         trainer.atomic_torch_save({"step": 2, "w": torch.zeros(4)}, path)
     monkeypatch.undo()

@@ -60,7 +60,11 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from ..data import shapes
 from ..data.images import load_image
 from ..model.vision import VisionEncoder, quiet_transformers
+from ..runfiles import atomic_write_text, mark_complete
 from . import distributed as D
+from . import trainer as T
+from .common import FLAG_HELP, checked, path_setting
+from .trainer import LIMITS, value_problem
 
 # ----------------------------------------------------------------------------- tokenizer
 
@@ -736,6 +740,55 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     model: TinyClipConfig = field(default_factory=TinyClipConfig)
+    save_every: int = 0  # write the checkpoint every N steps (0: only at the end)
+    resume: bool = False  # continue from out/checkpoint.pt (same settings), or start at step 0 without one
+    overwrite: bool = False  # start at step 0 although out holds an earlier run
+    allow_inexact_resume: bool = False  # with resume: continue although the settings differ
+    stop_at: int | None = None  # end this run early at that step, as if killed (for resume tests)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag of the first value out of range."""
+        for name, limits in CONFIG_LIMITS.items():
+            value = getattr(self.model, name) if hasattr(self.model, name) else getattr(self, name)
+            if name == "stop_at" and value is None:
+                continue
+            problem = value_problem(value, **limits)
+            if problem:
+                raise ValueError(f"--{name.replace('_', '-')} {problem}")
+        if self.eval_pairs % 64:
+            raise ValueError(f"--eval-pairs must be a positive multiple of 64, got {self.eval_pairs}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: --resume continues the run in the "
+                             "folder, --overwrite starts it again")
+
+
+# The valid range of each TrainConfig / TinyClipConfig value (flags of the same name).
+CONFIG_LIMITS = {
+    **{k: v for k, v in LIMITS.items() if k in ("steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps",
+                                                 "weight_decay", "grad_clip", "seed", "log_every", "save_every",
+                                                 "stop_at")},
+    "negatives": dict(integer=True, low=0), "aux_weight": dict(integer=False, low=0),
+    "eval_every": dict(integer=True, low=0), "eval_pairs": dict(integer=True, low=64),
+    "probe_train": dict(integer=True, low=0), "probe_test": dict(integer=True, low=1),
+    **{k: dict(integer=True, low=1) for k in ("vision_width", "vision_layers", "vision_heads", "text_width",
+                                             "text_layers", "text_heads", "projection_dim")},
+}
+# TrainConfig fields that do not change the trained weights: not compared on resume.
+NOT_SETTINGS = ("out", "progress", "eval_every", "probe_train", "probe_test", "log_every", "save_every", "resume",
+                "overwrite", "allow_inexact_resume", "stop_at", "model")
+
+
+def run_settings(cfg: TrainConfig, world_size: int) -> dict:
+    """What decides the weights a run ends with (compared on resume): the training values, the
+    model's sizes, the held-out set (its pictures are never trained on) and the number of processes."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_SETTINGS}
+    settings["data"] = path_setting(cfg.data, cfg.out)
+    settings.update(asdict(cfg.model))
+    settings["world_size"] = world_size
+    return settings
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -753,26 +806,51 @@ def train(cfg: TrainConfig) -> dict:
     """Train (alone or as one rank of a torchrun job), save to cfg.out on rank 0, return a summary."""
     info = D.setup_distributed()
     try:
-        return _train(cfg, info)
-    finally:
+        result = _train(cfg, info)
+    except D.RankTimeoutError:
+        raise  # leave the broken process group alone: tearing it down may wait on the rank that is gone
+    except BaseException:
         D.cleanup_distributed()
+        raise
+    D.cleanup_distributed()
+    return result
 
 
 def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
+    cfg.validate()
     if cfg.batch_size % info.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({info.world_size})")
-    if cfg.eval_pairs < 64 or cfg.eval_pairs % 64:
-        raise ValueError(f"--eval-pairs must be a positive multiple of 64, got {cfg.eval_pairs}")
     out = Path(cfg.out)
     local_batch = cfg.batch_size // info.world_size
+    settings = run_settings(cfg, info.world_size)
+    checkpoint = out / T.CHECKPOINT
+    # Every rank decides from the same files before rank 0 writes anything (the collective of
+    # wrap_ddp / same_on_every_rank below comes first).
+    state, differences = T.start_state(out, settings, info, resume=cfg.resume, overwrite=cfg.overwrite,
+                                       allow_inexact_resume=cfg.allow_inexact_resume, steps=cfg.steps)
 
     D.seed_everything(cfg.seed)  # identical initial weights on every rank
     tokenizer = build_tokenizer()
     clip = CLIPModel(make_clip_config(cfg.model, vocab_size=len(tokenizer)))
     init_vision_embeddings(clip)
     clip = clip.to(info.device)
-    model = D.wrap_ddp(ContrastiveCLIP(clip), info)
+    contrastive = ContrastiveCLIP(clip)
+    model = D.wrap_ddp(contrastive, info)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    start_step, last_loss, inexact = 0, float("nan"), []
+    if state is not None:
+        # The heads are saved too: they shape the gradients, so an exact resume needs them.
+        T.load_model_state(contrastive, state["model"], checkpoint)
+        T.load_optimizer_state(optimizer, state["optimizer"], checkpoint)
+        start_step, last_loss = state["step"], float(state.get("loss", float("nan")))
+        inexact = list(state.get("inexact_resumes", []))
+        if differences:
+            inexact.append({"step": start_step, "changed": {k: list(v) for k, v in differences.items()}})
+        del state
+    elif cfg.resume and info.is_main:
+        print(f"--resume: no {T.CHECKPOINT} in {out}; starting from step 0")
+    T.same_on_every_rank(start_step, "the step to start from", info.device)
+    end_step = max(start_step, cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at))
 
     held = load_held_out(cfg.data, n=cfg.eval_pairs, seed=cfg.seed) if info.is_main else None
     # Every rank skips the same held-out pictures (rank 0 knows them; share the keys).
@@ -783,8 +861,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
 
     metrics_file = None
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(out / "metrics.jsonl", "w", encoding="utf-8")
+        T.prepare_out_dir(out, start_step, {"total_steps": cfg.steps, "world_size": info.world_size,
+                                            "settings": settings,
+                                            **({"inexact_resumes": inexact} if inexact else {})})
+        metrics_file = open(out / T.METRICS, "a", encoding="utf-8")
 
     def log(record: dict) -> None:
         if metrics_file:
@@ -797,71 +877,100 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
         log({"step": step, "elapsed_s": round(elapsed, 2), "retrieval_top1": acc})
         return acc
 
+    def save_checkpoint(step: int) -> None:
+        T.write_checkpoint(checkpoint, contrastive, optimizer, step, settings, loss=last_loss,
+                           inexact_resumes=inexact)
+        guard.saved = step
+
+    guard = T.StepGuard(save_checkpoint, start_step, info, checkpoint)
     start = time.perf_counter()
     model.train()
-    bar = tqdm(total=cfg.steps, desc="tiny CLIP", unit="step", disable=not (info.is_main and cfg.progress))
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="tiny CLIP", unit="step",
+               disable=not (info.is_main and cfg.progress))
     acc = float("nan")
     images_seen, window_start, window_images = 0, time.perf_counter(), 0
-    for step in range(cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg) * group["lr_multiplier"]
-        # This rank's slice of global batch `step`: examples [step*B + rank*b, step*B + (rank+1)*b).
-        first = step * cfg.batch_size + info.rank * local_batch
-        batch = training_batch(tokenizer, cfg.seed, range(first, first + local_batch), cfg.negatives, held_keys)
-        batch = {k: v.to(info.device) for k, v in batch.items()}
-        image, text, scale, object_logits, count_logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-        # Gather every rank's embeddings (with gradient): the loss below is the global-batch loss.
-        positives, negatives = text[:local_batch], text[local_batch:]
-        clip_loss = contrastive_loss(
-            D.all_gather_with_grad(image), D.all_gather_with_grad(positives), scale,
-            D.all_gather_with_grad(negatives) if cfg.negatives else None,
-        )
-        # Per rank, normalised by the mean labelled-patch count per rank, so that DDP's gradient
-        # average is the gradient of the global-batch mean. (A zero weight keeps the head in the
-        # graph: DDP expects every parameter to get a gradient.)
-        patches_per_rank = D.all_reduce_mean((batch["patch_labels"][:, 0] >= 0).sum().float())
-        # Every rank holds the same number of pictures, so the count loss's per-rank mean averages right.
-        aux_loss = object_loss(object_logits, batch["patch_labels"], patches_per_rank) + count_loss(count_logits, batch["counts"])
-        loss = clip_loss + cfg.aux_weight * aux_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        with torch.no_grad():
-            clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    D.use_step_timeout()
+    step = start_step
+    try:
+        for step in range(start_step, end_step):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, cfg) * group["lr_multiplier"]
+            # This rank's slice of global batch `step`: examples [step*B + rank*b, step*B + (rank+1)*b).
+            first = step * cfg.batch_size + info.rank * local_batch
+            batch = training_batch(tokenizer, cfg.seed, range(first, first + local_batch), cfg.negatives, held_keys)
+            batch = {k: v.to(info.device) for k, v in batch.items()}
+            image, text, scale, object_logits, count_logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+            # Gather every rank's embeddings (with gradient): the loss below is the global-batch loss.
+            positives, negatives = text[:local_batch], text[local_batch:]
+            clip_loss = contrastive_loss(
+                D.all_gather_with_grad(image), D.all_gather_with_grad(positives), scale,
+                D.all_gather_with_grad(negatives) if cfg.negatives else None,
+            )
+            # Per rank, normalised by the mean labelled-patch count per rank, so that DDP's gradient
+            # average is the gradient of the global-batch mean. (A zero weight keeps the head in the
+            # graph: DDP expects every parameter to get a gradient.)
+            patches_per_rank = D.all_reduce_mean((batch["patch_labels"][:, 0] >= 0).sum().float())
+            # Every rank holds the same number of pictures, so the count loss's per-rank mean averages right.
+            aux_loss = object_loss(object_logits, batch["patch_labels"], patches_per_rank) + count_loss(count_logits, batch["counts"])
+            loss = clip_loss + cfg.aux_weight * aux_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            T.fault_point(f"step-{step + 1}")
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            guard.updating = True
+            optimizer.step()
+            with torch.no_grad():
+                clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            guard.completed(step + 1)
+            last_loss = clip_loss.item()  # identical on every rank (the global-batch loss)
 
-        images_seen += cfg.batch_size
-        window_images += cfg.batch_size
-        bar.update()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            now = time.perf_counter()
-            speed = window_images / (now - window_start)
-            window_start, window_images = now, 0
-            clip_value = clip_loss.item()  # identical on every rank (the global-batch loss)
-            aux_value = D.all_reduce_mean(aux_loss).item()  # the global-batch mean (collective: every rank)
-            log({"step": step + 1, "elapsed_s": round(now - start, 2), "loss": round(clip_value, 4),
-                 "aux_loss": round(aux_value, 4), "lr": learning_rate(step, cfg),
-                 "logit_scale": round(clip.logit_scale.exp().item(), 2), "images_per_s": round(speed, 1)})
-            bar.set_postfix(loss=f"{clip_value:.3f}", aux=f"{aux_value:.3f}", img_s=f"{speed:.0f}", top1=f"{acc:.2f}")
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            if info.is_main:
-                acc = evaluate(step + 1, time.perf_counter() - start)
-            D.barrier()
+            images_seen += cfg.batch_size
+            window_images += cfg.batch_size
+            bar.update()
+            if (step + 1) % cfg.log_every == 0 or step + 1 == end_step:
+                now = time.perf_counter()
+                speed = window_images / (now - window_start)
+                window_start, window_images = now, 0
+                aux_value = D.all_reduce_mean(aux_loss).item()  # the global-batch mean (collective: every rank)
+                log({"step": step + 1, "elapsed_s": round(now - start, 2), "loss": round(last_loss, 4),
+                     "aux_loss": round(aux_value, 4), "lr": learning_rate(step, cfg),
+                     "logit_scale": round(clip.logit_scale.exp().item(), 2), "images_per_s": round(speed, 1)})
+                bar.set_postfix(loss=f"{last_loss:.3f}", aux=f"{aux_value:.3f}", img_s=f"{speed:.0f}", top1=f"{acc:.2f}")
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                # Rank 0 evaluates; the others wait for it outside any collective.
+                result = D.run_on_main(lambda: evaluate(step + 1, time.perf_counter() - start), "the held-out evaluation")
+                acc = result if info.is_main else acc
+            if info.is_main and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end_step:
+                save_checkpoint(step + 1)
+    except Exception as err:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+        failure = guard.fail(err, step + 1)
+        if failure is err:
+            raise
+        raise failure from err
     bar.close()
     train_seconds = time.perf_counter() - start
+    finished = end_step == cfg.steps
 
-    summary = {}
-    if info.is_main:
+    def finish() -> dict:
+        """Rank 0: the final checkpoint, then the model folder, then the completion mark, last."""
+        save_checkpoint(end_step)
+        if not finished:
+            metrics_file.close()
+            return {"steps": end_step, "finished": False, "final_loss": last_loss, "out": str(out)}
         acc = evaluate(cfg.steps, train_seconds)
         with quiet_transformers():
             clip.save_pretrained(out)
+            T.fault_point("final-save")  # the crash tests kill here: weights written, the rest not yet
             tokenizer.save_pretrained(out)
             make_image_processor(cfg.model.image_size).save_pretrained(out)
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        atomic_write_text(out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         summary = {"steps": cfg.steps, "images": images_seen, "minutes": round(train_seconds / 60, 2),
-                   "world_size": info.world_size, "final_loss": round(clip_loss.item(), 4), "retrieval_top1": acc,
-                   "held_out": held.source, "out": str(out)}
+                   "world_size": info.world_size, "final_loss": round(last_loss, 4), "retrieval_top1": acc,
+                   "held_out": held.source, "out": str(out), "finished": True}
         if cfg.probe_train:
             probe = probe_trained_vs_random(out, cfg.probe_train, cfg.probe_test, cfg.seed)
             summary["probe"] = probe
@@ -873,9 +982,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
             shape = ", shape probe trained/random " + ", ".join(
                 f"{f} {p['trained'][f]['shape']:.2f}/{p['random'][f]['shape']:.2f}" for f in PROBE_FEATURES)
         print(f"tiny CLIP: {cfg.steps} steps x {cfg.batch_size} in {train_seconds / 60:.1f} min on {info.world_size} "
-              f"process(es), contrastive loss {clip_loss.item():.3f}, held-out top-1 retrieval {acc:.3f} (batches of 64){shape} -> {out}")
-    D.barrier()
-    return summary
+              f"process(es), contrastive loss {last_loss:.3f}, held-out top-1 retrieval {acc:.3f} (batches of 64){shape} -> {out}")
+        mark_complete(out, {"stage": "clip", "summary": summary, "settings": settings, "inexact_resumes": inexact})
+        return summary
+
+    # The others wait for rank 0's saving and probe outside any collective (the probe takes a while).
+    summary = D.run_on_main(finish, "saving the model and probing it")
+    return summary if info.is_main else {}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -883,44 +996,49 @@ def main(argv: list[str] | None = None) -> dict:
     m = TinyClipConfig()
     p = argparse.ArgumentParser(prog="python -m minimind_v.train.clip",
                                 description="Train the tiny CLIP on the shapes world (alone or under torchrun).")
+
+    def number(name: str, kind=int, **kwargs):
+        """A flag whose value is checked against CONFIG_LIMITS (the error names the flag)."""
+        limits = {k: v for k, v in CONFIG_LIMITS[name].items() if k != "integer"}
+        p.add_argument("--" + name.replace("_", "-"), type=checked(kind, **limits), **kwargs)
+
     p.add_argument("--data", default=d.data, help="shapes-world folder; its eval split is the held-out set "
                    "(default: freshly generated held-out scenes)")
     p.add_argument("--out", default=d.out, help="output folder: CLIPModel, tokenizer, image processor, "
-                   "train_config.json and metrics.jsonl (one JSON line per log step, rewritten each run)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split over processes)")
-    p.add_argument("--negatives", type=int, default=d.negatives, help="hard-negative captions per picture")
-    p.add_argument("--aux-weight", type=float, default=d.aux_weight,
-                   help="weight of the auxiliary loss: objects on the patch tokens, counts on CLS (0: contrastive only)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between held-out evaluations (0: only at the end)")
-    p.add_argument("--eval-pairs", type=int, default=d.eval_pairs)
-    p.add_argument("--probe-train", type=int, default=d.probe_train, help="linear-probe training objects (0: no probe)")
-    p.add_argument("--probe-test", type=int, default=d.probe_test)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--vision-width", type=int, default=m.vision_width)
-    p.add_argument("--vision-layers", type=int, default=m.vision_layers)
-    p.add_argument("--vision-heads", type=int, default=m.vision_heads)
-    p.add_argument("--text-width", type=int, default=m.text_width)
-    p.add_argument("--text-layers", type=int, default=m.text_layers)
-    p.add_argument("--text-heads", type=int, default=m.text_heads)
-    p.add_argument("--projection-dim", type=int, default=m.projection_dim)
+                   "train_config.json, checkpoint.pt and metrics.jsonl (one JSON line per log step)")
+    number("steps", default=d.steps)
+    number("batch_size", default=d.batch_size, help="global batch (split over processes)")
+    number("negatives", default=d.negatives, help="hard-negative captions per picture")
+    number("aux_weight", float, default=d.aux_weight,
+           help="weight of the auxiliary loss: objects on the patch tokens, counts on CLS (0: contrastive only)")
+    number("lr", float, default=d.lr)
+    number("warmup_steps", default=d.warmup_steps)
+    number("weight_decay", float, default=d.weight_decay)
+    number("seed", default=d.seed)
+    number("eval_every", default=d.eval_every, help="steps between held-out evaluations (0: only at the end)")
+    number("eval_pairs", default=d.eval_pairs, help="held-out pairs (a multiple of 64)")
+    number("probe_train", default=d.probe_train, help="linear-probe training objects (0: no probe)")
+    number("probe_test", default=d.probe_test)
+    number("log_every", default=d.log_every)
+    number("save_every", default=d.save_every, help=FLAG_HELP["save_every"])
+    p.add_argument("--resume", action="store_true", help=FLAG_HELP["resume"])
+    p.add_argument("--overwrite", action="store_true", help=FLAG_HELP["overwrite"])
+    p.add_argument("--allow-inexact-resume", action="store_true", help=FLAG_HELP["allow_inexact_resume"])
+    number("stop_at", default=None, help=argparse.SUPPRESS)
+    for name in ("vision_width", "vision_layers", "vision_heads", "text_width", "text_layers", "text_heads",
+                 "projection_dim"):
+        number(name, default=getattr(m, name))
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    for name in ("steps", "batch_size", "log_every", "vision_width", "vision_layers", "vision_heads", "text_width",
-                 "text_layers", "text_heads", "projection_dim"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    model = TinyClipConfig(a.vision_width, a.vision_layers, a.vision_heads, a.text_width, a.text_layers, a.text_heads,
-                           a.projection_dim)
-    cfg = TrainConfig(out=a.out, data=a.data, steps=a.steps, batch_size=a.batch_size, negatives=a.negatives, aux_weight=a.aux_weight, lr=a.lr,
-                      warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, seed=a.seed, eval_every=a.eval_every,
-                      eval_pairs=a.eval_pairs, probe_train=a.probe_train, probe_test=a.probe_test,
-                      log_every=a.log_every, progress=not a.no_progress, model=model)
     try:
+        model = TinyClipConfig(a.vision_width, a.vision_layers, a.vision_heads, a.text_width, a.text_layers,
+                               a.text_heads, a.projection_dim)
+        cfg = TrainConfig(out=a.out, data=a.data, steps=a.steps, batch_size=a.batch_size, negatives=a.negatives,
+                          aux_weight=a.aux_weight, lr=a.lr, warmup_steps=a.warmup_steps, weight_decay=a.weight_decay,
+                          seed=a.seed, eval_every=a.eval_every, eval_pairs=a.eval_pairs, probe_train=a.probe_train,
+                          probe_test=a.probe_test, log_every=a.log_every, progress=not a.no_progress, model=model,
+                          save_every=a.save_every, resume=a.resume, overwrite=a.overwrite,
+                          allow_inexact_resume=a.allow_inexact_resume, stop_at=a.stop_at)
         return train(cfg)
     except (ValueError, FileNotFoundError) as err:
         p.error(str(err))

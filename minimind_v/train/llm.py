@@ -21,29 +21,41 @@ from ..config import PRESETS, config_from_preset
 from ..data.datasets import ChatDataset, collate
 from ..model.llm import MiniMindForCausalLM
 from ..tokenizer import load_tokenizer
-from .common import add_train_flags, lm_step_loss, save_with_tokenizer, train_args_from
+from .common import add_train_flags, checked, lm_step_loss, path_setting, save_with_tokenizer, train_args_from
 from .distributed import cleanup_distributed, print0, seed_everything, setup_distributed
-from .trainer import count_trainable, fit
+from .trainer import TrainSetupError, count_trainable, fit, refuse_earlier_run
 
 TEXT_FILES = ("pretrain_data.json", "sft_data.json")
 
 
-def parse_args(argv=None):
+MIN_LENGTH = 2  # one token in, one to predict
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset folder (pretrain_data.json, sft_data.json)")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-length", type=checked(int, low=MIN_LENGTH), default=256)
     p.add_argument("--use-moe", action="store_true", help="mixture-of-experts feed-forward")
     p.add_argument("--skip-bad-samples", action="store_true")
     add_train_flags(p, lr=2e-3, steps=300, batch_size=32, warmup_steps=20)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):
-    ns = parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    args = train_args_from(ns, parser)
+    try:  # before any slow loading
+        refuse_earlier_run(args.out_dir, args.resume, args.overwrite)
+    except TrainSetupError as err:
+        parser.error(str(err))
     info = setup_distributed()
-    args = train_args_from(ns)
     seed_everything(args.seed)
     tokenizer = load_tokenizer(ns.tokenizer)
     parts = [ChatDataset(Path(ns.data) / name, tokenizer, text_only=True, max_length=ns.max_length,
@@ -59,9 +71,15 @@ def main(argv=None):
     trainable, total = count_trainable(model)
     print0(f"text LM ({ns.preset}): {total / 1e6:.2f}M parameters, {len(dataset)} texts"
            + (f" ({skipped} bad samples skipped)" if skipped else ""))
-    summary = fit(model, dataset, functools.partial(collate, pad_id=tokenizer.pad_token_id or 0),
-                  args, info, lm_step_loss,
-                  lambda m, out: save_with_tokenizer(m, tokenizer, out))
+    # What decides the result besides the training flags (compared when resuming).
+    settings = {"data": path_setting(ns.data, ns.out_dir), "tokenizer": path_setting(ns.tokenizer, ns.out_dir),
+                "preset": ns.preset, "max_length": ns.max_length, "use_moe": ns.use_moe,
+                "skip_bad_samples": ns.skip_bad_samples}
+    try:
+        summary = fit(model, dataset, functools.partial(collate, pad_id=tokenizer.pad_token_id or 0),
+                      args, info, lm_step_loss, lambda m, out: save_with_tokenizer(m, tokenizer, out), settings)
+    except TrainSetupError as err:
+        parser.error(str(err))
     print0(f"done: {summary}")
     cleanup_distributed()
     return summary

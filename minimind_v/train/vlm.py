@@ -21,10 +21,10 @@ from ..model.projector import PROJECTORS
 from ..model.vision import DEFAULT_CLIP, VisionEncoder
 from ..model.vlm import MiniMindVLM, VLMConfig, resolve_vision_model
 from ..tokenizer import image_placeholder, load_tokenizer
-from .common import (FREEZE_STRATEGIES, add_train_flags, lm_step_loss, save_with_tokenizer,
-                     set_trainable, train_args_from)
-from .distributed import barrier, cleanup_distributed, print0, seed_everything, setup_distributed
-from .trainer import fit
+from .common import (FREEZE_STRATEGIES, add_train_flags, checked, lm_step_loss, path_setting,
+                     save_with_tokenizer, set_trainable, train_args_from)
+from .distributed import cleanup_distributed, print0, run_on_main, seed_everything, setup_distributed
+from .trainer import TrainSetupError, fit, refuse_earlier_run
 
 STAGES = {
     "pretrain": dict(json="pretrain_data.json", images="pretrain_images", freeze="all",
@@ -34,7 +34,10 @@ STAGES = {
 }
 
 
-def parse_args(stage: str, argv=None):
+MIN_TEXT_TOKENS = 2  # --max-length must leave room for this much text besides the image tokens
+
+
+def build_parser(stage: str) -> argparse.ArgumentParser:
     spec = STAGES[stage]
     p = argparse.ArgumentParser(description=f"MiniMind-V {stage} stage")
     p.add_argument("--data", required=True, help="dataset folder in the original layout")
@@ -50,13 +53,18 @@ def parse_args(stage: str, argv=None):
     p.add_argument("--feature-cache", action="store_true",
                    help="read frozen patch tokens from a cache (built on first use) instead of encoding")
     p.add_argument("--cache-dir", default=None, help="where caches live (default: <data>/feature_cache)")
-    p.add_argument("--mix-captions", type=float, default=0.0,
-                   help="add this fraction (of the records) of caption samples from pretrain_data.json")
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--mix-captions", type=checked(float, low=0, high=1), default=0.0,
+                   help="add this fraction (0..1, of the records) of caption samples from pretrain_data.json")
+    p.add_argument("--max-length", type=checked(int, low=MIN_TEXT_TOKENS), default=256,
+                   help="tokens per sample, image tokens included (more than the encoder's tokens)")
     p.add_argument("--skip-bad-samples", action="store_true",
                    help="skip malformed records and unreadable images, and report how many")
     add_train_flags(p, **spec["train"])
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(stage: str, argv=None):
+    return build_parser(stage).parse_args(argv)
 
 
 def saved_model_type(folder: str | Path) -> str:
@@ -79,13 +87,16 @@ def load_start_model(init: str, tokenizer, encoder, projector: str) -> MiniMindV
 
 
 def open_features(encoder, image_dir: Path, cache_root: Path, info):
-    """Rank 0 builds (or validates) the cache; the others wait, then open it."""
+    """Rank 0 builds (or validates) the cache; the others wait, then open it.
+
+    Building may take hours (every image through the encoder), longer than any collective should
+    wait: the others wait through `run_on_main` (polling rank 0's heartbeat), not in a barrier.
+    """
     from ..data.features import ensure_cache
 
     cache_dir = cache_root / image_dir.name
-    if info.is_main:
-        ensure_cache(encoder, image_dir, cache_dir, progress=True)
-    barrier()
+    run_on_main(lambda: ensure_cache(encoder, image_dir, cache_dir, progress=True),
+                f"building the feature cache {cache_dir}")
     return ensure_cache(encoder, image_dir, cache_dir, progress=False)
 
 
@@ -115,9 +126,14 @@ def build_dataset(ns, stage_dir: Path, tokenizer, encoder, info):
 
 
 def run_stage(stage: str, argv=None) -> dict:
-    ns = parse_args(stage, argv)
+    parser = build_parser(stage)
+    ns = parser.parse_args(argv)
+    args = train_args_from(ns, parser)
+    try:  # before any slow loading
+        refuse_earlier_run(args.out_dir, args.resume, args.overwrite)
+    except TrainSetupError as err:
+        parser.error(str(err))
     info = setup_distributed()
-    args = train_args_from(ns)
     seed_everything(args.seed)
     init = Path(ns.init)
     tokenizer = load_tokenizer(init)
@@ -126,6 +142,9 @@ def run_stage(stage: str, argv=None) -> dict:
         vision_source = (resolve_vision_model(init, VLMConfig.from_pretrained(init).vision_model)
                          if saved_model_type(init) == VLMConfig.model_type else DEFAULT_CLIP)
     encoder = VisionEncoder.from_pretrained(vision_source, device=info.device)
+    if ns.max_length < encoder.num_tokens + MIN_TEXT_TOKENS:
+        parser.error(f"argument --max-length: must be >= {encoder.num_tokens + MIN_TEXT_TOKENS} "
+                     f"({encoder.num_tokens} image tokens + {MIN_TEXT_TOKENS} of text), got {ns.max_length}")
     model = load_start_model(str(init), tokenizer, encoder, ns.projector).to(info.device)
     model.attach_vision_encoder(encoder)
     trainable, total = set_trainable(model, ns.freeze)
@@ -133,9 +152,19 @@ def run_stage(stage: str, argv=None) -> dict:
     print0(f"{stage}: {len(dataset)} samples; training {trainable / 1e6:.3f}M of {total / 1e6:.3f}M "
            f"parameters (freeze={ns.freeze}: {FREEZE_STRATEGIES[ns.freeze]}); "
            f"images from {'the feature cache' if ns.feature_cache else 'files'}")
-    summary = fit(model, dataset, functools.partial(collate, pad_id=tokenizer.pad_token_id or 0),
-                  args, info, lm_step_loss,
-                  lambda m, out: save_with_tokenizer(m, tokenizer, out, vision_source))
+    # What decides the result besides the training flags (compared when resuming). The cache
+    # folder does not (its content is fingerprinted); using the cache does (float16 tokens).
+    vision = path_setting(vision_source, ns.out_dir) if Path(vision_source).is_dir() else vision_source
+    settings = {"stage": stage, "data": path_setting(ns.data, ns.out_dir), "init": path_setting(ns.init, ns.out_dir),
+                "vision": vision, "json": ns.json, "images": ns.images, "freeze": ns.freeze, "projector": ns.projector,
+                "feature_cache": ns.feature_cache, "mix_captions": ns.mix_captions, "max_length": ns.max_length,
+                "skip_bad_samples": ns.skip_bad_samples}
+    try:
+        summary = fit(model, dataset, functools.partial(collate, pad_id=tokenizer.pad_token_id or 0),
+                      args, info, lm_step_loss,
+                      lambda m, out: save_with_tokenizer(m, tokenizer, out, vision_source), settings)
+    except TrainSetupError as err:
+        parser.error(str(err))
     print0(f"done: {summary}")
     cleanup_distributed()
     return summary
