@@ -1,8 +1,15 @@
-"""Asking a trained MiniMind-V about pictures: load a saved folder, build prompts, answer in batches."""
+"""Asking a trained MiniMind-V about pictures: load a saved folder, answer questions in batches.
+
+A loaded model is a :class:`VLMBundle`: the model, its frozen eyes (the vision encoder) and its
+:class:`~minimind_v.model.processing.MiniMindVProcessor` (tokenizer + chat template + image
+processor), which turns questions and pictures into the model's inputs. ``answer`` asks a batch
+of questions, each about one picture or several.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -10,9 +17,10 @@ import torch
 from PIL import Image
 
 from .data.images import load_image, to_rgb
+from .model.processing import PROCESSOR_CONFIG, MiniMindVProcessor, encoder_preprocessing, pad_rows, with_image_tags
 from .model.vision import VisionEncoder
 from .model.vlm import MiniMindVLM, resolve_vision_model
-from .tokenizer import IMAGE_TOKEN, encode_chat, has_image_token, load_tokenizer
+from .tokenizer import IMAGE_TAG, IMAGE_TOKEN, encode_chat, has_image_token
 
 # The answers of the book's world are a few tokens; leave room for longer free-form answers.
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -20,11 +28,19 @@ DEFAULT_MAX_NEW_TOKENS = 32
 
 @dataclass
 class VLMBundle:
-    """A trained model with what it needs to answer: its tokenizer and its frozen eyes."""
+    """A trained model with what it needs to answer: its tokenizer, its frozen eyes, and the
+    processor that joins them (built from the tokenizer and the encoder when not given)."""
 
     model: MiniMindVLM
     tokenizer: object
     encoder: VisionEncoder
+    processor: MiniMindVProcessor | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.processor is None and self.encoder is not None:
+            self.processor = MiniMindVProcessor(
+                self.encoder.processor, self.tokenizer, num_image_tokens=self.model.config.num_image_tokens,
+                preprocessing=encoder_preprocessing(self.encoder))
 
     @property
     def device(self) -> torch.device:
@@ -37,14 +53,16 @@ def pick_device(device: str | None = None) -> torch.device:
 
 def load_vlm(folder: str | Path, device: str | None = None, vision_model: str | None = None,
              require_complete: bool = False) -> VLMBundle:
-    """Load a ``save_pretrained`` folder of MiniMind-V: weights, tokenizer (same folder) and the
-    vision encoder its config names (a folder inside it, a local folder or a hub id).
+    """Load a ``save_pretrained`` folder of MiniMind-V: weights, processor (tokenizer and chat
+    template of the same folder) and the vision encoder its config names (a folder inside it, a
+    local folder or a hub id; ``vision_model`` overrides it).
 
     The folder is checked before anything is loaded (see ``MiniMindForCausalLM.from_pretrained``):
     a text LM folder, a CLIP folder, a folder without or with a damaged config.json, and one whose
     weights are a pickle (pytorch_model.bin) are refused with a message saying what the folder is.
     A folder whose training never finished (checkpoint.pt without complete.json) loads with an
-    ``IncompleteModelWarning``, or is refused with ``require_complete=True``.
+    ``IncompleteModelWarning``, or is refused with ``require_complete=True``. A folder saved
+    before processors existed (no processor_config.json) loads too.
     """
     folder = Path(folder)
     if not folder.is_dir():  # a local folder only: a name that is not one must not reach the hub
@@ -52,20 +70,33 @@ def load_vlm(folder: str | Path, device: str | None = None, vision_model: str | 
                                 else f"no MiniMind-V folder at {folder}: the folder does not exist")
     device = pick_device(device)
     model = MiniMindVLM.from_pretrained(folder, require_complete=require_complete).to(device).eval()
-    tokenizer = load_tokenizer(folder)
+    # An encoder named by hub id keeps its preprocessing mode in the model's config.
+    mode = getattr(model.config, "vision_preprocessing", None)
     encoder = VisionEncoder.from_pretrained(
-        vision_model or resolve_vision_model(folder, model.config.vision_model), device=device
+        vision_model or resolve_vision_model(folder, model.config.vision_model), device=device,
+        **({"preprocessing": mode} if mode and not vision_model else {}),
     )
     model.attach_vision_encoder(encoder)
-    return VLMBundle(model, tokenizer, encoder)
+    # The pixels are the encoder's own: its image processor, whatever the folder's file says.
+    compare = vision_model is None and (folder / PROCESSOR_CONFIG).is_file()
+    saved = MiniMindVProcessor.from_pretrained(folder, image_processor=None if compare else encoder.processor,
+                                               preprocessing=encoder_preprocessing(encoder))
+    if compare and saved.image_processor.to_dict() != encoder.processor.to_dict():
+        warnings.warn(f"{folder}: the image processor in {PROCESSOR_CONFIG} differs from the vision "
+                      f"encoder's ({encoder.name_or_path}); the encoder's is used", stacklevel=2)
+    processor = MiniMindVProcessor(encoder.processor, saved.tokenizer, chat_template=saved.chat_template,
+                                   num_image_tokens=saved.num_image_tokens,
+                                   preprocessing=encoder_preprocessing(encoder))
+    return VLMBundle(model, processor.tokenizer, encoder, processor)
 
 
-def prompt_ids(tokenizer, question: str, num_image_tokens: int) -> list[int]:
-    """The chat prompt for one question about one image, ending where the answer begins.
-    A question without an ``<image>`` tag gets one in front, as in the training data."""
-    text = question if "<image>" in question else f"<image>\n{question}"
+def prompt_ids(tokenizer, question: str, num_image_tokens: int, num_images: int | None = None) -> list[int]:
+    """The chat prompt for one question, ending where the answer begins (the ids
+    ``MiniMindVProcessor`` gives for it). A question without an ``<image>`` tag gets one per
+    picture in front (``num_images``, default one), as in the training data."""
+    text = with_image_tags(question, num_images)
     ids, _ = encode_chat(tokenizer, [{"from": "human", "value": text}], num_image_tokens,
-                         add_generation_prompt=True)
+                         add_generation_prompt=True, num_images=text.count(IMAGE_TAG))
     return ids
 
 
@@ -77,17 +108,23 @@ def suppressed_ids(tokenizer) -> list[int]:
 
 def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts so every answer starts at the same column: (ids, attention_mask)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):  # building the batch once, not a per-step loop
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
+    ids, mask = pad_rows(rows, pad_id, "left")
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
 
 def as_images(images) -> list[Image.Image]:
     return [load_image(im) if isinstance(im, (str, Path)) else to_rgb(im) for im in images]
+
+
+def picture_groups(images, n_questions: int) -> list[list] | None:
+    """``images`` as one list of pictures per question (None stays None)."""
+    if images is None:
+        return None
+    images = list(images)
+    if len(images) != n_questions:
+        raise ValueError(f"{len(images)} picture entries for {n_questions} questions: give one entry per "
+                         "question (a picture, or a list of pictures)")
+    return [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
 
 
 @torch.no_grad()
@@ -100,30 +137,63 @@ def answer(
     streamer=None,
     **sampling,
 ) -> list[str]:
-    """Answer ``questions[i]`` about ``images[i]`` (paths or PIL images), all in one batch.
+    """Answer ``questions[i]`` about ``images[i]``, all in one batch.
 
-    ``image_tokens`` (n, N, width) may replace ``images`` (e.g. from the feature cache);
-    ``images=None`` and no tokens asks the text-only baseline: the same prompts, no picture.
-    Greedy unless sampling options (do_sample, temperature, top_k, top_p, repetition_penalty)
-    are given.
+    ``images[i]`` is one picture (a path or a PIL image) or a list of pictures, one per
+    ``<image>`` tag of question i, in order; a question with k pictures and no tag gets k tags in
+    front. A question whose tags and pictures disagree is a ValueError naming it.
+    ``image_tokens`` (n, N, width), the pictures of all questions in order, may replace
+    ``images`` (e.g. from the feature cache); ``images=None`` and no tokens asks the text-only
+    baseline: the same prompts, no picture. Greedy unless sampling options (do_sample,
+    temperature, top_k, top_p, repetition_penalty) are given.
     """
-    model, tok = bundle.model, bundle.tokenizer
+    model, processor = bundle.model, bundle.processor
     if not questions:
         return []
+    if processor is None:
+        raise ValueError("this bundle has no processor (no vision encoder was given): pass VLMBundle(model, "
+                         "tokenizer, encoder) or one built by load_vlm")
+    tok = processor.tokenizer
+    groups = picture_groups(images, len(questions))
+    texts = []
+    for i, question in enumerate(questions):
+        if not isinstance(question, str):
+            raise ValueError(f"question {i} is a {type(question).__name__}, not a string")
+        text = with_image_tags(question, None if groups is None else len(groups[i]))
+        if groups is not None and text.count(IMAGE_TAG) != len(groups[i]):
+            raise ValueError(f"question {i} ({question[:60]!r}) has {text.count(IMAGE_TAG)} {IMAGE_TAG!r} tag(s) "
+                             f"but {len(groups[i])} picture(s): give one picture per tag, or no tag (then one "
+                             "is put in front per picture)")
+        texts.append(text)
+    if image_tokens is not None and groups is None:
+        tags = sum(t.count(IMAGE_TAG) for t in texts)
+        if tags != image_tokens.shape[0]:
+            raise ValueError(f"the questions hold {tags} picture(s) ({IMAGE_TAG!r} tags, one per question without "
+                             f"tags) but image_tokens has {image_tokens.shape[0]}")
+    prompts = []
+    for i, text in enumerate(texts):
+        try:
+            prompts.append(processor.apply_chat_template([{"role": "user", "content": text}],
+                                                         add_generation_prompt=True))
+        except ValueError as err:
+            raise ValueError(f"question {i} ({questions[i][:60]!r}): {err}") from None
     # The text-only baseline keeps the placeholders: the same prompt with no picture in them.
-    rows = [prompt_ids(tok, q, model.config.num_image_tokens) for q in questions]
+    batch = processor(text=prompts, images=groups if groups is not None and any(groups) else None,
+                      padding=True, padding_side="left", return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     # Prompt and answer share the model's positions; generate cuts the answer to what is left.
     limit = model.config.max_position_embeddings
-    longest = max(range(len(rows)), key=lambda i: len(rows[i]))
-    if len(rows[longest]) >= limit:
+    lengths = mask.sum(1).tolist()
+    longest = max(range(len(lengths)), key=lambda i: lengths[i])
+    if lengths[longest] >= limit:
+        n_pictures = texts[longest].count(IMAGE_TAG)
         raise ValueError(
-            f"question {longest} ({questions[longest][:60]!r}) makes a prompt of {len(rows[longest])} tokens "
-            f"({model.config.num_image_tokens} of them the image), but the model's maximum length "
-            f"(max_position_embeddings) is {limit}: no room is left for an answer; shorten the question"
+            f"question {longest} ({questions[longest][:60]!r}) makes a prompt of {lengths[longest]} tokens "
+            f"({n_pictures * model.config.num_image_tokens} of them for {n_pictures} picture(s)), but the model's "
+            f"maximum length (max_position_embeddings) is {limit}: no room is left for an answer; shorten the question"
         )
-    ids, mask = left_pad(rows, tok.pad_token_id or 0)
-    if images is not None:
-        image_tokens = bundle.encoder(bundle.encoder.preprocess(as_images(images)).to(model.device))
+    if "pixel_values" in batch:
+        image_tokens = bundle.encoder(batch["pixel_values"].to(model.device))
     sampling.setdefault("do_sample", False)
     if suppressed_ids(tok):
         sampling.setdefault("suppress_tokens", suppressed_ids(tok))

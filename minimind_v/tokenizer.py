@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .config import IGNORE_INDEX  # the label of tokens that carry no loss (-100), defined once
+
 UNK_TOKEN = "<unk>"
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
@@ -37,7 +39,6 @@ IMAGE_TOKEN = "<|image|>"
 SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
 
 IMAGE_TAG = "<image>"  # how the dataset marks the image inside a prompt
-IGNORE_INDEX = -100  # label of tokens that carry no loss (PyTorch cross-entropy's ignore_index)
 
 # The tokenizer's own length limit only drives truncation warnings; the model's context length
 # lives in the model config. 32768 is what the original MiniMind tokenizer declares.
@@ -45,6 +46,7 @@ DEFAULT_MODEL_MAX_LENGTH = 32768
 
 CHAT_ROLES = ("system", "user", "assistant")
 SEED_ROLES = {"human": "user", "gpt": "assistant"}  # the dataset's "from" -> chat role
+SEED_NAMES = {"user": "human", "assistant": "gpt", "system": "system"}  # chat role -> the dataset's "from"
 
 # The same format as render_chat(), for tokenizer.apply_chat_template().
 CHAT_TEMPLATE = (
@@ -144,12 +146,13 @@ def train_tokenizer(
 # ----------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(path_or_name: str | Path, keep_chat_template: bool = False) -> PreTrainedTokenizerFast:
+def load_tokenizer(path_or_name: str | Path, keep_chat_template: bool = True) -> PreTrainedTokenizerFast:
     """Load a tokenizer folder (ours, or the original MiniMind one) or a hub name.
 
-    Unless `keep_chat_template`, the chat template is set to this module's CHAT_TEMPLATE, so
-    `apply_chat_template` renders the very format that `encode_chat` trains on whatever the
-    folder declared. A missing pad token becomes <unk> (or </s> where there is no <unk>).
+    The folder's chat template is kept: a saved model renders its prompts with the template it
+    was saved with. A folder without one gets this module's CHAT_TEMPLATE (the format
+    `encode_chat` trains on); so does every folder with ``keep_chat_template=False``.
+    A missing pad token becomes <unk> (or </s> where there is no <unk>).
     """
     from .model.vision import _looks_like_local_path, load_hub_id
 
@@ -229,24 +232,39 @@ def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -
 
 
 def conversations_to_messages(conversations: Sequence[dict], record_id=None) -> list[dict]:
-    """Seed-format turns [{"from": "human"|"gpt", "value": str}, ...] -> chat messages.
+    """Turns -> chat messages [{"role", "content"}, ...].
 
-    Turns must alternate human, gpt, human, ... starting with human.
+    A turn is seed-format ``{"from": "human"|"gpt"|"system", "value": str}`` or chat-format
+    ``{"role": "user"|"assistant"|"system", "content": str}`` (the two may mix). System turns
+    may come first; then turns alternate human, gpt, human, ... starting with human.
     """
     where = _where(record_id)
     if not isinstance(conversations, (list, tuple)) or not conversations:
         raise ValueError(f"{where}conversations must be a non-empty list of turns, got {conversations!r}")
     messages = []
     for i, turn in enumerate(conversations):
-        expected = "human" if i % 2 == 0 else "gpt"
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise ValueError(f"{where}turn {i} must be a dict with 'from' and 'value', got {turn!r}")
-        if turn["from"] != expected:
-            raise ValueError(f"{where}turn {i} is from {turn['from']!r}, expected {expected!r} "
-                             f"(turns must alternate human, gpt, ...)")
-        if not isinstance(turn["value"], str):
-            raise ValueError(f"{where}turn {i} value must be str, got {type(turn['value']).__name__}")
-        messages.append({"role": SEED_ROLES[expected], "content": turn["value"]})
+        if isinstance(turn, dict) and "from" in turn and "value" in turn:
+            speaker, value, seed = turn["from"], turn["value"], True
+            role = {**SEED_ROLES, "system": "system"}.get(speaker) if isinstance(speaker, str) else None
+        elif isinstance(turn, dict) and "role" in turn and "content" in turn:
+            speaker, value, seed = turn["role"], turn["content"], False
+            role = speaker if speaker in CHAT_ROLES else None
+        else:
+            raise ValueError(f"{where}turn {i} must be a dict with 'from' and 'value' (or 'role' and 'content'), "
+                             f"got {turn!r}")
+        in_system_block = all(m["role"] == "system" for m in messages)
+        if not (role == "system" and in_system_block):
+            answered = sum(m["role"] != "system" for m in messages)
+            expected = "user" if answered % 2 == 0 else "assistant"
+            if role != expected:
+                name = SEED_NAMES[expected] if seed else expected
+                order = "human, gpt" if seed else "user, assistant"
+                raise ValueError(f"{where}turn {i} is from {speaker!r}, expected {name!r} (turns must alternate "
+                                 f"{order}, ..., after any system turns)")
+        if not isinstance(value, str):
+            raise ValueError(f"{where}turn {i} {'value' if seed else 'content'} must be str, "
+                             f"got {type(value).__name__}")
+        messages.append({"role": role, "content": value})
     return messages
 
 
@@ -295,17 +313,20 @@ def encode_chat(
     num_image_tokens: int,
     record_id=None,
     add_generation_prompt: bool = False,
+    num_images: int = 1,
 ) -> tuple[list[int], list[int]]:
-    """Seed-format turns -> (input_ids, labels), both as long as the rendered chat.
+    """Turns (see :func:`conversations_to_messages`) -> (input_ids, labels), both as long as the
+    rendered chat.
 
     labels[i] == input_ids[i] on assistant answer tokens (answer text + its </s>) and
-    IGNORE_INDEX elsewhere (headers, questions, image placeholder, the "\\n" between blocks);
-    the model shifts them by one itself. The conversation holds exactly one <image> tag, in a
-    human turn, which becomes `num_image_tokens` placeholder ids; num_image_tokens=0 encodes a
-    text-only chat (no tag allowed). add_generation_prompt=True appends "<s>assistant\\n" to
-    build an inference prompt with the same ids training saw.
+    IGNORE_INDEX elsewhere (system turns, headers, questions, image placeholders, the "\\n"
+    between blocks); the model shifts them by one itself. The conversation holds exactly
+    ``num_images`` <image> tags (one picture each, in order), in human turns; each becomes
+    `num_image_tokens` placeholder ids. num_image_tokens=0 encodes a text-only chat (no tag
+    allowed). add_generation_prompt=True appends "<s>assistant\\n" to build an inference prompt
+    with the same ids training saw.
 
-    Each answer is tokenized as its own piece, and so is the placeholder. That fixes the answer
+    Each answer is tokenized as its own piece, and so is each placeholder. That fixes the answer
     boundaries exactly (no token straddles question and answer) and matches generation, where the
     prompt ends at "assistant\\n" and the model starts a fresh token. For ordinary text the ids
     equal tokenizing render_chat(...) as a whole.
@@ -314,6 +335,8 @@ def encode_chat(
     messages = conversations_to_messages(conversations, record_id)
     if not isinstance(num_image_tokens, int) or num_image_tokens < 0:
         raise ValueError(f"{where}num_image_tokens must be a non-negative int, got {num_image_tokens!r}")
+    if not isinstance(num_images, int) or num_images < 0:
+        raise ValueError(f"{where}num_images must be a non-negative int, got {num_images!r}")
 
     special_strings = [t for t in tokenizer.all_special_tokens if t]
     for i, message in enumerate(messages):
@@ -327,11 +350,14 @@ def encode_chat(
             raise ValueError(f"{where}num_image_tokens=0 (text-only) but turn {tag_turns[0]} has an {IMAGE_TAG!r} tag")
     else:
         total = sum(m["content"].count(IMAGE_TAG) for m in messages)
-        if total != 1:
-            raise ValueError(f"{where}conversation has {total} {IMAGE_TAG!r} tags, expected exactly 1")
-        if messages[tag_turns[0]]["role"] != "user":
-            raise ValueError(f"{where}the {IMAGE_TAG!r} tag is in turn {tag_turns[0]}, an answer; it belongs in a human turn")
-        placeholder_text, placeholder_ids = image_placeholder(tokenizer, num_image_tokens)
+        if total != num_images:
+            raise ValueError(f"{where}conversation has {total} {IMAGE_TAG!r} tags, expected exactly {num_images}")
+        for i in tag_turns:
+            if messages[i]["role"] != "user":
+                what = "an answer" if messages[i]["role"] == "assistant" else "a system turn"
+                raise ValueError(f"{where}the {IMAGE_TAG!r} tag is in turn {i}, {what}; it belongs in a human turn")
+        if tag_turns:
+            placeholder_text, placeholder_ids = image_placeholder(tokenizer, num_image_tokens)
 
     # Cut the chat into pieces of kind "text" | "image" | "answer"; adjacent text pieces merge so
     # the prompt is tokenized as one string, as apply_chat_template + tokenizer would.
@@ -347,15 +373,16 @@ def encode_chat(
         if is_answer:
             add(text, "answer")
         elif num_image_tokens and IMAGE_TAG in text:
-            before, after = text.split(IMAGE_TAG)
-            add(before, "text")
-            add(placeholder_text, "image")
-            add(after, "text")
+            first, *rest = text.split(IMAGE_TAG)
+            add(first, "text")
+            for after in rest:
+                add(placeholder_text, "image")
+                add(after, "text")
         else:
             add(text, "text")
 
     to_encode = [text for text, kind in pieces if kind != "image"]
-    encoded = iter(tokenizer(to_encode, add_special_tokens=False).input_ids)  # one batched call
+    encoded = iter(tokenizer(to_encode, add_special_tokens=False).input_ids if to_encode else [])  # one batched call
     input_ids: list[int] = []
     labels: list[int] = []
     for text, kind in pieces:

@@ -203,10 +203,11 @@ def test_original_style_folder_loads_and_falls_back_to_angle_brackets(tmp_path):
     assert text == "<" * 25 + ">" * 25
     assert len(ids) == 50
     assert set(ids) == {original.convert_tokens_to_ids("<"), original.convert_tokens_to_ids(">")}
-    # The book's template replaces the folder's own; keep_chat_template keeps it.
+    # A folder keeps its own template (keep_chat_template=False puts the book's in its place).
     assert original.apply_chat_template(TWO_TURNS, tokenize=False) == TWO_TURNS_TEXT
     kept = load_tokenizer(folder, keep_chat_template=True)
-    assert kept.chat_template == ORIGINAL_CHAT_TEMPLATE
+    assert kept.chat_template == original.chat_template == ORIGINAL_CHAT_TEMPLATE
+    assert load_tokenizer(folder, keep_chat_template=False).chat_template == CHAT_TEMPLATE
     # The v1 template gives the same string for alternating user/assistant turns.
     assert kept.apply_chat_template(TWO_TURNS, tokenize=False) == TWO_TURNS_TEXT
 

@@ -6,7 +6,9 @@ embeddings. Parameter names follow the original MiniMind code (``tok_embeddings`
 ``layers.{i}.attention.wq`` ...), so its checkpoints map onto this model by name.
 
 It is a transformers ``PreTrainedModel``: ``save_pretrained`` / ``from_pretrained`` (safetensors)
-and ``generate`` (greedy, sampling, top-k, top-p, repetition penalty, streamers) work as usual.
+and ``generate`` (greedy, sampling, top-k, top-p, repetition penalty, streamers) work as usual, and
+``attn_implementation`` ("sdpa" or "eager") chooses the attention path as for any transformers model.
+Importing ``minimind_v`` registers it with ``AutoConfig`` / ``AutoModelForCausalLM``.
 """
 
 from __future__ import annotations
@@ -25,10 +27,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..config import MiniMindConfig
+from ..config import IGNORE_INDEX, MiniMindConfig, check_attn_implementation
 from ..runfiles import COMPLETE, is_complete
-
-IGNORE_INDEX = -100
 TRAINING_CHECKPOINT = "checkpoint.pt"  # the trainer's resume file (train/trainer.py)
 
 # What a folder is, by the model_type in its config.json.
@@ -314,6 +314,22 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
             cos, sin = rope_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
             module.rope_cos, module.rope_sin = cos.to(module.rope_cos.device), sin.to(module.rope_sin.device)
 
+    # -- attention: transformers' attn_implementation, limited to the two this model has --
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check: bool = False, **kwargs):
+        # Refused before transformers looks further: any other name (flash, flex, a hub kernel)
+        # would mean code this model does not have, or a download.
+        check_attn_implementation(attn_implementation)
+        return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return True  # forward reads config._attn_implementation at every call
+
+    @property
+    def uses_eager_attention(self) -> bool:
+        """Whether the written-out attention runs (attn_implementation "eager") instead of the fused kernel."""
+        return self.config._attn_implementation == "eager"
+
     # -- loading: local folders are checked first and read as safetensors only ----------
     @classmethod
     def folder_hints(cls, folder: str) -> dict[str, str]:
@@ -453,7 +469,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
             )
         cos = self.rope_cos[position_ids][:, None]  # (B or 1, 1, T, hd/2)
         sin = self.rope_sin[position_ids][:, None]
-        eager = output_attentions or self.config.attention == "eager"
+        eager = output_attentions or self.uses_eager_attention
         mask = self._attention_mask(attention_mask, T, past_len + T, past_len, inputs_embeds.device)
 
         h = self.dropout(inputs_embeds)

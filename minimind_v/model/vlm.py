@@ -5,7 +5,9 @@ ViT-B/32). Their embeddings are overwritten, in one batched ``masked_scatter``, 
 CLIP patch tokens; the decoder never knows the difference between a word and a patch.
 
 The frozen vision encoder is *attached*, not owned: its weights are not part of this model's
-checkpoint, only its name or folder (``config.vision_model``) is.
+checkpoint, only its name or folder (``config.vision_model``) is. A model loaded from a folder
+(``MiniMindVLM.from_pretrained``, or ``AutoModelForImageTextToText`` / ``AutoModelForCausalLM``
+once ``minimind_v`` is imported) loads that encoder the first time it is given ``pixel_values``.
 """
 
 from __future__ import annotations
@@ -66,10 +68,13 @@ class MiniMindVLM(MiniMindForCausalLM):
     config_class = VLMConfig
 
     def __init__(self, config: VLMConfig):
-        super().__init__(config)
+        super().__init__(config)  # the decoder, initialised by its post_init (the only one)
         self.vision_proj = VisionProjector(config.vision_width, config.dim, config.projector)
         self._vision_encoder = None
-        self.post_init()
+        # The projection, added after post_init, gets the same init rule: init_weights touches only
+        # modules not yet initialised (none while from_pretrained builds on the meta device), in the
+        # order, and so with the random draws, that seeded models always had.
+        self.init_weights()
 
     @classmethod
     def folder_hints(cls, folder: str) -> dict[str, str]:
@@ -107,11 +112,24 @@ class MiniMindVLM(MiniMindForCausalLM):
     def vision_encoder(self):
         return self.__dict__["_vision_encoder"]
 
+    def load_vision_encoder(self, vision_model: str | None = None):
+        """Load and attach the encoder ``config.vision_model`` names (a folder inside the model's own
+        folder, a local folder or a hub id; or ``vision_model``), on this model's device."""
+        from .vision import VisionEncoder
+
+        name = vision_model or resolve_vision_model(self.name_or_path or ".", self.config.vision_model)
+        self.attach_vision_encoder(VisionEncoder.from_pretrained(name, device=self.device))
+        return self.vision_encoder
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n_images, 3, S, S) -> frozen patch tokens (n_images, N, vision_width)."""
+        """(n_images, 3, S, S) -> frozen patch tokens (n_images, N, vision_width).
+
+        A model loaded from a folder loads the encoder its config names on first use."""
         if self.vision_encoder is None:
-            raise RuntimeError("no vision encoder attached: call attach_vision_encoder(encoder) "
-                               "or pass image_tokens (e.g. from the feature cache)")
+            if not (self.name_or_path and Path(self.name_or_path).is_dir()):
+                raise RuntimeError("no vision encoder attached: call attach_vision_encoder(encoder) "
+                                   "or pass image_tokens (e.g. from the feature cache)")
+            self.load_vision_encoder()
         return self.vision_encoder(pixel_values)
 
     # -- placeholder substitution ---------------------------------------------------------
