@@ -1,10 +1,10 @@
-# The two commands of the README. Each creates the virtual environment when it is missing.
+# The commands of the README. Each creates the virtual environment when it is missing.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: book test quick-book
+.PHONY: book test quick-book lab
 
 # Reinstall when the package's requirements change.
 $(STAMP): pyproject.toml
@@ -23,3 +23,8 @@ quick-book: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# JupyterLab on the book: a double-click opens a chapter as a notebook, and the "Python 3" kernel
+# is this environment's python (see jupyter/lab.sh). More options: make lab LAB_ARGS="--port 8899".
+lab: $(STAMP)
+	sh jupyter/lab.sh $(PY) $(LAB_ARGS)

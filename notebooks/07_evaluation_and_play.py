@@ -25,7 +25,7 @@ QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow
 NPROC = None  # training processes per stage; None: one per GPU, else 1 (see chapter 1)
 
 from minimind_v.book import open_chapter, save_figure
-from minimind_v.recipe import is_done, stage_dir
+from minimind_v.recipe import run_stage, stage_dir
 
 R, RUN, NPROC = open_chapter(QUICK, NPROC, needs=['world', 'clip', 'tokenizer', 'llm', 'pretrain', 'sft'])
 WORLD = stage_dir(RUN, "world")
@@ -44,14 +44,10 @@ import json
 
 from IPython.display import Markdown, display
 
-from minimind_v.recipe import evaluate_run
-
 EVAL_DIR = stage_dir(RUN, "eval")
-if is_done(RUN, "eval"):
-    print(f"the evaluation is already in {EVAL_DIR}: reusing it")
-    results = json.loads((EVAL_DIR / "results.json").read_text(encoding="utf-8"))
-else:
-    results = evaluate_run(RUN, R)
+# Reused when an evaluation of these very models (same settings and inputs) is there; else run.
+run_stage(RUN, R, "eval", nproc=NPROC)
+results = json.loads((EVAL_DIR / "results.json").read_text(encoding="utf-8"))
 display(Markdown((EVAL_DIR / "table.md").read_text(encoding="utf-8").split("\n\n")[0]))
 
 # %%
@@ -165,20 +161,38 @@ plt.show()
 # %% [markdown]
 # ## Ask your own questions
 #
-# Pick a picture (or upload one), type a question, press **Ask**. Tick "show attention" to see
-# where each answer token looked. The panel needs a live notebook to click; below we also drive it
-# from code, which is how it is tested.
+# The panel below asks any of three models: the one **after pretraining** (it learned to caption,
+# so expect a caption whatever you ask), the one **after SFT**, and the SFT model **without the
+# picture**, the text-only baseline of the table above, answering from the question alone.
+#
+# Pick a demo picture, upload one, or **compose** one: up to three objects, each with a shape, a
+# colour, a size and a cell of the 3×3 grid, drawn by the shapes world's own renderer. That is
+# the way to test exactly the case you doubt: two red circles and a blue one, then "How many red
+# objects are there?". Press **Ask**: the answer streams in, and under it, for every step, the
+# five tokens the model found most likely and their probabilities (bold: the one it chose), so
+# you see how sure it was and what it nearly said. Below that, where the answer looked: choose a
+# layer and a head or their mean, and the whole answer or one of its tokens.
+#
+# The panel needs a live notebook to click. Below, it is also driven from code, which is how it
+# is tested.
 
 # %%
 from minimind_v.viz import qa_widget
 
+models = {"after pretraining": load_vlm(stage_dir(RUN, "pretrain")), "after SFT": bundle}
 eval_images = sorted((WORLD / DEMO_IMAGES).glob("*.png"))
-panel = qa_widget(bundle, eval_images)
+panel = qa_widget(models, eval_images, text_only="after SFT")
+panel.model_select.value = "after SFT"
 display(panel)
 
-panel.question.value = "How many objects are there?"
+panel.compose([dict(shape="circle", colour="red", size="small", position="top left"),
+               dict(shape="circle", colour="red", size="large", position="center"),
+               dict(shape="circle", colour="blue", size="small", position="bottom right")])
+panel.question.value = "How many red objects are there?"
 panel.ask_button.click()
-print(f"{panel.current_name}: {panel.question.value!r} -> {panel.last_answer!r}")
+print(f"{panel.current_name}\n{panel.question.value!r} -> {panel.last_answer!r}")
+for step, top in enumerate(panel.last_top_tokens, 1):
+    print(f"  step {step}: " + ", ".join(f"{token.strip() or repr(token)} {p:.2f}" for token, p in top))
 
 # %% [markdown]
 # ## Summary
@@ -187,6 +201,8 @@ print(f"{panel.current_name}: {panel.question.value!r} -> {panel.last_answer!r}"
 #   knows and how much of it comes from the picture rather than from the question.
 # * Attention maps show which patches each answer token read, through the same 50 positions where
 #   chapter 4 substituted the picture.
+# * The panel puts your own doubts to the test: a picture composed to order, each model with or
+#   without it, and at every step the tokens the model nearly chose.
 # * Everything here runs unchanged on the real parts (chapter 0): the original data, OpenAI's CLIP
 #   and the `small` or `base` decoder. In quick mode the models trained for seconds, so expect them
 #   to lean on the question; the full recipe trains each stage for many times more steps.

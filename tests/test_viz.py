@@ -1,12 +1,10 @@
-"""The book's pictures and the Q&A panel: attention traces, token strips, the widget.
+"""The book's pictures: attention traces (with each step's top tokens), maps, token strips.
 
 A tiny random MiniMind-V (random CLIP 64x64 with 16-pixel patches: 1 CLS + 4x4 patches = 17
-image tokens) is built here; nothing is downloaded and nothing is written to figures/.
+image tokens) is built here; nothing is downloaded and nothing is written to figures/. The Q&A
+panel is tested in test_panel.py.
 """
 
-import datetime
-import html
-import io
 import types
 
 import matplotlib
@@ -20,7 +18,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from minimind_v.inference import VLMBundle, answer, prompt_ids  # noqa: E402
+from minimind_v.inference import VLMBundle, answer, prompt_ids, suppressed_ids  # noqa: E402
 from minimind_v.model.vision import VisionEncoder, make_random_clip  # noqa: E402
 from minimind_v.model.vlm import MiniMindVLM, VLMConfig  # noqa: E402
 from minimind_v.tokenizer import IGNORE_INDEX, IMAGE_TOKEN, encode_chat, train_tokenizer  # noqa: E402
@@ -29,11 +27,12 @@ from minimind_v.viz import (  # noqa: E402
     answer_with_attention,
     describe_tokens,
     encoder_view,
+    image_share,
     patch_grid,
     plot_attention_overlay,
+    plot_attention_panel,
     plot_image_share,
     plot_token_strip,
-    qa_widget,
 )
 
 GRID = 4
@@ -154,6 +153,71 @@ def test_bad_question_is_named(bundle):
         answer_with_attention(bundle, picture(), "   ")
 
 
+def generate_steps(bundle, images, question, max_new_tokens):
+    """An independent reference for each step's distribution: transformers' generate with its
+    scores (after the logits processors: the suppressed placeholder token at -inf)."""
+    tok, model = bundle.tokenizer, bundle.model
+    ids = torch.tensor([prompt_ids(tok, question, model.config.num_image_tokens)])
+    tokens = None if images is None else bundle.encoder(bundle.encoder.preprocess(images))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), image_tokens=tokens,
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id or 0, suppress_tokens=suppressed_ids(tok),
+                         output_scores=True, return_dict_in_generate=True)
+    return out.sequences[0, ids.shape[1]:].tolist(), [torch.softmax(s[0].float(), -1) for s in out.scores]
+
+
+def test_each_step_keeps_generates_top_tokens(bundle):
+    steps = []
+    tr = answer_with_attention(bundle, picture(4), "What colour is the circle?", max_new_tokens=10,
+                               top_k=5, on_step=steps.append)
+    chosen, dists = generate_steps(bundle, [picture(4)], "What colour is the circle?", 10)
+    assert steps == tr.candidates and len(tr.candidates) == len(dists)
+    assert [c.chosen_id for c in tr.candidates] == chosen
+    for step, dist in zip(tr.candidates, dists):
+        values, ids = dist.topk(5)
+        assert step.ids == ids.tolist()
+        np.testing.assert_allclose(step.probs, values.numpy(), rtol=1e-4, atol=1e-6)
+    # The answer tokens are the chosen ones; a final step that chose </s> is marked as the end.
+    ends = [c.end for c in tr.candidates]
+    assert [c.chosen_id for c in tr.candidates if not c.end] == tr.token_ids
+    assert ends == [False] * len(tr.token_ids) + [True] * (len(ends) - len(tr.token_ids))
+    # This random model ends this answer after a few tokens, so the end step is covered too.
+    assert ends[-1] and tr.candidates[-1].chosen_id == bundle.tokenizer.eos_token_id
+    image_id = bundle.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert all(image_id not in c.ids for c in tr.candidates)  # suppressed: never a candidate
+
+
+def test_text_only_trace_equals_the_text_only_answer(bundle):
+    question = "How many shapes are there?"
+    tr = answer_with_attention(bundle, None, question, max_new_tokens=8)
+    assert not tr.with_image and "text only" in repr(tr)
+    assert tr.answer == answer(bundle, None, [question], max_new_tokens=8)[0]
+    chosen, dists = generate_steps(bundle, None, question, 8)
+    assert [c.chosen_id for c in tr.candidates] == chosen
+    with pytest.raises(ValueError, match="without a picture"):
+        plot_attention_panel(tr, picture())
+
+
+def test_a_prompt_longer_than_the_model_is_refused_and_answers_stop_at_its_end(bundle):
+    cfg = bundle.model.config
+    long_question = " ".join(["What colour is the circle?"] * 60)
+    with pytest.raises(ValueError, match="too long"):
+        answer_with_attention(bundle, picture(), long_question)
+    # A prompt that leaves room for a few answer tokens gets at most that many, without an error.
+    words, question = [], ""
+    while True:
+        words.append("red")
+        candidate = " ".join(words)
+        if len(prompt_ids(bundle.tokenizer, candidate, cfg.num_image_tokens)) > cfg.max_position_embeddings - 2:
+            break
+        question = candidate
+    room = cfg.max_position_embeddings - len(prompt_ids(bundle.tokenizer, question, cfg.num_image_tokens)) + 1
+    assert room >= 3
+    tr = answer_with_attention(bundle, picture(), question, max_new_tokens=50)
+    assert tr.candidates[-1].end or len(tr.candidates) == room
+    assert len(tr.candidates) <= room
+
+
 # ----------------------------------------------------------------------------- maps on the grid
 
 
@@ -216,6 +280,35 @@ def test_overlay_single_axis_and_layer_choice():
         plot_attention_overlay(tr, picture(), layer=5)
     with pytest.raises(ValueError, match="tokens"):
         plot_attention_overlay(tr, picture(), tokens=[7])
+
+
+def test_head_choice_reads_that_heads_row(trace):
+    g, pos = trace.grid, trace.image_positions
+    for layer in range(trace.n_layers):
+        per_head = []
+        for head in range(trace.n_heads):
+            row = trace.attention[:, layer, head][:, pos]  # (n, N)
+            expected = row[1].numpy()[1:].reshape(g, g)  # token 1, without CLS
+            np.testing.assert_allclose(patch_grid(trace, 1, layer=layer, head=head), expected, rtol=1e-6)
+            torch.testing.assert_close(image_share(trace, layer, head), row.sum(-1))
+            per_head.append(patch_grid(trace, "all", layer=layer, head=head))
+        np.testing.assert_allclose(patch_grid(trace, "all", layer=layer), np.mean(per_head, 0), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(image_share(trace), trace.image_share.mean(1))
+    with pytest.raises(ValueError, match="head"):
+        patch_grid(trace, 0, head=trace.n_heads)
+
+
+def test_attention_panel_shows_picture_overlay_colour_bar_and_share(trace):
+    fig = plot_attention_panel(trace, picture(), layer=1, head=2, token=0)
+    picture_ax, overlay_ax, bar_ax = fig.axes
+    assert len(picture_ax.images) == 1 and len(overlay_ax.images) == 2
+    np.testing.assert_array_equal(np.asarray(overlay_ax.images[1].get_array()),
+                                  patch_grid(trace, 0, layer=1, head=2))
+    assert bar_ax.get_ylabel() == "attention weight on the patch"
+    share = float(image_share(trace, 1, 2)[0])
+    assert f"{share:.0%} on the image" in overlay_ax.get_title() and "layer 1, head 2" in overlay_ax.get_title()
+    whole = plot_attention_panel(trace, picture())
+    assert "whole answer" in whole.axes[1].get_title()
 
 
 def test_encoder_view_is_what_the_encoder_sees(bundle):
@@ -318,86 +411,3 @@ def test_token_strip_summarises_past_max_tokens(bundle, chat):
     assert len(boxes) == 11 and boxes[-1][0] == "more"
     assert boxes[-1][1] == boxes[-2][1] + boxes[-2][2]  # the first token not drawn
     assert boxes[-1][2] == len(ids) - sum(b[2] for b in boxes[:-1])
-
-
-# ----------------------------------------------------------------------------- the Q&A widget
-
-
-@pytest.fixture
-def eval_images(tmp_path):
-    paths = []
-    for i in range(2):
-        path = tmp_path / f"eval_{i}.png"
-        picture(i).save(path)
-        paths.append(path)
-    return paths
-
-
-def upload_item(name, data):
-    return {"name": name, "type": "", "size": len(data), "content": memoryview(data),
-            "last_modified": datetime.datetime.now()}
-
-
-def png(image):
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def test_widget_answers_a_chosen_eval_image(bundle, eval_images):
-    panel = qa_widget(bundle, eval_images, max_new_tokens=6)
-    assert panel.current_name == "eval_0.png" and bytes(panel.preview.value).startswith(b"\x89PNG")
-    panel.image_select.value = "eval_1.png"
-    streamed = []
-    panel.answer_area.observe(lambda change: streamed.append(change["new"]), names="value")
-    panel.question.value = "How many shapes are there?"
-    panel.ask_button.click()
-    expected = answer(bundle, [eval_images[1]], ["How many shapes are there?"], max_new_tokens=6)[0]
-    assert panel.last_answer == expected and panel.messages == []
-    assert len([s for s in streamed if s]) >= 3  # the answer arrived token by token
-    assert panel.answer_area.value.endswith(html.escape(expected))
-    assert panel.attention_view.layout.display == "none"
-
-    panel.show_attention.value = True
-    panel.ask_button.click()
-    assert panel.last_answer == expected and panel.last_trace.answer == expected
-    assert bytes(panel.attention_view.value).startswith(b"\x89PNG") and panel.attention_view.layout.display != "none"
-    assert not plt.get_fignums()  # the figure went into the widget, not into pyplot's list
-
-
-def test_widget_messages_instead_of_exceptions(bundle, eval_images, tmp_path):
-    panel = qa_widget(bundle, eval_images, max_new_tokens=4)
-    panel.question.value = "   "
-    panel.ask_button.click()
-    assert panel.last_answer is None and "question" in panel.messages[-1]
-
-    panel.upload.value = (upload_item("notes.txt", b"hello, not a picture"),)
-    assert "notes.txt" in panel.messages[-1] and "not an image" in panel.messages[-1]
-    assert panel.current_name == "eval_0.png"  # the previous picture stays
-    truncated = png(picture(5))[:60]
-    assert not panel.load_upload("broken.png", truncated)
-    assert "broken.png" in panel.messages[-1]
-
-    panel.question.value = "What is <s> this?"  # special-token text cannot go into a prompt
-    panel.ask_button.click()
-    assert panel.last_answer is None and "<s>" in panel.messages[-1]
-
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"\x89PNG garbage")
-    panel = qa_widget(bundle, [broken])
-    assert panel.current_image is None and "broken.png" in panel.messages[-1]
-    panel.question.value = "What colour is the circle?"
-    panel.ask_button.click()
-    assert "image" in panel.messages[-1] and panel.last_answer is None
-
-
-def test_widget_answers_an_uploaded_image(bundle):
-    panel = qa_widget(bundle, [], max_new_tokens=4)
-    grey = Image.new("LA", (30, 50), (128, 200))  # any mode is turned into RGB
-    panel.upload.value = (upload_item("mine.png", png(grey)),)
-    assert panel.current_name == "uploaded: mine.png" and panel.current_image.mode == "RGB"
-    assert panel.image_select.value == "uploaded: mine.png" and panel.upload.value == ()
-    panel.question.value = "What colour is the circle?"
-    panel.ask_button.click()
-    assert panel.messages == []
-    assert panel.last_answer == answer(bundle, [panel.current_image], ["What colour is the circle?"], max_new_tokens=4)[0]

@@ -5,22 +5,28 @@ The Q&A panel needs ipywidgets (installed with the ``dev`` extras); it is import
 
 from .attention import (
     AttentionTrace,
+    Candidates,
     answer_with_attention,
     encoder_view,
+    image_share,
     patch_grid,
     plot_attention_overlay,
+    plot_attention_panel,
     plot_image_share,
 )
 from .tokens import describe_tokens, plot_token_strip
 
 __all__ = [
     "AttentionTrace",
+    "Candidates",
     "QAWidget",
     "answer_with_attention",
     "describe_tokens",
     "encoder_view",
+    "image_share",
     "patch_grid",
     "plot_attention_overlay",
+    "plot_attention_panel",
     "plot_image_share",
     "plot_token_strip",
     "qa_widget",

@@ -9,13 +9,18 @@ encoder's patch grid, which ``plot_attention_overlay`` lays over the picture the
 "Attention from a token" here means the attention of the position that *predicted* it: the
 first answer token is chosen by the last prompt position ("assistant\\n"), token i by the
 position holding token i-1. That is the attention paid while the model decided on the word.
+
+Each step also keeps what else the model considered: the ``top_k`` most likely next tokens and
+their probabilities (``AttentionTrace.candidates``), the distribution greedy decoding chose
+from. With ``image=None`` the question is asked as the text-only baseline asks it (the
+placeholders keep their own embeddings, as in ``inference.answer(bundle, None, ...)``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +30,26 @@ from transformers.cache_utils import DynamicCache
 from ..inference import DEFAULT_MAX_NEW_TOKENS, as_images, prompt_ids, suppressed_ids
 from ..model.vlm import placeholder_mask
 from .tokens import escape, font_family, token_text
+
+DEFAULT_TOP_K = 5
+
+
+@dataclass
+class Candidates:
+    """One answer step: the token chosen and the ``top_k`` most likely tokens, best first.
+
+    ``probs`` is the softmax of the step's logits once the tokens an answer may never contain
+    (``inference.suppressed_ids``) are removed: what greedy decoding chose from, so
+    ``ids[0] == chosen_id`` (up to ties). ``end`` marks the step that chose the end token: that
+    token is not part of the answer.
+    """
+
+    chosen_id: int
+    chosen: str  # the chosen token's text
+    ids: list[int]
+    tokens: list[str]
+    probs: list[float]
+    end: bool = False
 
 
 @dataclass
@@ -37,6 +62,10 @@ class AttentionTrace:
     image_attention:  (n_generated, n_layers, N) head-averaged attention on the N image tokens
                       (token 0 is CLS, 1.. the patch grid, row by row).
     image_share:      (n_generated, n_layers) total head-averaged attention on the image tokens.
+    candidates:       one ``Candidates`` per step: each answer token's, then, if the answer
+                      ended before ``max_new_tokens``, the step that chose to end it.
+    with_image:       False for the text-only baseline: the "image" positions then hold the
+                      placeholders' own embeddings, no picture.
     """
 
     question: str
@@ -50,15 +79,22 @@ class AttentionTrace:
     image_share: torch.Tensor
     grid: int  # patches per side: N = 1 + grid * grid
     image_size: int  # the encoder's input side in pixels
+    candidates: list[Candidates] = field(default_factory=list)
+    with_image: bool = True
 
     @property
     def n_layers(self) -> int:
         return self.attention.shape[1]
 
+    @property
+    def n_heads(self) -> int:
+        return self.attention.shape[2]
+
     def __repr__(self) -> str:
         n, L, H, S = self.attention.shape
+        picture = "" if self.with_image else ", text only (no picture)"
         return (f"AttentionTrace(answer={self.answer!r}, {n} tokens, {L} layers x {H} heads, "
-                f"{S} keys, {len(self.image_positions)} image tokens on a {self.grid}x{self.grid} grid)")
+                f"{S} keys, {len(self.image_positions)} image tokens on a {self.grid}x{self.grid} grid{picture})")
 
 
 def token_label(text: str) -> str:
@@ -74,6 +110,15 @@ def _grid_side(num_image_tokens: int) -> int:
     return g
 
 
+def top_candidates(tokenizer, logits: torch.Tensor, top_k: int = DEFAULT_TOP_K, end: bool = False) -> Candidates:
+    """The ``top_k`` most likely tokens of one step's (already suppressed) logits (V,)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    values, ids = probs.topk(min(top_k, probs.numel()))
+    ids = ids.tolist()
+    return Candidates(chosen_id=ids[0], chosen=token_text(tokenizer, ids[0]), ids=ids,
+                      tokens=[token_text(tokenizer, i) for i in ids], probs=values.tolist(), end=end)
+
+
 @torch.no_grad()
 def answer_with_attention(
     bundle,
@@ -82,46 +127,61 @@ def answer_with_attention(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     image_tokens: torch.Tensor | None = None,
     streamer=None,
+    top_k: int = DEFAULT_TOP_K,
+    on_step: Callable[[Candidates], None] | None = None,
 ) -> AttentionTrace:
     """Answer ``question`` about ``image`` (a path or PIL image) greedily and trace the attention.
 
     Runs the eager attention path (``output_attentions=True``) with the KV cache, so every step
-    costs one token's forward pass. ``image_tokens`` (1, N, width) may replace ``image``.
-    ``streamer`` (a transformers streamer) receives the prompt, then each new token, as in
-    ``generate``.
+    costs one token's forward pass. ``image_tokens`` (1, N, width) may replace ``image``; with
+    neither, the model answers without a picture (the text-only baseline). ``streamer`` (a
+    transformers streamer) receives the prompt, then each new token, as in ``generate``;
+    ``on_step`` receives each step's ``Candidates`` as soon as it is chosen. The answer stops
+    at the end token, after ``max_new_tokens``, or where the model's positions run out.
     """
     model, tok = bundle.model, bundle.tokenizer
     cfg = model.config
     device = model.device
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"question must be a non-empty string, got {question!r}")
-    if image_tokens is None:
-        if image is None:
-            raise ValueError("pass an image (path or PIL image) or image_tokens")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if image_tokens is None and image is not None:
         pixels = bundle.encoder.preprocess(as_images([image])).to(device)
         image_tokens = bundle.encoder(pixels)  # (1, 3, S, S) -> (1, N, width)
-    image_tokens = image_tokens.to(device)
-    if image_tokens.dim() != 3 or image_tokens.shape[0] != 1:
-        raise ValueError(f"image_tokens must be (1, N, width) for one image, got {tuple(image_tokens.shape)}")
+    if image_tokens is not None:
+        image_tokens = image_tokens.to(device)
+        if image_tokens.dim() != 3 or image_tokens.shape[0] != 1:
+            raise ValueError(f"image_tokens must be (1, N, width) for one image, got {tuple(image_tokens.shape)}")
 
     ids = torch.tensor([prompt_ids(tok, question, cfg.num_image_tokens)], device=device)  # (1, T)
+    T = ids.shape[1]
+    room = cfg.max_position_embeddings - T + 1  # the last answer token needs no position of its own
+    if room < 1:
+        raise ValueError(f"the question is too long: its prompt is {T} tokens ({cfg.num_image_tokens} of them "
+                         f"for the picture) and the model reads at most {cfg.max_position_embeddings}")
     pattern = torch.tensor(cfg.image_token_ids, device=device)
     image_positions = placeholder_mask(ids, pattern)[0].nonzero().squeeze(1).cpu()  # (N,)
-    T = ids.shape[1]
     if streamer is not None:
         streamer.put(ids.cpu())
 
     cache = DynamicCache(config=cfg)
     step_input = dict(input_ids=ids, image_tokens=image_tokens)  # the picture enters once
-    rows, generated = [], []
-    for _ in range(max_new_tokens):
+    banned = suppressed_ids(tok)
+    rows, generated, candidates = [], [], []
+    for _ in range(min(max_new_tokens, room)):
         out = model(**step_input, cache=cache, use_cache=True, output_attentions=True, logits_to_keep=1)
         # Each layer: (1, H, t, S) -> the last query's row (H, S); stacked: (L, H, S)
         rows.append(torch.stack([a[0, :, -1, :] for a in out.attentions]).float().cpu())
-        logits = out.logits[0, -1]
-        logits[suppressed_ids(tok)] = float("-inf")  # as answer() does
+        logits = out.logits[0, -1].float()
+        logits[banned] = float("-inf")  # as answer() does
         next_id = int(logits.argmax())
-        if next_id == tok.eos_token_id:
+        step = top_candidates(tok, logits, top_k, end=next_id == tok.eos_token_id)
+        step.chosen_id, step.chosen = next_id, token_text(tok, next_id)  # argmax decides ties, as generate
+        candidates.append(step)
+        if on_step is not None:
+            on_step(step)
+        if step.end:
             rows.pop()  # the attention that chose </s> belongs to no answer token
             break
         generated.append(next_id)
@@ -151,19 +211,42 @@ def answer_with_attention(
         image_share=image_share,
         grid=_grid_side(cfg.num_image_tokens),
         image_size=int(getattr(bundle.encoder, "image_size", 224)),
+        candidates=candidates,
+        with_image=image_tokens is not None,
     )
 
 
 # ----------------------------------------------------------------------------- maps
 
 
-def _select_layers(trace: AttentionTrace, layer) -> tuple[torch.Tensor, str]:
-    """image_attention restricted to one layer or averaged over all: (n, N), and a label."""
+def _check_index(value, count: int, what: str):
+    if value == "mean" or (isinstance(value, int) and not isinstance(value, bool) and -count <= value < count):
+        return value
+    raise ValueError(f"{what} must be 'mean' or an int in [-{count}, {count}), got {value!r}")
+
+
+def _select_layers(trace: AttentionTrace, layer, head="mean") -> tuple[torch.Tensor, str]:
+    """Image attention for one layer or the mean over layers, one head or the mean over heads:
+    (n, N), and a label such as "layer 2, head 1"."""
+    layer = _check_index(layer, trace.n_layers, "layer")
+    head = _check_index(head, trace.n_heads, "head")
+    if head == "mean":
+        per_layer = trace.image_attention  # (n, L, N), already averaged over heads
+    else:
+        per_layer = trace.attention[:, :, head][..., trace.image_positions]  # (n, L, N)
     if layer == "mean":
-        return trace.image_attention.mean(1), "mean over layers"
-    if isinstance(layer, int) and -trace.n_layers <= layer < trace.n_layers:
-        return trace.image_attention[:, layer], f"layer {layer % trace.n_layers}"
-    raise ValueError(f"layer must be 'mean' or an int in [-{trace.n_layers}, {trace.n_layers}), got {layer!r}")
+        chosen, layer_label = per_layer.mean(1), "mean over layers"
+    else:
+        chosen, layer_label = per_layer[:, layer], f"layer {layer % trace.n_layers}"
+    head_label = "mean over heads" if head == "mean" else f"head {head % trace.n_heads}"
+    return chosen, f"{layer_label}, {head_label}"
+
+
+def image_share(trace: AttentionTrace, layer="mean", head="mean") -> torch.Tensor:
+    """(n,) the share of each answer token's attention that went to the image tokens (CLS
+    included), in one layer / head or averaged over them."""
+    per_token, _ = _select_layers(trace, layer, head)
+    return per_token.sum(-1)
 
 
 def _select_tokens(trace: AttentionTrace, tokens) -> list[int]:
@@ -177,13 +260,15 @@ def _select_tokens(trace: AttentionTrace, tokens) -> list[int]:
     return [t % n for t in picked]
 
 
-def patch_grid(trace: AttentionTrace, token: int | Sequence[int] | str = "all", layer="mean") -> np.ndarray:
+def patch_grid(trace: AttentionTrace, token: int | Sequence[int] | str = "all", layer="mean",
+               head="mean") -> np.ndarray:
     """The attention on the patch grid as a (g, g) array, patch (r, c) at [r, c].
 
     ``token``: one answer-token index, a list of them (averaged) or "all" (the whole answer).
-    CLS (image token 0) has no place on the grid and is left out.
+    ``layer`` / ``head``: an index, or "mean" to average. CLS (image token 0) has no place on the
+    grid and is left out.
     """
-    per_token, _ = _select_layers(trace, layer)  # (n, N)
+    per_token, _ = _select_layers(trace, layer, head)  # (n, N)
     picked = _select_tokens(trace, [token] if isinstance(token, int) else token)
     if not picked:
         raise ValueError("the answer has no tokens to draw")
@@ -206,9 +291,14 @@ def _draw_overlay(ax, view: Image.Image, grid: np.ndarray, title: str, alpha: fl
     size = view.width
     ax.imshow(view)
     # One cell per patch, stretched over the picture; nearest keeps patch edges honest.
-    ax.imshow(grid, extent=(0, size, size, 0), cmap=cmap, alpha=alpha, interpolation="nearest",
-              vmin=0, vmax=max(float(grid.max()), 1e-12))
+    heat = ax.imshow(grid, extent=(0, size, size, 0), cmap=cmap, alpha=alpha, interpolation="nearest",
+                     vmin=0, vmax=max(float(grid.max()), 1e-12))
     ax.set_title(title, fontsize=10, family=font_family())
+    _bare(ax)
+    return heat
+
+
+def _bare(ax):
     ax.set_xticks([])
     ax.set_yticks([])
     for spine in ax.spines.values():
@@ -216,7 +306,7 @@ def _draw_overlay(ax, view: Image.Image, grid: np.ndarray, title: str, alpha: fl
 
 
 def plot_attention_overlay(trace: AttentionTrace, image, layer="mean", tokens="all", ax=None,
-                           ncols: int = 6, alpha: float = 0.55, cmap: str = "inferno"):
+                           ncols: int = 6, alpha: float = 0.55, cmap: str = "inferno", head="mean"):
     """Attention on the patch grid laid over the picture: one panel per answer token, then one
     for the whole answer. Each panel's colours run from 0 to its own maximum; titles give the
     token and the share of its attention that went to the image at all.
@@ -228,18 +318,19 @@ def plot_attention_overlay(trace: AttentionTrace, image, layer="mean", tokens="a
     picked = _select_tokens(trace, tokens)
     if not picked:
         raise ValueError("the answer has no tokens to draw")
-    _, layer_label = _select_layers(trace, layer)
-    share = trace.image_share.mean(1) if layer == "mean" else trace.image_share[:, layer]  # (n,)
+    _, label = _select_layers(trace, layer, head)
+    share = image_share(trace, layer, head)  # (n,)
     view = encoder_view(image, trace.image_size)
 
     if ax is not None:
-        _draw_overlay(ax, view, patch_grid(trace, picked, layer),
+        _draw_overlay(ax, view, patch_grid(trace, picked, layer, head),
                       f"{escape(trace.answer)}\n{share[picked].mean():.0%} of attention on the image", alpha, cmap)
         return ax.figure
 
-    panels = [(patch_grid(trace, t, layer), f"{token_label(trace.tokens[t])}\n{share[t]:.0%} on image") for t in picked]
+    panels = [(patch_grid(trace, t, layer, head), f"{token_label(trace.tokens[t])}\n{share[t]:.0%} on image")
+              for t in picked]
     if len(picked) > 1:
-        panels.append((patch_grid(trace, picked, layer),
+        panels.append((patch_grid(trace, picked, layer, head),
                        f"whole answer\n{share[picked].mean():.0%} on image"))
     cols = min(ncols, len(panels))
     rows = math.ceil(len(panels) / cols)
@@ -248,8 +339,36 @@ def plot_attention_overlay(trace: AttentionTrace, image, layer="mean", tokens="a
         _draw_overlay(a, view, grid, title, alpha, cmap)
     for a in axes.flat[len(panels):]:
         a.axis("off")
-    fig.suptitle(f"Q: {escape(trace.question)}   A: {escape(trace.answer)}   ({layer_label})", fontsize=11,
+    fig.suptitle(f"Q: {escape(trace.question)}   A: {escape(trace.answer)}   ({label})", fontsize=11,
                  family=font_family())
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention_panel(trace: AttentionTrace, image, layer="mean", head="mean", token="all",
+                         alpha: float = 0.6, cmap: str = "inferno"):
+    """The picture the encoder saw, and beside it the attention of one answer token (or the
+    whole answer's mean) on its patches, with a colour bar in attention weight and, in the
+    title, the share of that attention that went to the image at all. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    if not trace.with_image:
+        raise ValueError("this answer was given without a picture: there is no attention on a picture to draw")
+    picked = _select_tokens(trace, [token] if isinstance(token, int) else token)
+    if not picked:
+        raise ValueError("the answer has no tokens to draw")
+    _, label = _select_layers(trace, layer, head)
+    share = float(image_share(trace, layer, head)[picked].mean())
+    what = "the whole answer" if len(picked) > 1 or token == "all" else f"“{token_label(trace.tokens[picked[0]])}”"
+    view = encoder_view(image, trace.image_size)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7.6, 3.7), gridspec_kw={"width_ratios": [1, 1.2]})
+    left.imshow(view)
+    left.set_title("the picture (as the encoder sees it)", fontsize=9, family=font_family())
+    _bare(left)
+    heat = _draw_overlay(right, view, patch_grid(trace, picked, layer, head),
+                         f"attention of {what}\n{label}: {share:.0%} on the image", alpha, cmap)
+    bar = fig.colorbar(heat, ax=right, fraction=0.046, pad=0.04, label="attention weight on the patch")
+    bar.solids.set_alpha(1)  # the scale itself, not faded like the overlay
     fig.tight_layout()
     return fig
 
