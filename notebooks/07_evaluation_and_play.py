@@ -34,10 +34,22 @@ WORLD = stage_dir(RUN, "world")
 # ## Accuracy on held-out questions
 #
 # Every held-out question is answered greedily and compared with the truth after normalising case
-# and punctuation ("Top left." counts as "top left"). The same questions are asked a second time
-# with the picture left out: the placeholders keep their own embedding, so the model sees the
-# prompt without the image. This **text-only baseline** measures what can be guessed from the
-# question alone (that most counts are "one", say); the gap above it is what the picture adds.
+# and punctuation ("Top left." counts as "top left"). An accuracy means little without something
+# to read it against, so the table puts four baselines beside it, each measuring something else:
+#
+# * **text only**: the same model, the same questions, the picture left out (the placeholders keep
+#   their own embedding). This is *not* "what the question gives away": the model never saw empty
+#   placeholders in training, so this input is foreign to it, and it can score below chance.
+# * **shuffled picture**: each question asked about another question's picture. The model reads a
+#   real picture, the wrong one: what it gets right here it gets from the question and from what
+#   pictures have in common.
+# * **majority answer**: for each question form ("what colour is the <size> <shape>?"), the answer
+#   the training set gives that form most often. No model is involved: this is what the question's
+#   wording alone is worth, if the answer frequencies were learned perfectly.
+# * **chance**: a uniform guess among the answers the type has (1/5 for a colour, 1/9 for a
+#   position, 1/3 for a count of one to three).
+#
+# The gap between the model and the best of these is what the picture adds.
 
 # %%
 import json
@@ -55,13 +67,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 types = list(results["per_type"])
-with_image = [results["per_type"][t] for t in types]
-text_only = [results["text_only_baseline"]["per_type"][t] for t in types]
+bars = {"with the picture": (results, "#2b6cb0")}
+colours = {"text only": "#a0aec0", "shuffled picture": "#cbd5e0", "majority answer": "#ed8936"}
+bars.update({name: (results["baselines"][name], colours[name]) for name in colours})
 x = np.arange(len(types) + 1)
-fig, ax = plt.subplots(figsize=(7.5, 3.6))
-ax.bar(x - 0.2, with_image + [results["overall"]], width=0.4, label="with the picture", color="#2b6cb0")
-ax.bar(x + 0.2, text_only + [results["text_only_baseline"]["overall"]], width=0.4,
-       label="text only (no picture)", color="#a0aec0")
+width = 0.8 / len(bars)
+fig, ax = plt.subplots(figsize=(8.5, 3.8))
+for i, (name, (figures, colour)) in enumerate(bars.items()):
+    values = [figures["per_type"][t] for t in types] + [figures["overall"]]
+    ax.bar(x - 0.4 + (i + 0.5) * width, values, width=width, label=name, color=colour)
+chance = results["baselines"]["chance"]
+ax.hlines([chance["per_type"][t] for t in types] + [chance["overall"]], x - 0.45, x + 0.45,
+          colors="black", linestyles="dashed", linewidth=1, label="chance (uniform guess)")
 ax.set_xticks(x, types + ["overall"])
 ax.set_ylim(0, 1)
 ax.set_ylabel("exact-match accuracy")
@@ -163,7 +180,7 @@ plt.show()
 #
 # The panel below asks any of three models: the one **after pretraining** (it learned to caption,
 # so expect a caption whatever you ask), the one **after SFT**, and the SFT model **without the
-# picture**, the text-only baseline of the table above, answering from the question alone.
+# picture**, the text-only baseline of the table above (empty placeholders: an input it never saw).
 #
 # Pick a demo picture, upload one, or **compose** one: up to three objects, each with a shape, a
 # colour, a size and a cell of the 3×3 grid, drawn by the shapes world's own renderer. That is
@@ -197,8 +214,9 @@ for step, top in enumerate(panel.last_top_tokens, 1):
 # %% [markdown]
 # ## Summary
 #
-# * Exact-match accuracy per answer type, next to the text-only baseline, says what the model
-#   knows and how much of it comes from the picture rather than from the question.
+# * Exact-match accuracy per answer type, next to four baselines (no picture, the wrong picture,
+#   the training set's majority answer, chance), says what the model knows and how much of it
+#   comes from the picture rather than from the question.
 # * Attention maps show which patches each answer token read, through the same 50 positions where
 #   chapter 4 substituted the picture.
 # * The panel puts your own doubts to the test: a picture composed to order, each model with or
