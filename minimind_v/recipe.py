@@ -316,8 +316,9 @@ def is_done(run: str | Path, stage: str, recipe: Recipe | None = None, nproc: in
 def run_stage(run: str | Path, r: Recipe | None = None, stage: str = "world", nproc: int = 1,
               plot: bool = True, fingerprints: dict | None = None):
     """Reuse the stage when its fingerprint matches, else build it (resuming an interrupted run of
-    the same settings); says which and why. Returns the launch result of a training stage, the
-    evaluation figures for "eval", or None when the stage was reused."""
+    the same settings); says which and why. Returns None when the stage was reused, else what
+    building it gave: the world's summary, the tokenizer, a training stage's launch result, or
+    the evaluation figures."""
     from .data.shapes import generate_world
     from .launch import run_torchrun
     from .tokenizer import train_tokenizer
@@ -337,11 +338,11 @@ def run_stage(run: str | Path, r: Recipe | None = None, stage: str = "world", np
     atomic_write_json(folder / FINGERPRINT, fingerprints[stage])
     result = None
     if stage == "world":
-        generate_world(folder, world_config(r), overwrite=True)
+        result = generate_world(folder, world_config(r), overwrite=True)
         mark_complete(folder, {"stage": stage})
     elif stage == "tokenizer":
-        tok = train_tokenizer(world_texts(stage_dir(run, "world")), out_dir=folder, vocab_size=r.vocab_size)
-        print(f"tokenizer: {len(tok)} tokens")
+        result = train_tokenizer(world_texts(stage_dir(run, "world")), out_dir=folder, vocab_size=r.vocab_size)
+        print(f"tokenizer: {len(result)} tokens")
         mark_complete(folder, {"stage": stage})
     elif stage == "eval":
         result = evaluate_run(run, r)

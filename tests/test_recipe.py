@@ -100,7 +100,8 @@ def test_world_and_tokenizer_are_built_once_then_reused(tmp_path, capsys):
 def test_training_stages_train_reuse_resume_and_retrain_by_fingerprint(tmp_path, launches, capsys):
     r = Recipe(**SMALL)
     run = tmp_path / "run"
-    run_recipe(run, r, stages=["world", "tokenizer", "clip", "llm", "pretrain"])
+    first = run_recipe(run, r, stages=["world", "tokenizer", "clip", "llm", "pretrain"])
+    assert first["reused"] == [] and list(first["timings"]) == ["world", "tokenizer", "clip", "llm", "pretrain"]
     assert [c["out"] for c in launches] == ["clip", "llm", "pretrain"]
     assert all("--overwrite" in c["args"] and "--resume" not in c["args"] for c in launches)
 
