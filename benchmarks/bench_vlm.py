@@ -223,7 +223,8 @@ class TrainRow:
                 image = w.encoder.preprocess([load_image(w.image_dir / chat.image)])[0]
             else:  # pixels already prepared (by DataLoader workers, say)
                 image = w.pixels[index]
-            samples.append(Sample(chat.image, torch.tensor(chat.ids), torch.tensor(chat.labels), image))
+            # A sample holds (n_images, ...) pictures: one here.
+            samples.append(Sample(chat.image, torch.tensor(chat.ids), torch.tensor(chat.labels), image[None]))
         batch = collate(samples, pad_id=PAD)
         if self.spec.variant == "no_mask":  # right padding: causal attention alone never sees a pad
             batch = Batch(batch.ids, batch.input_ids, None, batch.labels, batch.images)

@@ -374,6 +374,8 @@ def convert_to_hf(pth, tokenizer_dir, out, vision_model: str | None = None, n_he
     if vision_model is not None:
         overrides["vision_model"] = vision_model
     model = model_from_v1(sd, tokenizer=tokenizer, **overrides)
+    if isinstance(model, MiniMindVLM):  # v1 squeezed each whole picture to 224x224; it never centre-cropped
+        model.config.vision_preprocessing = "resize"
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .data.images import ImageError, load_image
 from .data.records import (TOO_LONG, UNENCODABLE, UNREADABLE_IMAGE, DataError, Skipped, check_record,
-                           confined_image_path, read_records, skip_summary)
+                           read_records, skip_summary)
 from .inference import DEFAULT_MAX_NEW_TOKENS, VLMBundle, answer, load_vlm, prompt_ids
 from .runfiles import atomic_write_text
 
@@ -62,9 +62,14 @@ def evaluate_vqa(
     ``shuffle_pictures=seed`` is the shuffled-picture baseline: every question is asked about
     another question's picture (a seeded shuffle that leaves no picture in place).
     """
-    data_dir = Path(data_dir)
-    json_path, folder = data_dir / json_name, data_dir / image_dir
-    records = read_records(json_path)[:limit]
+    from .data.datasets import resolve_data
+    from .data.parquet import decode_picture, is_placeholder_picture, iter_rows, parse_conversations
+    from .data.records import NO_IMAGE_NAME, check_turns, find_image
+
+    # The JSON layout (eval_data.json + eval_data_images/) or the parquet one (eval_i2t.parquet, or
+    # --data naming a .parquet file or a folder of shards): pictures as file names or as bytes.
+    json_path, folder = resolve_data(data_dir, json_name, image_dir)
+    parquet = folder is None
     skipped: list[Skipped] = []
 
     def refuse(error: DataError) -> None:
@@ -72,18 +77,59 @@ def evaluate_vqa(
             raise error from None
         skipped.append(Skipped.from_error(error))
 
-    questions = []  # (id, image name, question, answer, answer type) of the usable records
-    for index, record in enumerate(records):
-        try:
-            checked = check_record(record, index, json_path, need_image=True, image_dir=folder,
-                                   image_tags="at_most_one")
-            question, truth = checked.turns[0]["value"], checked.turns[1]["value"]
-            check_prompt_fits(bundle, question, max_new_tokens, f"record {checked.id!r} in {json_path}", checked.id)
-        except DataError as err:
-            refuse(err)
-            continue
-        kind = record.get("answer_type", "all")
-        questions.append((checked.id, checked.image, question, truth, kind if isinstance(kind, str) else str(kind)))
+    def first_question(messages: list[dict]) -> tuple[str, str]:
+        user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        return messages[user]["content"], messages[user + 1]["content"]
+
+    # (id, pictures: a name / bytes, or a list of them, question, answer, answer type) of the usable records
+    questions = []
+    if parquet:
+        for _, row_number, where, rid, row in iter_rows(json_path, limit=limit):
+            try:
+                turns = parse_conversations(row.get("conversations"), where, rid)
+                pictures = row.get("image_bytes")
+                several = isinstance(pictures, list)
+                listed = pictures if several else [] if pictures is None else [pictures]
+                if not listed or (len(listed) == 1 and is_placeholder_picture(listed[0])):
+                    raise DataError(f"{where}: no picture to ask about (a text-only row)", NO_IMAGE_NAME, rid)
+                messages = check_turns(turns, where, rid, n_images=len(listed), image_tags="at_most_one")
+                question, truth = first_question(messages)
+                check_prompt_fits(bundle, question, max_new_tokens, where, rid)
+            except DataError as err:
+                refuse(err)
+                continue
+            kind = row.get("answer_type") or "all"
+            questions.append((rid, pictures, question, truth, kind if isinstance(kind, str) else str(kind)))
+    else:
+        records = read_records(json_path)[:limit]
+        for index, record in enumerate(records):
+            try:
+                checked = check_record(record, index, json_path, need_image=True, image_dir=folder,
+                                       image_tags="at_most_one")
+                question, truth = first_question(checked.messages)
+                check_prompt_fits(bundle, question, max_new_tokens, f"record {checked.id!r} in {json_path}",
+                                  checked.id)
+            except DataError as err:
+                refuse(err)
+                continue
+            kind = record.get("answer_type", "all")
+            questions.append((checked.id, checked.image, question, truth, kind if isinstance(kind, str) else str(kind)))
+
+    def open_pictures(rid: str, item):
+        """A question's picture (PIL), or its list of pictures, from file names or bytes."""
+        where = f"record {rid!r} in {json_path}"
+        listed = item if isinstance(item, list) else [item]
+        opened = []
+        for k, one in enumerate(listed):
+            try:
+                if parquet:
+                    opened.append(decode_picture(one, f"picture {k} of {len(listed)}"))
+                else:  # found (and confined) again at the read: the folder may have changed since the check
+                    opened.append(load_image(find_image(folder, one, where, rid)))
+            except ImageError as err:
+                label = f"picture {k}" if parquet else f"image {one!r}"
+                raise DataError(f"{where}: {label}: {err}", UNREADABLE_IMAGE, rid) from None
+        return opened if isinstance(item, list) else opened[0]
 
     if shuffle_pictures is not None and len(questions) > 1:
         questions = _swap_pictures(questions, shuffle_pictures)
@@ -93,14 +139,9 @@ def evaluate_vqa(
                    disable=not progress):
         chunk, pictures = [], []
         for item in questions[lo : lo + batch_size]:
-            rid, name = item[0], item[1]
-            where = f"record {rid!r} in {json_path}"
             try:
-                # Confined again at the read: the folder may have changed since the check.
-                pictures.append(load_image(confined_image_path(folder, name, where, rid)))
+                pictures.append(open_pictures(item[0], item[1]))
                 chunk.append(item)
-            except ImageError as err:
-                refuse(DataError(f"{where}: image {name!r}: {err}", UNREADABLE_IMAGE, rid))
             except DataError as err:
                 refuse(err)
         if not chunk:

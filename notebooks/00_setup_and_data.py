@@ -118,6 +118,7 @@ import textwrap
 import matplotlib.pyplot as plt
 
 from minimind_v.data.images import load_image
+from minimind_v.data.records import find_image  # sft_images/COCO_train2014_<image>, v1's SFT naming
 
 
 def turns_text(record: dict, width: int = 34) -> str:
@@ -135,7 +136,7 @@ for ax, record in zip(axes[0], pretrain[:4]):
     ax.imshow(load_image(WORLD / "pretrain_images" / record["image"]))
     ax.set_xlabel(textwrap.fill(record["conversations"][1]["value"], 34), fontsize=9)
 for ax, record in zip(axes[1], sft[:4]):
-    ax.imshow(load_image(WORLD / "sft_images" / record["image"]))
+    ax.imshow(load_image(find_image(WORLD / "sft_images", record["image"])))
     ax.set_xlabel(turns_text(record), fontsize=9)
 for ax in axes.flat:
     ax.set_xticks([])

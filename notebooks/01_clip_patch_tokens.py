@@ -45,7 +45,7 @@ WORLD = stage_dir(RUN, "world")
 # ViT-B/32, 128 for our tiny CLIP.
 
 # %%
-from minimind_v.train.clip import TinyClipConfig
+from minimind_v.model.tiny_clip import TinyClipConfig
 
 tiny = TinyClipConfig()
 image_size, patch_size = tiny.image_size, tiny.patch_size
@@ -67,9 +67,10 @@ import numpy as np
 
 from minimind_v.data.datasets import read_records
 from minimind_v.data.images import load_image
+from minimind_v.data.records import find_image  # sft_images/COCO_train2014_<image>, v1's SFT naming
 
 record = read_records(WORLD / "sft_data.json")[0]
-image = load_image(WORLD / "sft_images" / record["image"])
+image = load_image(find_image(WORLD / "sft_images", record["image"]))
 
 fig, ax = plt.subplots(figsize=(5.2, 5.2))
 ax.imshow(image, extent=(0, image_size, image_size, 0))
@@ -94,7 +95,7 @@ plt.show()
 # each patch is 3 × 32 × 32 = 3072 numbers.
 
 # %%
-from minimind_v.train.clip import make_image_processor
+from minimind_v.model.tiny_clip import make_image_processor
 
 pixel_values = make_image_processor(image_size)(images=[image], return_tensors="pt")["pixel_values"]
 print("pixel_values:", tuple(pixel_values.shape), f"values in [{pixel_values.min():.2f}, {pixel_values.max():.2f}]")
@@ -148,7 +149,7 @@ for step, accuracy in retrieval:
 # %% [markdown]
 # ## The contrastive loss, written out
 #
-# The training process minimised `contrastive_loss` from `minimind_v.train.clip` (with the
+# The training process minimised `contrastive_loss` from `minimind_v.model.tiny_clip` (with the
 # auxiliary loss beside it). Here is its core in a few lines, run on the trained tiny CLIP. Eight
 # held-out pictures and their eight captions give an 8 × 8 table of cosine similarities,
 # multiplied by a learned temperature, the **logit scale**. Row i asks "which caption is picture
@@ -164,7 +165,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minimind_v.train.clip import contrastive_loss, embed_held_out, load_clip, load_held_out
+from minimind_v.model.tiny_clip import contrastive_loss, load_clip
+from minimind_v.probes import embed_held_out, load_held_out
 
 
 def clip_loss(image_embeds, text_embeds, scale):
@@ -199,7 +201,7 @@ probe = next((r["probe"] for r in reversed(records) if "probe" in r), None)
 if probe is None:
     print("this run skipped the probe (--probe-train 0)")
 else:
-    from minimind_v.train.clip import ATTRIBUTES
+    from minimind_v.data.clip_examples import ATTRIBUTES
 
     chance = {attribute: 1 / len(values) for attribute, values in ATTRIBUTES.items()}
     kinds = list(probe["trained"])  # the token features the probe read

@@ -68,9 +68,10 @@ print(f"vision_width={cfg.vision_width}, dim={cfg.dim}, num_image_tokens={cfg.nu
 # %%
 from minimind_v.data.datasets import read_records
 from minimind_v.data.images import load_image
+from minimind_v.data.records import find_image  # sft_images/COCO_train2014_<image>, v1's SFT naming
 
 records = read_records(WORLD / "sft_data.json")[:16]
-images = [load_image(WORLD / "sft_images" / r["image"]) for r in records]
+images = [load_image(find_image(WORLD / "sft_images", r["image"])) for r in records]
 with torch.no_grad():
     pixel_values = encoder.preprocess(images)  # 16 PIL images -> (16, 3, 224, 224)
     image_tokens = encoder(pixel_values)  # (16, 3, 224, 224) -> (16, 50, vision_width)

@@ -55,20 +55,25 @@ cfg = vlm.config
 # ## The prompt
 #
 # A question from the SFT data, as the model sees it when asked to answer: the `<image>` tag
-# became 50 copies of `<|image|>` (id 3), and the prompt ends with `<s>assistant\n`.
+# became 50 copies of `<|image|>` (id 3), and the prompt ends with `<s>assistant\n`. The
+# **processor** makes it: it joins the tokenizer, the chat template and the encoder's image
+# processor, and turns questions and pictures into the model's inputs (`question_ids` gives the
+# ids of one question's prompt).
 
 # %%
 import matplotlib.pyplot as plt
 
 from minimind_v.data.datasets import read_records
 from minimind_v.data.images import load_image
-from minimind_v.inference import prompt_ids
+from minimind_v.data.records import find_image  # sft_images/COCO_train2014_<image>, v1's SFT naming
+from minimind_v.model.processing import MiniMindVProcessor
 from minimind_v.viz import plot_token_strip
 
+processor = MiniMindVProcessor.from_encoder(tokenizer, encoder)  # 50 placeholders per <image>, as the encoder
 record = read_records(WORLD / "sft_data.json")[0]
 question = record["conversations"][0]["value"]
-image = load_image(WORLD / "sft_images" / record["image"])
-input_ids = torch.tensor([prompt_ids(tokenizer, question, cfg.num_image_tokens)])  # (1, T)
+image = load_image(find_image(WORLD / "sft_images", record["image"]))
+input_ids = torch.tensor([processor.question_ids(question)])  # (1, T)
 print(repr(question))
 text = tokenizer.decode(input_ids[0])
 print(repr(text.replace("<|image|>" * 50, "<|image|> x 50")))
@@ -181,24 +186,28 @@ plt.show()
 #
 # Training works on batches of prompts of different lengths, each with its own picture. The
 # images are given in the order their placeholders appear, row by row; one `masked_scatter` fills
-# them all. Here two prompts, left-padded to the same length as for generation.
+# them all. Here two prompts, left-padded to the same length as for generation: the processor
+# renders each question with the chat template, expands its `<image>` tag, pads the rows on the
+# left and prepares the pictures, in the order of their tags.
 
 # %%
-from minimind_v.inference import left_pad
+def ask(r: dict) -> str:
+    """A record's question as the chat prompt's text, up to where the answer begins (the <image> tag still a tag)."""
+    return processor.apply_chat_template([{"role": "user", "content": r["conversations"][0]["value"]}],
+                                         add_generation_prompt=True)
 
-def ask(r: dict) -> list[int]:
-    return prompt_ids(tokenizer, r["conversations"][0]["value"], cfg.num_image_tokens)
 
-
-second = next(r for r in read_records(WORLD / "sft_data.json") if len(ask(r)) != input_ids.shape[1])
-rows = [ask(record), ask(second)]
-batch_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id)  # (2, T_max)
+second = next(r for r in read_records(WORLD / "sft_data.json")
+              if len(processor.question_ids(r["conversations"][0]["value"])) != input_ids.shape[1])
+batch = processor(text=[ask(record), ask(second)], images=[image, load_image(find_image(WORLD / "sft_images", second["image"]))],
+                  padding=True, padding_side="left", return_tensors="pt")
+batch_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (2, T_max), 0 on the padding
 with torch.no_grad():
-    batch_images = encoder(encoder.preprocess([image, load_image(WORLD / "sft_images" / second["image"])]))
+    batch_images = encoder(batch["pixel_values"])  # (2, 3, S, S) -> (2, 50, vision_width)
     batch_after = vlm.substitute_image_tokens(batch_ids, vlm.tok_embeddings(batch_ids), batch_images)
     batch_projected = vlm.vision_proj(batch_images)  # (2, 50, dim)
 batch_mask = placeholder_mask(batch_ids, pattern)
-print("prompt lengths:", [len(r) for r in rows], " batch:", tuple(batch_ids.shape),
+print("prompt lengths:", attention_mask.sum(1).tolist(), " batch:", tuple(batch_ids.shape),
       " images:", tuple(batch_images.shape), " embeddings:", tuple(batch_after.shape))
 for row in range(2):
     print(f"row {row}: image positions {int(batch_mask[row].nonzero()[0])}..{int(batch_mask[row].nonzero()[-1])}, "

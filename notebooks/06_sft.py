@@ -138,6 +138,7 @@ for t in range(first - 3, first + 2):
 import torch.nn.functional as F
 
 from minimind_v.data.images import load_image
+from minimind_v.data.records import find_image  # sft_images/COCO_train2014_<image>, v1's SFT naming
 from minimind_v.inference import load_vlm
 
 
@@ -149,7 +150,7 @@ def shifted_loss(logits, labels):
 stage1 = load_vlm(stage_dir(RUN, "pretrain"))
 record_ids, record_labels = torch.tensor([ids]), torch.tensor([labels])  # (1, T) each
 with torch.no_grad():
-    pixels = stage1.encoder.preprocess(load_image(WORLD / "sft_images" / record["image"]))  # (1, 3, 224, 224)
+    pixels = stage1.encoder.preprocess(load_image(find_image(WORLD / "sft_images", record["image"])))  # (1, 3, 224, 224)
     logits = stage1.model(input_ids=record_ids, pixel_values=pixels, use_cache=False).logits  # (1, T, vocab)
     package_loss = stage1.model(input_ids=record_ids, pixel_values=pixels, labels=record_labels, use_cache=False).loss
 ours = shifted_loss(logits, record_labels)

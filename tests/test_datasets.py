@@ -15,6 +15,7 @@ import torch
 
 from conftest import TINY_CLIP_TOKENS
 from minimind_v.data.datasets import Batch, ChatDataset, DataError, collate, read_records
+from minimind_v.data.records import find_image
 from minimind_v.tokenizer import EOS_TOKEN, IGNORE_INDEX, IMAGE_TAG, IMAGE_TOKEN, image_placeholder, render_chat
 
 N = TINY_CLIP_TOKENS
@@ -54,7 +55,7 @@ def test_labels_are_exactly_the_answers(tiny_world, world_tokenizer, tiny_encode
         where = (ids == image_id).nonzero().flatten()
         assert len(where) == N and where[-1] - where[0] == N - 1  # one contiguous run
         assert not learned[where].any()
-        assert sample.image.shape == (3, 64, 64)
+        assert sample.image.shape == (1, 3, 64, 64)  # (pictures of the sample, 3, S, S)
         multi_turn += len(answers(record)) > 1
     if json_name == "sft_data.json":
         assert multi_turn > 5  # the multi-turn case is really exercised
@@ -75,7 +76,8 @@ def test_collate_pads_to_the_longest_sample(tiny_world, world_tokenizer, tiny_en
         assert torch.all(batch.input_ids[row, n:] == 0)
         assert torch.all(batch.labels[row, n:] == IGNORE_INDEX)
         assert batch.attention_mask[row].tolist() == [1] * n + [0] * (max(lengths) - n)
-    assert torch.equal(batch.images, torch.stack([s.image for s in samples]))
+    assert torch.equal(batch.images, torch.cat([s.image for s in samples]))
+    assert batch.image_counts.tolist() == [1] * 6
     assert batch.n_targets == sum(int((s.labels[1:] != IGNORE_INDEX).sum()) for s in samples)
     # A batch of the two shortest is as wide as the longer of them, not a fixed length.
     short = sorted(samples, key=lambda s: len(s.input_ids))[:2]
@@ -120,12 +122,13 @@ def test_long_samples_are_cut_after_the_prompt_never_inside_it(tiny_world, world
 
 @pytest.fixture
 def bad_world(tiny_world, tmp_path) -> Path:
-    """A copy of 6 SFT records and their images, ready to be broken."""
+    """A copy of 6 SFT records and their images (under the record's plain name, which the loader
+    finds as well as the original's COCO_train2014_ naming), ready to be broken."""
     out = tmp_path / "bad"
     (out / "sft_images").mkdir(parents=True)
     records = read_records(tiny_world / "sft_data.json")[:6]
     for r in records:
-        shutil.copy(tiny_world / "sft_images" / r["image"], out / "sft_images" / r["image"])
+        shutil.copy(find_image(tiny_world / "sft_images", r["image"]), out / "sft_images" / r["image"])
     (out / "sft_data.json").write_text(json.dumps(records), encoding="utf-8")
     return out
 
@@ -237,8 +240,8 @@ def test_feature_cache_samples_are_the_encoders_patch_tokens(tiny_world, world_t
     samples = [ds[i] for i in range(4)]
     for s, p in zip(samples, (pixels_ds[i] for i in range(4))):
         assert s.id == p.id and torch.equal(s.input_ids, p.input_ids) and torch.equal(s.labels, p.labels)
-        assert s.image.shape == (N, 32)
-        expected = tiny_encoder(p.image[None])[0]
+        assert s.image.shape == (1, N, 32)
+        expected = tiny_encoder(p.image)
         torch.testing.assert_close(s.image.float(), expected, rtol=2e-3, atol=2e-3)  # float16 cache
     assert collate(samples).images.shape == (4, N, 32)
     # a record whose image the cache does not hold is named

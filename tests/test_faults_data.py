@@ -26,6 +26,7 @@ from conftest import REPO, TINY_CLIP_TOKENS, subprocess_env
 from minimind_v import evaluate as evaluation
 from minimind_v.data import datasets as datasets_module
 from minimind_v.data import records as R
+from minimind_v.data.records import find_image
 from minimind_v.data.datasets import ChatDataset, DataError, collate, read_records
 from minimind_v.data.features import FAULT_ENV, META_FILE, FeatureCache, StaleCacheError, ensure_cache
 from minimind_v.data.images import ImageError
@@ -45,7 +46,7 @@ def world(tiny_world, tmp_path) -> Path:
         (out / folder).mkdir(parents=True)
         records = read_records(tiny_world / json_name)[:6]
         for r in records:
-            shutil.copy(tiny_world / folder / r["image"], out / folder / r["image"])
+            shutil.copy(find_image(tiny_world / folder, r["image"]), out / folder / r["image"])
         (out / json_name).write_text(json.dumps(records), encoding="utf-8")
     return out
 

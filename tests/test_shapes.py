@@ -17,7 +17,7 @@ from PIL import Image
 from minimind_v.data import shapes
 from minimind_v.data.shapes import (
     ANSWER_TYPES, BACKGROUND_RGB, COLOUR_RGB, COLOURS, POSITIONS, SHAPES, SIZES,
-    ShapesWorldConfig, answer, caption, generate_world, questions, random_scene, render_scene,
+    ShapesWorldConfig, answer, caption, generate_world, questions, random_scene, render_scene, stored_image_name,
 )
 
 PATCH = 32  # CLIP ViT-B/32
@@ -236,7 +236,9 @@ def test_layout_matches_the_original_dataset(world):
                                  ("eval_data.json", "eval_data_images", 50)):
         records = load(out, json_name)
         assert len(records) == n
-        assert sorted(p.name for p in (out / folder).iterdir()) == sorted(r["image"] for r in records)
+        # v1's SFT loader opens sft_images/COCO_train2014_<image>; its pretraining loader the plain name.
+        prefix = "COCO_train2014_" if folder == "sft_images" else ""
+        assert sorted(p.name for p in (out / folder).iterdir()) == sorted(prefix + r["image"] for r in records)
         assert len({r["id"] for r in records}) == n
         for r in records:
             assert list(r)[:4] == ["id", "image", "conversations", "scene"]
@@ -268,7 +270,7 @@ def test_pictures_match_scenes_and_every_answer_checks_out(world):
     for json_name, folder in (("pretrain_data.json", "pretrain_images"), ("sft_data.json", "sft_images"),
                               ("eval_data.json", "eval_data_images")):
         for r in load(out, json_name):
-            seen = read_objects(Image.open(out / folder / r["image"]))
+            seen = read_objects(Image.open(out / folder / stored_image_name(folder, r["image"])))
             assert [{k: o[k] for k in ("shape", "colour", "size", "position")} for o in seen] == \
                    [{k: o[k] for k in ("shape", "colour", "size", "position")} for o in r["scene"]], r["id"]
             if json_name == "pretrain_data.json":

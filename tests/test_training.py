@@ -21,11 +21,13 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from conftest import REPO, TINY_CLIP_TOKENS, subprocess_env
 from minimind_v.config import MiniMindConfig
 from minimind_v.data.datasets import ChatDataset, DataError, collate, read_records
+from minimind_v.data.records import find_image
 from minimind_v.model.llm import MiniMindForCausalLM
-from minimind_v.train import trainer
+from minimind_v.train import checkpoint as ckpt
+from minimind_v.train.checkpoint import CHECKPOINT, METRICS
 from minimind_v.train.common import lm_step_loss, set_trainable
 from minimind_v.train.distributed import DistInfo
-from minimind_v.train.trainer import CHECKPOINT, METRICS, StepBatches, TrainArgs, fit, lr_at
+from minimind_v.train.trainer import StepBatches, TrainArgs, fit, lr_at
 
 ALONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True, backend=None)
 
@@ -242,7 +244,7 @@ def test_a_resumed_run_logs_each_step_once(make_tiny_vlm, tiny_encoder, sft_data
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / CHECKPOINT
-    trainer.atomic_torch_save({"step": 1, "w": torch.arange(4.0)}, path)
+    ckpt.atomic_torch_save({"step": 1, "w": torch.arange(4.0)}, path)
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]
 
     def dies_half_way(obj, f, *args, **kwargs):
@@ -251,7 +253,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(OSError, match="No space left"):
-        trainer.atomic_torch_save({"step": 2, "w": torch.zeros(4)}, path)
+        ckpt.atomic_torch_save({"step": 2, "w": torch.zeros(4)}, path)
     monkeypatch.undo()
     state = torch.load(path, weights_only=False)  # the previous checkpoint, whole
     assert state["step"] == 1 and torch.equal(state["w"], torch.arange(4.0))
@@ -289,7 +291,7 @@ def test_sft_cli_skips_and_counts_bad_samples(tiny_world, tiny_lm_dir, tiny_clip
     data.mkdir()
     shutil.copytree(tiny_world / "sft_images", data / "sft_images")
     records = read_records(tiny_world / "sft_data.json")
-    broken_image = data / "sft_images" / records[5]["image"]
+    broken_image = find_image(data / "sft_images", records[5]["image"])  # COCO_train2014_<image>, v1's SFT naming
     broken_image.write_bytes(broken_image.read_bytes()[:100])
     del records[9]["conversations"]
     (data / "sft_data.json").write_text(json.dumps(records), encoding="utf-8")

@@ -26,6 +26,9 @@ Safety rules:
 - With skip_bad_images=True a build encodes the images it can read and records the others
   (`cache.unreadable`: name -> reason); without it the first unreadable image stops the build
   with an error naming the file.
+- Pictures stored inside parquet rows (the original's layout) are named `"<file>#<row>/<k>"`
+  (picture k of that row of `<file>`, relative to the folder given as image_dir); their staleness
+  is the parquet file's size and mtime. `ParquetChatDataset.picture_names()` lists them.
 
 Staleness by size + mtime_ns rather than a content hash: checking a content hash means reading
 every image again on every open (tens of GB for the real dataset), while a stat costs
@@ -53,6 +56,7 @@ from tqdm.auto import tqdm
 
 from ..runfiles import atomic_write_json, fsync_path, inside
 from .images import ImageError, list_image_files, load_image
+from .parquet import ParquetPictures, parse_picture_key
 from .records import relative_name_problem
 
 META_FILE = "meta.json"
@@ -118,7 +122,8 @@ class FeatureCache:
         """Encode `names` (default: every image under image_dir) with `encoder` and store the tokens.
 
         names are paths relative to image_dir, as in the dataset's "image" fields (duplicates are
-        encoded once); one that leads outside image_dir is refused. num_workers: processes decoding
+        encoded once), or parquet pictures "<file>#<row>/<k>" (file relative to image_dir); one that
+        leads outside image_dir is refused. num_workers: processes decoding
         images (None: a few for large builds). skip_bad_images: encode the images that can be read
         and record the others in `cache.unreadable` (name -> reason) instead of stopping at the
         first, with an ImageError naming it. Replaces any cache already in cache_dir, atomically.
@@ -132,10 +137,11 @@ class FeatureCache:
         if not names:
             raise ValueError(f"no images to encode: {image_dir} holds no image files and no names were given")
         unreadable: dict[str, str] = {}
-        paths: list[Path | None] = []
+        paths: list[Path | None] = []  # the file holding each picture (an image file or a parquet file)
+        confined: dict[str, Path] = {}  # parquet file -> its confined path (checked once, not per picture)
         for name in names:  # confine every name before anything is stat'ed or opened
             try:
-                paths.append(inside(image_dir, name, "image"))
+                paths.append(_source_path(image_dir, name, confined))
             except ValueError as err:
                 if not skip_bad_images:
                     raise ImageError(f"cannot build the feature cache {cache_dir}: {err}") from None
@@ -166,8 +172,10 @@ class FeatureCache:
         try:
             # Rows of unreadable images stay zero; the index never points at them.
             store = np.lib.format.open_memmap(partial, mode="w+", dtype=_NUMPY_DTYPES[dtype], shape=(count, tokens, width))
+            items = [None if path is None else name if parse_picture_key(name) else path
+                     for name, path in zip(names, paths)]
             loader = torch.utils.data.DataLoader(
-                _DecodedImages(paths, encoder.processor), batch_size=batch_size, shuffle=False,
+                _DecodedImages(items, encoder.pixel_processor, image_dir), batch_size=batch_size, shuffle=False,
                 num_workers=num_workers, collate_fn=_collate_decoded, pin_memory=encoder.device.type == "cuda",
             )
             with tqdm(total=count, unit="img", desc="encoding images", disable=not progress) as bar:
@@ -282,8 +290,8 @@ class FeatureCache:
         recorded = np.asarray(self.meta["image_stats"], dtype=np.int64).reshape(-1, 2)
         # Names were checked by _check_meta (relative, no '..'); one refused at build time (a link
         # out) stays unstated, as then, so that it does not look changed on every open.
-        paths = [None if name in self.unreadable and not _confined(image_dir, name) else image_dir / name
-                 for name in self.names]
+        confined: dict[str, Path] = {}
+        paths = [_source_or_none(image_dir, name, confined) for name in self.names]
         current, _ = _stat_paths(paths)  # (N, 2), -1 where missing
         changed = np.flatnonzero((current != recorded).any(axis=1))
         if len(changed):
@@ -418,27 +426,30 @@ def ensure_cache(
 
 
 class _DecodedImages(torch.utils.data.Dataset):
-    """Item i: (pixel_values (3, S, S) or None, problem or None); None paths were refused earlier.
+    """Item i: (pixel_values (3, S, S) or None, problem or None); None items were refused earlier.
 
+    An item is an image file's path or a parquet picture's name "<file>#<row>/<k>" (under root).
     A bad file is reported, not raised, so that the build can decide (skip it or stop) in the
     main process with a message naming it, also when decoding runs in worker processes.
     """
 
-    def __init__(self, paths: Sequence[Path | None], processor):
-        self.paths, self.processor = paths, processor
+    def __init__(self, items: Sequence, preprocessor, root: Path):
+        self.items, self.preprocessor = items, preprocessor
+        self.pictures = ParquetPictures(root)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.items)
 
     def __getitem__(self, index: int):
-        path = self.paths[index]
-        if path is None:
+        item = self.items[index]
+        if item is None:
             return None, "refused or missing"
         try:
-            image = load_image(path)  # the same steps as VisionEncoder.pixel_batches
-            return self.processor(images=[image], return_tensors="pt")["pixel_values"][0], None
+            # the same steps as VisionEncoder.pixel_batches
+            image = self.pictures.load(item) if isinstance(item, str) else load_image(item)
+            return self.preprocessor([image])[0], None
         except (ImageError, OSError, ValueError) as err:
-            return None, str(err) if isinstance(err, ImageError) else f"{path}: cannot preprocess the image ({err})"
+            return None, str(err) if isinstance(err, ImageError) else f"{item}: cannot preprocess the image ({err})"
 
 
 def _collate_decoded(items):
@@ -464,27 +475,49 @@ def _unique_names(names: Sequence) -> list[str]:
     return list(dict.fromkeys(Path(name).as_posix() if isinstance(name, os.PathLike) else str(name) for name in names))
 
 
+def _source_path(image_dir: Path, name: str, confined: dict | None = None) -> Path:
+    """The file that holds picture ``name``: image_dir / name, or for a parquet picture
+    "<file>#<row>/<k>" the parquet file; ValueError when it leads outside image_dir.
+    ``confined`` remembers the parquet files already checked (a file holds many pictures)."""
+    parsed = parse_picture_key(name)
+    if parsed is None:
+        return inside(image_dir, name, "image")
+    if confined is not None and parsed[0] in confined:
+        return confined[parsed[0]]
+    path = inside(image_dir, parsed[0], "parquet file")
+    if confined is not None:
+        confined[parsed[0]] = path
+    return path
+
+
+def _source_or_none(image_dir: Path, name: str, confined: dict | None = None) -> Path | None:
+    """_source_path, or None (never stat'ed: it reads as missing, so changed) when it leads out."""
+    try:
+        return _source_path(image_dir, name, confined)
+    except ValueError:
+        return None
+
+
 def _stat_paths(paths: Sequence[Path | None]) -> tuple[np.ndarray, list[int]]:
-    """(N, 2) int64 [size_bytes, mtime_ns] per path (-1 for None or a missing file), and the rows missing."""
+    """(N, 2) int64 [size_bytes, mtime_ns] per path (-1 for None or a missing file), and the rows missing.
+    (A file named many times, like a parquet file's pictures, is stat'ed once.)"""
     stats = np.full((len(paths), 2), -1, dtype=np.int64)
     missing = []
+    seen: dict[Path, tuple | None] = {}
     for row, path in enumerate(paths):  # one stat() system call per file; I/O, not tensor work
         if path is None:
             continue
-        try:
-            status = os.stat(path)
-            stats[row] = (status.st_size, status.st_mtime_ns)
-        except (FileNotFoundError, NotADirectoryError):
+        if path not in seen:
+            try:
+                status = os.stat(path)
+                seen[path] = (status.st_size, status.st_mtime_ns)
+            except (FileNotFoundError, NotADirectoryError):
+                seen[path] = None
+        if seen[path] is None:
             missing.append(row)
+        else:
+            stats[row] = seen[path]
     return stats, missing
-
-
-def _confined(folder: Path, name: str) -> bool:
-    try:
-        inside(folder, name)
-        return True
-    except ValueError:
-        return False
 
 
 def _read_meta_or_none(cache_dir: Path) -> dict | None:

@@ -1,24 +1,30 @@
-"""One check for a conversation record, shared by training (ChatDataset) and evaluation.
+"""One check for a conversation record, shared by training (both layouts) and evaluation.
 
 A record is ``{"id", "image", "conversations": [{"from": "human", "value": "...<image>..."},
-{"from": "gpt", "value": "..."}, ...]}``. Every way it can be wrong raises a :class:`DataError`
-that names the record (its id, or ``#index`` without one) and the file, and carries a short
-``kind`` so that a run that skips bad records can say how many it dropped for each reason.
+{"from": "gpt", "value": "..."}, ...]}`` (the original v1 JSON layout) or, as in the original's
+parquet files, a list of ``{"role": "system"|"user"|"assistant", "content": ...}`` turns; a
+system turn may come first. ``image`` may name several pictures (a list), one ``<image>`` tag
+each, in order. Every way a record can be wrong raises a :class:`DataError` that names the
+record (its id, or ``#index`` without one) and the file, and carries a short ``kind`` so that a
+run that skips bad records can say how many it dropped for each reason.
 
 The image name a record gives is a name *inside* the dataset's image folder: an absolute path,
-a ``..`` or a link that leads out of the folder is refused before anything is opened.
+a ``..`` or a link that leads out of the folder is refused before anything is opened. A picture
+is found under the record's name, or under the original SFT naming
+(``COCO_train2014_`` + the name: v1's SFT loader opens ``sft_images/COCO_train2014_<image>``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 from ..runfiles import inside
-from ..tokenizer import IMAGE_TAG
+from ..tokenizer import IMAGE_TAG, SEED_ROLES
 
 # The reasons a record or its picture is refused (DataError.kind, Skipped.kind).
 NOT_AN_OBJECT = "not an object"
@@ -34,6 +40,10 @@ TOO_LONG = "too long"
 NO_TARGETS = "no answer tokens"
 UNREADABLE_IMAGE = "unreadable image"
 NOT_CACHED = "image not in the feature cache"
+BAD_CONVERSATIONS = "malformed conversations"  # a parquet row whose conversations are not a JSON list
+
+# v1's SFT loader reads sft_images/COCO_train2014_<record's image>; its pretraining loader the plain name.
+ORIGINAL_SFT_PREFIX = "COCO_train2014_"
 
 
 class DataError(ValueError):
@@ -68,9 +78,11 @@ class Skipped:
 
 class CheckedRecord(NamedTuple):
     id: str  # the record's id, or "#index"
-    image: str | None  # the image name as the record gives it (None when no image is needed)
-    image_path: Path | None  # image_dir / image, confined to image_dir (None without image_dir)
+    image: str | list | None  # the image name(s) as the record gives them (None when no image is needed)
+    image_path: Path | None  # image_dir / (first) image, confined to image_dir (None without image_dir)
     turns: list  # the conversation turns, as in the record
+    images: tuple = ()  # every picture's name, in the order of their <image> tags
+    messages: list | None = None  # the turns as chat messages [{"role", "content"}], system turns included
 
 
 def read_records(json_path: str | Path) -> list:
@@ -103,10 +115,10 @@ def check_record(
 ) -> CheckedRecord:
     """Check one record; return its parts, or raise DataError naming it, the file and the problem.
 
-    need_image: the record must name an image file, inside ``image_dir`` when that is given
-    (never opened here). image_tags: "one" (training: exactly one <image>, in a human turn),
-    "at_most_one" (evaluation: the question may leave it out, it is put in front), or "any"
-    (text-only training drops the tags).
+    need_image: the record must name its image file(s) (``image``: a name, or a list of names),
+    inside ``image_dir`` when that is given (never opened here). image_tags: "one" (training:
+    exactly one <image> per picture, in user turns), "at_most_one" (evaluation: the question
+    may leave the tags out, they are put in front), or "any" (text-only training drops the tags).
     """
     rid = record_id(record, index)
     where = f"record {rid!r} in {json_path}"
@@ -117,40 +129,95 @@ def check_record(
     if not isinstance(record, dict):
         fail(f" is a {type(record).__name__}, not an object", NOT_AN_OBJECT)
     image = record.get("image")
+    names: tuple = ()
     image_path = None
     if need_image:
-        if not isinstance(image, str) or not image.strip():
+        names = tuple(image) if isinstance(image, list) else (image,)
+        if not names or not all(isinstance(n, str) and n.strip() for n in names):
             fail(" has no 'image' file name", NO_IMAGE_NAME)
-        image_path = confined_image_path(image_dir, image, where, rid)
-    turns = record.get("conversations")
+        paths = [confined_image_path(image_dir, name, where, rid) for name in names]
+        image_path = paths[0]
+    messages = check_turns(record.get("conversations"), where, rid,
+                           n_images=len(names) if need_image else 0,
+                           image_tags=image_tags if need_image else "any")
+    return CheckedRecord(rid, image if need_image else None, image_path, record.get("conversations"),
+                         names, messages)
+
+
+def check_turns(turns, where: str, rid=None, n_images: int = 1, image_tags: str = "one") -> list[dict]:
+    """Check a conversation and return it as chat messages ``[{"role", "content"}]``.
+
+    Turns are ``{"from": "human"|"gpt"|"system", "value"}`` or ``{"role": "user"|"assistant"|
+    "system", "content"}``: system turns first (optional), then user, assistant, user, ... with
+    at least one question and one answer. ``n_images`` pictures go with it; image_tags: "one"
+    (exactly one <image> per picture, in user turns), "at_most_one" (the tags are all in the first
+    question, or left out), "any" (not checked: text-only training drops them).
+    Raises DataError (``where`` + the problem, with its ``kind``).
+    """
+
+    def fail(problem: str, kind: str):
+        raise DataError(f"{where}{problem}", kind, rid)
+
     if not isinstance(turns, list) or len(turns) < 2:
         fail(" needs a 'conversations' list with a question and an answer", NO_CONVERSATION)
-    if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
-        fail(": every turn needs a string 'value'", BAD_TURN)
+    seed_format = not any(isinstance(t, dict) and "role" in t for t in turns)
+    field = "value" if seed_format else "content"
+    if not all(isinstance(t, dict) and isinstance(t.get("value" if "role" not in t else "content"), str)
+               for t in turns):
+        fail(f": every turn needs a string {field!r}", BAD_TURN)
+    messages = []
     for i, turn in enumerate(turns):
-        expected = "human" if i % 2 == 0 else "gpt"
-        if turn.get("from") != expected:
-            fail(f": turn {i} is from {turn.get('from')!r}, expected {expected!r} "
-                 f"(turns alternate human, gpt, ...)", TURN_ORDER)
+        if "role" in turn:
+            messages.append({"role": turn["role"], "content": turn["content"]})
+        else:
+            speaker = turn.get("from")
+            role = (SEED_ROLES.get(speaker, "system" if speaker == "system" else None)
+                    if isinstance(speaker, str) else None)
+            messages.append({"role": role if role is not None else speaker, "content": turn["value"]})
+    n_system = 0
+    while n_system < len(messages) and messages[n_system]["role"] == "system":
+        n_system += 1
+    for i in range(n_system, len(messages)):
+        expected = "user" if (i - n_system) % 2 == 0 else "assistant"
+        if messages[i]["role"] != expected:
+            if seed_format:
+                said = {"user": "human", "assistant": "gpt"}[expected]
+                fail(f": turn {i} is from {turns[i].get('from')!r}, expected {said!r} "
+                     f"(turns alternate human, gpt, ...)", TURN_ORDER)
+            fail(f": turn {i} has role {messages[i]['role']!r}, expected {expected!r} "
+                 f"(a system turn first, then turns alternate user, assistant, ...)", TURN_ORDER)
+    if len(messages) - n_system < 2:
+        fail(" needs a 'conversations' list with a question and an answer", NO_CONVERSATION)
     # An empty answer would teach the model to stop at once; a silent default is wrong.
-    for i in range(1, len(turns), 2):
-        if not turns[i]["value"].strip():
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():
             fail(f": turn {i} (an answer) is empty", EMPTY_ANSWER)
-    if need_image and image_tags != "any":
-        counts = [t["value"].count(IMAGE_TAG) for t in turns]
-        total = sum(counts)
-        if image_tags == "one" and total == 0:
+    if image_tags == "any":
+        return messages
+    counts = [m["content"].count(IMAGE_TAG) for m in messages]
+    total = sum(counts)
+    for i, (m, count) in enumerate(zip(messages, counts)):
+        if count and m["role"] != "user":
+            what = "an answer" if m["role"] == "assistant" else "a system turn"
+            fail(f": the {IMAGE_TAG!r} tag is in turn {i}, {what}; it belongs in a human turn", IMAGE_TAGS)
+    if image_tags == "one":
+        if n_images and total == 0:
             fail(f": no turn holds the {IMAGE_TAG} tag (where does the picture go?)", IMAGE_TAGS)
-        if total > 1:
-            fail(f": {total} {IMAGE_TAG!r} tags, expected exactly 1", IMAGE_TAGS)
-        if total == 1:
-            turn = counts.index(1)
-            if turn % 2 == 1:
-                fail(f": the {IMAGE_TAG!r} tag is in turn {turn}, an answer; it belongs in a human turn",
-                     IMAGE_TAGS)
-            if image_tags == "at_most_one" and turn != 0:
-                fail(f": the {IMAGE_TAG!r} tag is in turn {turn}; the question asked is turn 0", IMAGE_TAGS)
-    return CheckedRecord(rid, image if need_image else None, image_path, turns)
+        if total != n_images:
+            expected = "exactly 1" if n_images == 1 else f"{n_images}, one per picture"
+            fail(f": {total} {IMAGE_TAG!r} tags, expected {expected}", IMAGE_TAGS)
+    elif image_tags == "at_most_one":
+        if total not in (0, n_images):
+            expected = "exactly 1" if n_images == 1 else f"{n_images}, one per picture"
+            fail(f": {total} {IMAGE_TAG!r} tags, expected {expected}", IMAGE_TAGS)
+        first_question = n_system
+        late = [i for i, c in enumerate(counts) if c and i != first_question]
+        if late:
+            fail(f": the {IMAGE_TAG!r} tag is in turn {late[0]}; the question asked is turn {first_question}",
+                 IMAGE_TAGS)
+    else:
+        raise ValueError(f"image_tags must be 'one', 'at_most_one' or 'any', got {image_tags!r}")
+    return messages
 
 
 def confined_image_path(image_dir, name: str, where: str, rid: str | None = None) -> Path | None:
@@ -165,6 +232,31 @@ def confined_image_path(image_dir, name: str, where: str, rid: str | None = None
         return inside(image_dir, name, "image")
     except ValueError as err:
         raise DataError(f"{where}: {err}; refused, nothing was opened", IMAGE_OUTSIDE, rid) from None
+
+
+def image_name_candidates(name: str) -> tuple[str, str]:
+    """The names a record's picture may be stored under: its own, then the original SFT naming."""
+    return name, ORIGINAL_SFT_PREFIX + name
+
+
+def find_image(image_dir, name: str, where: str = "", rid: str | None = None) -> Path:
+    """The picture file of a record's image name: ``image_dir / name`` when it exists, else
+    ``image_dir / ("COCO_train2014_" + name)`` when that exists (the original's SFT naming), else
+    ``image_dir / name`` (opening it then says there is no such file). Either is confined to
+    image_dir: DataError (kind IMAGE_OUTSIDE) for a name that leads out, nothing opened."""
+    plain = confined_image_path(image_dir, name, where, rid)
+    if plain is None or os.path.lexists(plain):
+        return plain
+    if os.path.lexists(Path(image_dir) / (ORIGINAL_SFT_PREFIX + name)):
+        return confined_image_path(image_dir, ORIGINAL_SFT_PREFIX + name, where, rid)
+    return plain
+
+
+def stored_image_name(image_dir, name: str) -> str:
+    """The name (relative to image_dir) under which the record's picture ``name`` is stored:
+    ``name`` or ``"COCO_train2014_" + name``, as :func:`find_image` finds it."""
+    path = find_image(image_dir, name)
+    return Path(path).relative_to(Path(image_dir)).as_posix()
 
 
 def relative_name_problem(name) -> str | None:

@@ -9,9 +9,14 @@ From each scene we write
 - a held-out question set            (eval_data.json + eval_data_images/),
 - a few named pictures for a chat demo (eval_images/),
 
-in exactly the original dataset layout, so the same training code reads either. Every caption
-and every answer is derived from the scene, and `answer` re-derives an answer by parsing the
-question, so every answer can be checked.
+in exactly the original v1 dataset layout (SFT pictures stored as
+``sft_images/COCO_train2014_<image>``, the name v1's SFT loader opens), so the same training code
+reads either; or, with ``--format parquet``, in the original's current layout: one parquet file
+per split (pretrain_i2t.parquet, sft_i2t.parquet, eval_i2t.parquet) whose rows hold the
+conversation (a JSON string of role/content turns) and the picture's bytes (PNG, the same bytes
+as the files of the JSON layout). Every caption and every answer is derived from the scene, and
+`answer` (`answer_two_pictures` for questions about two pictures) re-derives an answer by
+parsing the question, so every answer can be checked.
 
 Objects are sized so that even a small one spans more than one 32-pixel patch of CLIP ViT-B/32:
 a shape narrower than a patch collapses into a single patch token and its outline is lost.
@@ -20,6 +25,7 @@ a shape narrower than a patch collapses into a single patch token and its outlin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -47,6 +53,14 @@ POSITIONS = (
 ANSWER_TYPES = ("colour", "shape", "size", "position", "count")
 # Questions whose answer may be "no" or "nothing": the model must learn to say what is not there.
 EXTRA_ANSWER_TYPES = ("existence", "absent", "relation")
+# Questions about two pictures at once ("Which picture has more circles?" -> "the first", "the
+# second" or "neither"; "Do both pictures hold a red shape?" -> "yes" / "no"): records with two
+# pictures, one <image> tag each. Off by default: the default world stays as it was.
+TWO_PICTURES = "two_pictures"
+TWO_PICTURE_ANSWERS = ("the first", "the second", "neither")
+# The name v1's SFT loader opens for a record's image (sft_images/COCO_train2014_<image>).
+ORIGINAL_SFT_PREFIX = "COCO_train2014_"
+FORMATS = ("json", "parquet")
 # Grid relations, by (row, column) of the 3x3 grid: "left of" means in a column further left,
 # whatever the row; "above" means in a row higher up, whatever the column.
 RELATIONS = ("left of", "right of", "above", "below")
@@ -136,6 +150,16 @@ QUESTION_TEMPLATES = {
         "Is {ref} {rel} {ref2}?",
     ),
 }
+TWO_PICTURE_TEMPLATES = {
+    "more": (
+        "Which picture has more {plural}?",
+        "Which of the two pictures has more {plural}?",
+    ),
+    "both": (
+        "Do both pictures hold {desc}?",
+        "Do both pictures show {desc}?",
+    ),
+}
 
 
 MAX_SFT_TURNS = 10
@@ -158,7 +182,9 @@ class ShapesWorldConfig:
     workers: int = 0  # processes that render images; 0 = one per CPU core
     png_compress_level: int = 1  # fast to write; the flat images stay small anyway
     # The kinds of question SFT and the held-out set ask: ANSWER_TYPES, plus any of
-    # EXTRA_ANSWER_TYPES (yes/no existence, questions about absent objects, grid relations).
+    # EXTRA_ANSWER_TYPES (yes/no existence, questions about absent objects, grid relations), plus
+    # TWO_PICTURES (records with two pictures; a share 1/len(question_types) of SFT records and of
+    # the held-out questions).
     question_types: tuple = ANSWER_TYPES
     # Colour-shape pairs ("red", "circle") that no training picture, caption or question shows;
     # the held-out set then mixes pictures with them ("unseen") and without ("seen").
@@ -181,11 +207,14 @@ class ShapesWorldConfig:
             raise ValueError(f"ShapesWorldConfig.image_size must be >= 96 pixels, got {self.image_size}")
         if not 0 <= self.png_compress_level <= 9:
             raise ValueError(f"ShapesWorldConfig.png_compress_level must be in 0..9, got {self.png_compress_level}")
-        known = ANSWER_TYPES + EXTRA_ANSWER_TYPES
+        known = ANSWER_TYPES + EXTRA_ANSWER_TYPES + (TWO_PICTURES,)
         if not self.question_types or any(k not in known for k in self.question_types) \
                 or len(set(self.question_types)) != len(self.question_types):
             raise ValueError(f"ShapesWorldConfig.question_types must be distinct kinds among {known}, "
                              f"got {self.question_types!r}")
+        if not single_picture_types(self.question_types):
+            raise ValueError(f"ShapesWorldConfig.question_types needs a kind about one picture besides "
+                             f"{TWO_PICTURES!r}, got {self.question_types!r}")
         for pair in self.held_out_pairs:
             if len(pair) != 2 or pair[0] not in COLOURS or pair[1] not in SHAPES:
                 raise ValueError(f"ShapesWorldConfig.held_out_pairs: {pair!r} is not a (colour, shape) pair "
@@ -392,12 +421,20 @@ def _count_question(scene: list[dict], rng: random.Random) -> tuple[str, str, st
     return question, NUMBER_WORDS[n], "count"
 
 
+def single_picture_types(kinds) -> tuple:
+    """The kinds of question about one picture (all but TWO_PICTURES)."""
+    return tuple(k for k in kinds if k != TWO_PICTURES)
+
+
 def questions(scene: list[dict], rng: random.Random, kinds: tuple = ANSWER_TYPES) -> list[tuple[str, str, str]]:
     """One unambiguous (question, answer, answer_type) per kind in ``kinds`` that this scene
     allows, in that order. "position" can be missing (when no object is unique without it), and
-    so can "relation" (when every relation asked about has two answers)."""
+    so can "relation" (when every relation asked about has two answers). TWO_PICTURES is not
+    about one scene: it is left out here (see ``two_picture_question``)."""
     out = []
     for asked in kinds:
+        if asked == TWO_PICTURES:
+            continue
         if asked == "count":
             qa = _count_question(scene, rng)
         elif asked == "existence":
@@ -504,6 +541,84 @@ def _relation_question(scene: list[dict], rng: random.Random) -> tuple[str, str,
                 rel=relation, ref=_noun_phrase(rng.choice(refs), rng, True))
             return question, found[0]["shape"] if found else "nothing", "relation"
     return None
+
+
+# ----------------------------------------------------------------------------- two pictures
+
+
+def _count_in(scene: list[dict], constraints: dict) -> int:
+    return sum(_matches(o, constraints) for o in scene)
+
+
+def _countable(constraints: dict) -> str:
+    """{"shape": "circle"} -> 'circles'; {"colour": "red"} -> 'red objects'."""
+    return PLURAL_SHAPES[constraints["shape"]] if "shape" in constraints else f"{constraints['colour']} objects"
+
+
+def _both_desc(constraints: dict) -> str:
+    """{"colour": "red"} -> 'a red shape'; {"shape": "circle"} -> 'a circle'; both -> 'a red circle'."""
+    words = [constraints["colour"]] if "colour" in constraints else []
+    return "a " + " ".join(words + [constraints.get("shape", "shape")])
+
+
+def two_picture_question(scenes: list[list[dict]], rng: random.Random) -> tuple[str, str, str]:
+    """One question about two scenes: "Which picture has more circles?" ("the first", "the
+    second", "neither") or "Do both pictures hold a red shape?" ("yes", "no"). The answer is drawn
+    first, evenly, then a question that has it (when the scenes allow one)."""
+    first, second = scenes
+    nouns = [{"shape": v} for v in SHAPES] + [{"colour": v} for v in COLOURS]
+    if rng.random() < 0.5:
+        want = rng.choice(TWO_PICTURE_ANSWERS)
+        by_answer = {a: [] for a in TWO_PICTURE_ANSWERS}
+        for c in nouns:
+            a, b = _count_in(first, c), _count_in(second, c)
+            if a or b:  # "more circles" where neither has one would be a trick question
+                by_answer["the first" if a > b else "the second" if b > a else "neither"].append(c)
+        options = by_answer[want] or [c for a in TWO_PICTURE_ANSWERS for c in by_answer[a]]
+        c = rng.choice(options)
+        a, b = _count_in(first, c), _count_in(second, c)
+        question = rng.choice(TWO_PICTURE_TEMPLATES["more"]).format(plural=_countable(c))
+        return question, "the first" if a > b else "the second" if b > a else "neither", TWO_PICTURES
+    want = rng.choice(("yes", "no"))
+    descs = nouns + [{"colour": c, "shape": sh} for c in COLOURS for sh in SHAPES]
+    by_answer = {"yes": [], "no": []}
+    for c in descs:
+        here = [_count_in(sc, c) > 0 for sc in scenes]
+        if any(here):  # about something one of the pictures shows
+            by_answer["yes" if all(here) else "no"].append(c)
+    options = by_answer[want] or by_answer["no"] or by_answer["yes"]
+    c = rng.choice(options)
+    question = rng.choice(TWO_PICTURE_TEMPLATES["both"]).format(desc=_both_desc(c))
+    return question, "yes" if all(_count_in(sc, c) > 0 for sc in scenes) else "no", TWO_PICTURES
+
+
+_PLURAL_TWO = rf"(?:(?P<colour>{'|'.join(COLOURS)}) objects|(?P<shapes>{'|'.join(PLURAL_SHAPES.values())}))"
+_DESC_TWO = rf"a (?:(?P<colour>{'|'.join(COLOURS)}) )?(?P<shape>{'|'.join(SHAPES + ('shape',))})"
+_TWO_MORE_RE = [re.compile(re.escape(t).replace(re.escape("{plural}"), _PLURAL_TWO), re.IGNORECASE)
+                for t in TWO_PICTURE_TEMPLATES["more"]]
+_TWO_BOTH_RE = [re.compile(re.escape(t).replace(re.escape("{desc}"), _DESC_TWO), re.IGNORECASE)
+                for t in TWO_PICTURE_TEMPLATES["both"]]
+
+
+def answer_two_pictures(scenes: list[list[dict]], question: str) -> str:
+    """Re-derive the answer to a two-picture question from the two scenes alone."""
+    text = " ".join(question.replace("<image>", " ").split())
+    if len(scenes) != 2:
+        raise ValueError(f"answer_two_pictures: expected two scenes, got {len(scenes)}")
+    for pattern in _TWO_MORE_RE:
+        m = pattern.fullmatch(text)
+        if m:
+            c = {"colour": m["colour"].lower()} if m["colour"] else {"shape": SINGULAR[m["shapes"].lower()]}
+            a, b = (_count_in(sc, c) for sc in scenes)
+            return "the first" if a > b else "the second" if b > a else "neither"
+    for pattern in _TWO_BOTH_RE:
+        m = pattern.fullmatch(text)
+        if m:
+            c = {"colour": m["colour"].lower()} if m["colour"] else {}
+            if m["shape"].lower() != "shape":
+                c["shape"] = m["shape"].lower()
+            return "yes" if all(_count_in(sc, c) > 0 for sc in scenes) else "no"
+    raise ValueError(f"answer_two_pictures: not a two-picture question: {question!r}")
 
 
 # ----------------------------------------------------------------------------- parsing answers
@@ -645,6 +760,35 @@ def _record(split: str, index: int, scene: list[dict], conversations: list[dict]
     return {"id": name, "image": f"{name}.png", "conversations": conversations, "scene": scene, **extra}
 
 
+def _two_picture_record(split: str, index: int, scenes: list[list[dict]], conversations: list[dict],
+                        **extra) -> dict:
+    name = f"shapes_{split}_{index:06d}"
+    return {"id": name, "image": [f"{name}_1.png", f"{name}_2.png"], "conversations": conversations,
+            "scenes": scenes, **extra}
+
+
+def record_scenes(record: dict) -> list[list[dict]]:
+    """The scenes of a record's pictures, in the order of its images (one, or two)."""
+    return record["scenes"] if "scenes" in record else [record["scene"]]
+
+
+def record_images(record: dict) -> list[str]:
+    """A record's image names, in the order of its <image> tags."""
+    return record["image"] if isinstance(record["image"], list) else [record["image"]]
+
+
+def _two_picture_turns(scenes: list[list[dict]], rng: random.Random, n: int,
+                       cfg: ShapesWorldConfig) -> list[tuple[str, str, str]]:
+    pool = {}
+    for _ in range(8 * n):
+        qa = two_picture_question(scenes, rng)
+        if not names_held_out_pair(qa[0], cfg):
+            pool.setdefault(qa[0], qa)
+        if len(pool) >= n:
+            break
+    return list(pool.values())
+
+
 def _pretrain_records(cfg: ShapesWorldConfig, held_out: set) -> list[dict]:
     rng = random.Random(f"shapes-world/{cfg.seed}/pretrain")
     records = []
@@ -660,8 +804,19 @@ def _pretrain_records(cfg: ShapesWorldConfig, held_out: set) -> list[dict]:
 
 def _sft_records(cfg: ShapesWorldConfig, held_out: set) -> list[dict]:
     rng = random.Random(f"shapes-world/{cfg.seed}/sft")
+    # Two-picture records come from their own stream: the one-picture records' draws are untouched.
+    two = random.Random(f"shapes-world/{cfg.seed}/sft/two_pictures") if TWO_PICTURES in cfg.question_types else None
     records = []
     for i in range(cfg.n_sft):
+        if two is not None and two.random() < 1 / len(cfg.question_types):
+            scenes = [_fresh_scene(two, cfg, held_out) for _ in range(2)]
+            turns = _two_picture_turns(scenes, two, two.randint(1, 3), cfg)
+            conv = []
+            for t, (q, a, _) in enumerate(turns):
+                conv.append({"from": "human", "value": f"<image>\n<image>\n{q}" if t == 0 else q})
+                conv.append({"from": "gpt", "value": a})
+            records.append(_two_picture_record("sft", i, scenes, conv, answer_types=[k for _, _, k in turns]))
+            continue
         scene = _fresh_scene(rng, cfg, held_out)
         turns = _distinct_questions(scene, rng, rng.randint(cfg.min_sft_turns, cfg.max_sft_turns), cfg)
         conv = []
@@ -693,6 +848,17 @@ def _eval_records(cfg: ShapesWorldConfig) -> list[dict]:
     for i, kind in enumerate(kinds):
         # With held-out pairs, a share of the pictures shows one of them: the "unseen" split.
         unseen = bool(cfg.held_out_pairs) and rng.random() < cfg.unseen_eval_fraction
+        if kind == TWO_PICTURES:
+            scenes = []
+            while len(scenes) < 2:
+                scene = random_scene(rng, cfg.min_objects, cfg.max_objects)
+                if not cfg.held_out_pairs or has_held_out_pair(scene, cfg) == unseen:
+                    scenes.append(scene)
+            q, a, _ = two_picture_question(scenes, rng)
+            conv = [{"from": "human", "value": f"<image>\n<image>\n{q}"}, {"from": "gpt", "value": a}]
+            extra = {"combination": "unseen" if unseen else "seen"} if cfg.held_out_pairs else {}
+            records.append(_two_picture_record("eval", i, scenes, conv, answer_type=kind, **extra))
+            continue
         while True:
             scene = random_scene(rng, cfg.min_objects, cfg.max_objects)
             if cfg.held_out_pairs and has_held_out_pair(scene, cfg) != unseen:
@@ -748,6 +914,22 @@ def _render_job(job: tuple[str, list[dict], int, int]) -> None:
     render_scene(scene, image_size).save(path, format="PNG", compress_level=level)
 
 
+def _render_bytes(job: tuple[list[dict], int, int]) -> bytes:
+    """The PNG bytes _render_job writes to a file, in memory (for the parquet layout)."""
+    import io
+
+    scene, image_size, level = job
+    buffer = io.BytesIO()
+    render_scene(scene, image_size).save(buffer, format="PNG", compress_level=level)
+    return buffer.getvalue()
+
+
+def stored_image_name(folder: str, name: str) -> str:
+    """The file name a record's picture has in the JSON layout: SFT pictures carry v1's
+    COCO_train2014_ prefix (v1's SFT loader opens sft_images/COCO_train2014_<image>)."""
+    return ORIGINAL_SFT_PREFIX + name if folder == "sft_images" else name
+
+
 def _write_json_atomic(path: Path, obj) -> None:
     """One record per line (readable, diff-able); temp file + rename so a crash never leaves half a file."""
     if isinstance(obj, list):
@@ -765,21 +947,59 @@ def _write_json_atomic(path: Path, obj) -> None:
         raise
 
 
-OUTPUT_FILES = ("pretrain_data.json", "sft_data.json", "eval_data.json", "world.json")
+SPLITS = (("pretrain_data.json", "pretrain_images", "pretrain_i2t.parquet"),
+          ("sft_data.json", "sft_images", "sft_i2t.parquet"),
+          ("eval_data.json", "eval_data_images", "eval_i2t.parquet"))
+OUTPUT_FILES = ("pretrain_data.json", "sft_data.json", "eval_data.json", "world.json",
+                "pretrain_i2t.parquet", "sft_i2t.parquet", "eval_i2t.parquet")
 OUTPUT_DIRS = ("pretrain_images", "sft_images", "eval_data_images", "eval_images")
 
 
+def _parquet_rows(records: list[dict], pictures):
+    """Records -> rows of the original's parquet layout: role/content conversations, the pictures'
+    bytes (in tag order), and the other fields of the record as columns (JSON strings)."""
+    from .records import check_turns
+
+    for record in records:
+        messages = check_turns(record["conversations"], f"record {record['id']!r}", record["id"], image_tags="any")
+        images = [next(pictures) for _ in record_images(record)]
+        row = {"conversations": messages, "image_bytes": images if isinstance(record["image"], list) else images[0]}
+        row.update({k: v for k, v in record.items() if k not in ("conversations", "image")})
+        yield row
+
+
+def _write_parquet_split(path: Path, records: list[dict], cfg: ShapesWorldConfig, pool, bar) -> None:
+    from .parquet import write_chat_parquet
+
+    jobs = [(scene, cfg.image_size, cfg.png_compress_level) for r in records for scene in record_scenes(r)]
+    rendered = pool.imap(_render_bytes, jobs, chunksize=64) if pool is not None else map(_render_bytes, jobs)
+
+    def counted():
+        for picture in rendered:
+            bar.update()
+            yield picture
+
+    several = any(isinstance(r["image"], list) for r in records)
+    extra = sorted({k for r in records for k in r} - {"conversations", "image"}, key=lambda k: (k != "id", k))
+    write_chat_parquet(path, _parquet_rows(records, counted()), several_pictures=several, extra_columns=extra)
+
+
 def generate_world(out_dir, config: ShapesWorldConfig | None = None, progress: bool = True,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, format: str = "json") -> dict:
     """Write a whole shapes world into out_dir and return a summary.
 
-    Refuses a non-empty out_dir unless overwrite=True; even then only the files and folders this
-    function writes are replaced, anything else there is left alone.
+    format: "json" (the v1 layout: JSON records + image folders, SFT pictures named
+    COCO_train2014_<image>) or "parquet" (the original's current layout: one parquet file per
+    split, the pictures' PNG bytes in the rows; the same records). eval_images/ and world.json
+    are written either way. Refuses a non-empty out_dir unless overwrite=True; even then only the
+    files and folders this function writes are replaced, anything else there is left alone.
     """
     from tqdm.auto import tqdm
 
     cfg = config if config is not None else ShapesWorldConfig()
     cfg.validate()
+    if format not in FORMATS:
+        raise ValueError(f"generate_world: format must be one of {FORMATS}, got {format!r}")
     start = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -799,34 +1019,44 @@ def generate_world(out_dir, config: ShapesWorldConfig | None = None, progress: b
 
     # Held-out pictures first, so training scenes can avoid them pixel for pixel.
     eval_records = _eval_records(cfg)
-    held_out = {scene_key(r["scene"], cfg.image_size) for r in eval_records}
+    held_out = {scene_key(scene, cfg.image_size) for r in eval_records for scene in record_scenes(r)}
     demos = _demo_images(cfg, held_out)
     pretrain_records = _pretrain_records(cfg, held_out)
     sft_records = _sft_records(cfg, held_out)
+    by_split = {"pretrain_data.json": pretrain_records, "sft_data.json": sft_records, "eval_data.json": eval_records}
 
     jobs = []
-    for folder, records in (("pretrain_images", pretrain_records), ("sft_images", sft_records),
-                            ("eval_data_images", eval_records)):
-        (out / folder).mkdir()
-        jobs += [(str(out / folder / r["image"]), r["scene"], cfg.image_size, cfg.png_compress_level) for r in records]
+    if format == "json":
+        for json_name, folder, _ in SPLITS:
+            (out / folder).mkdir()
+            jobs += [(str(out / folder / stored_image_name(folder, name)), scene, cfg.image_size,
+                      cfg.png_compress_level)
+                     for r in by_split[json_name] for name, scene in zip(record_images(r), record_scenes(r))]
     (out / "eval_images").mkdir()
     jobs += [(str(out / "eval_images" / d["file"]), d["scene"], cfg.image_size, cfg.png_compress_level) for d in demos]
+    n_pictures = len(jobs) + (0 if format == "json" else sum(
+        len(record_scenes(r)) for records in by_split.values() for r in records))
 
     workers = cfg.workers or os.cpu_count() or 1
-    bar = tqdm(total=len(jobs), desc="shapes world: rendering", unit="img", disable=not progress)
-    if workers == 1 or len(jobs) < 256:
-        for job in jobs:
-            _render_job(job)
-            bar.update()
-    else:
-        with multiprocessing.get_context().Pool(workers) as pool:
+    bar = tqdm(total=n_pictures, desc="shapes world: rendering", unit="img", disable=not progress)
+    serial = workers == 1 or n_pictures < 256
+    with (contextlib.nullcontext() if serial else multiprocessing.get_context().Pool(workers)) as pool:
+        if serial:
+            for job in jobs:
+                _render_job(job)
+                bar.update()
+        else:
             for _ in pool.imap_unordered(_render_job, jobs, chunksize=64):
                 bar.update()
+        if format == "parquet":
+            for json_name, _, parquet_name in SPLITS:
+                _write_parquet_split(out / parquet_name, by_split[json_name], cfg, pool, bar)
     bar.close()
 
-    _write_json_atomic(out / "pretrain_data.json", pretrain_records)
-    _write_json_atomic(out / "sft_data.json", sft_records)
-    _write_json_atomic(out / "eval_data.json", eval_records)
+    if format == "json":
+        _write_json_atomic(out / "pretrain_data.json", pretrain_records)
+        _write_json_atomic(out / "sft_data.json", sft_records)
+        _write_json_atomic(out / "eval_data.json", eval_records)
     settings = asdict(cfg)
     settings.pop("workers")  # how fast it was made is not part of what was made
     world = {
@@ -842,6 +1072,8 @@ def generate_world(out_dir, config: ShapesWorldConfig | None = None, progress: b
         "size_pixels_at_224": SIZE_PIXELS,
         "eval_images": demos,
     }
+    if format != "json":  # (the JSON layout's world.json stays as it always was)
+        world["format"] = format
     _write_json_atomic(out / "world.json", world)  # written last: its presence means the world is complete
 
     eval_counts = {k: sum(r["answer_type"] == k for r in eval_records) for k in cfg.question_types}
@@ -854,7 +1086,8 @@ def generate_world(out_dir, config: ShapesWorldConfig | None = None, progress: b
         "n_eval": len(eval_records),
         "n_eval_images": len(demos),
         "eval_answer_types": eval_counts,
-        "n_images": len(jobs),
+        "n_images": n_pictures,
+        "format": format,
         "seconds": round(time.perf_counter() - start, 2),
     }
 
@@ -871,13 +1104,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-eval-images", type=int, default=defaults.n_eval_images)
     p.add_argument("--image-size", type=int, default=defaults.image_size)
     p.add_argument("--workers", type=int, default=defaults.workers, help="render processes (0 = one per core)")
+    p.add_argument("--format", choices=FORMATS, default="json",
+                   help="json: the v1 layout (JSON records + image folders); parquet: the original's current "
+                        "layout (pretrain_i2t.parquet, sft_i2t.parquet, eval_i2t.parquet)")
+    p.add_argument("--question-types", default=None,
+                   help=f"comma-separated kinds of question (default: {','.join(defaults.question_types)}); "
+                        f"any of {', '.join(ANSWER_TYPES + EXTRA_ANSWER_TYPES + (TWO_PICTURES,))}")
     p.add_argument("--overwrite", action="store_true", help="replace the shapes-world files in a non-empty --out")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     cfg = ShapesWorldConfig(seed=args.seed, n_pretrain=args.n_pretrain, n_sft=args.n_sft, n_eval=args.n_eval,
                             n_eval_images=args.n_eval_images, image_size=args.image_size, workers=args.workers)
+    if args.question_types:
+        cfg.question_types = tuple(k.strip() for k in args.question_types.split(",") if k.strip())
     try:
-        s = generate_world(args.out, cfg, progress=not args.no_progress, overwrite=args.overwrite)
+        s = generate_world(args.out, cfg, progress=not args.no_progress, overwrite=args.overwrite,
+                           format=args.format)
     except (FileExistsError, NotADirectoryError, ValueError) as e:
         p.error(str(e))  # a one-line message and exit status 2, not a traceback
     print(f"shapes world (seed {s['seed']}): {s['n_pretrain']} pretrain, {s['n_sft']} sft ({s['n_sft_turns']} turns), "

@@ -1,12 +1,19 @@
 """The frozen CLIP vision encoder: images -> patch tokens.
 
 MiniMind-V looks at an image through CLIP's vision transformer and never trains it. The image
-is resized and centre-cropped to S x S pixels, cut into (S/P)^2 patches of P x P pixels, and
+is brought to S x S pixels, cut into (S/P)^2 patches of P x P pixels, and
 each patch plus one CLS token comes out as a vector of the encoder's width. For the real
 encoder, openai/clip-vit-base-patch32, that is 224/32 = 7, so 7 x 7 + 1 = 50 tokens of width 768.
 
 The tokens we keep are the encoder's LAST HIDDEN STATE, before CLIP's post-layernorm (which
 CLIP only applies to the pooled CLS vector), exactly `CLIPVisionModel(...).last_hidden_state`.
+
+How a picture that is not square becomes S x S is the encoder's *preprocessing mode*, part of
+what a model was trained with: "center_crop" (CLIP's own recipe and the book's default: scale
+the shorter side to S, cut the middle S x S) or "resize" (MiniMind-V v1: the whole picture
+squeezed to S x S, so nothing is cut off). The mode is saved with an encoder folder
+(`vision_preprocessing.json`) and read back from it; a VLM whose encoder is a hub id keeps it in
+its config (`vision_preprocessing`).
 
 One class serves both worlds of the book: `VisionEncoder.from_pretrained(DEFAULT_CLIP)` for the
 real encoder, or `VisionEncoder.from_pretrained(folder)` for the tiny CLIP trained in the book
@@ -45,6 +52,14 @@ _ARCHITECTURE_KEYS = (
     "image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size",
     "num_hidden_layers", "num_attention_heads", "hidden_act", "layer_norm_eps",
 )
+# How a picture becomes S x S: CLIP's resize-shorter-side + centre crop, or v1's whole-picture resize.
+PREPROCESSING_MODES = ("center_crop", "resize")
+DEFAULT_PREPROCESSING = "center_crop"
+PREPROCESSING_FILE = "vision_preprocessing.json"  # {"mode": ...}, beside preprocessor_config.json
+# Where transformers keeps an image processor's settings: its own file, or (transformers 5's
+# ProcessorMixin.save_pretrained) the "image_processor" entry of processor_config.json.
+IMAGE_PROCESSOR_FILE, PROCESSOR_FILE = "preprocessor_config.json", "processor_config.json"
+
 # Preprocessor fields that only name classes, not pixels.
 _PROCESSOR_NAME_KEYS = ("image_processor_type", "feature_extractor_type", "processor_class", "_processor_class", "auto_map")
 
@@ -142,6 +157,51 @@ def check_safe_weights(folder: str | os.PathLike, what: str = "model folder") ->
     raise FileNotFoundError(f"{folder} holds no model.safetensors: this {what} has no weights")
 
 
+def check_preprocessing(mode: str) -> str:
+    if mode not in PREPROCESSING_MODES:
+        raise ValueError(f"preprocessing mode must be one of {PREPROCESSING_MODES}, got {mode!r}")
+    return mode
+
+
+def saved_preprocessing(folder: str | os.PathLike) -> str | None:
+    """The preprocessing mode a local encoder folder records (None: it records none)."""
+    path = Path(folder) / PREPROCESSING_FILE
+    if not path.is_file():
+        return None
+    try:
+        mode = json.loads(path.read_text(encoding="utf-8")).get("mode")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{path}: not a JSON object with a 'mode' ({err})") from None
+    try:
+        return check_preprocessing(mode)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+class Preprocessor:
+    """PIL images -> pixel_values (n, 3, S, S) by an image processor and a preprocessing mode.
+
+    "center_crop": the processor's own steps (resize the shorter side, centre crop, rescale,
+    normalise). "resize": the whole picture resized to S x S (bicubic, as PIL's default in v1's
+    ``image.resize((224, 224))``), then only rescaled and normalised. Picklable, for DataLoader workers.
+    """
+
+    def __init__(self, processor: CLIPImageProcessorPil, mode: str = DEFAULT_PREPROCESSING, image_size: int = 224):
+        self.processor, self.mode, self.image_size = processor, check_preprocessing(mode), int(image_size)
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        images = [to_rgb(image) for image in images]
+        if not images:
+            return torch.empty(0, 3, self.image_size, self.image_size)
+        if self.mode == "resize":
+            size = (self.image_size, self.image_size)
+            images = [image.resize(size, Image.Resampling.BICUBIC) for image in images]
+            return self.processor(images=images, do_resize=False, do_center_crop=False,
+                                  return_tensors="pt")["pixel_values"]
+        # resize shortest side -> centre crop S x S -> scale to [0, 1] -> normalise per channel
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+
 class VisionEncoder(nn.Module):
     """Frozen CLIP vision tower: PIL images -> pixel_values (B, 3, S, S) -> tokens (B, T, W).
 
@@ -149,13 +209,16 @@ class VisionEncoder(nn.Module):
     inference_mode: its tensors could not be fed to the trainable projector afterwards.)
     """
 
-    def __init__(self, model: CLIPVisionModel, processor: CLIPImageProcessorPil, name_or_path: str = ""):
+    def __init__(self, model: CLIPVisionModel, processor: CLIPImageProcessorPil, name_or_path: str = "",
+                 preprocessing: str = DEFAULT_PREPROCESSING):
         super().__init__()
         self.model = model
         self.processor = processor
         self.name_or_path = str(name_or_path)  # where it came from; VLM folders record it
+        self.preprocessing: str = check_preprocessing(preprocessing)  # "center_crop" or "resize"
         config = model.config
         self.image_size: int = int(config.image_size)
+        self.pixel_processor = Preprocessor(processor, self.preprocessing, self.image_size)
         self.patch_size: int = int(config.patch_size)
         self.grid: int = self.image_size // self.patch_size  # patches per side (7 for ViT-B/32)
         self.num_tokens: int = 1 + self.grid * self.grid  # CLS + grid x grid patches (50)
@@ -173,12 +236,18 @@ class VisionEncoder(nn.Module):
         name_or_path: str | os.PathLike = DEFAULT_CLIP,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        preprocessing: str | None = None,
     ) -> "VisionEncoder":
-        """Load from a hub id or a local CLIPModel / CLIPVisionModel folder with preprocessor_config.json.
+        """Load from a hub id or a local CLIPModel / CLIPVisionModel folder whose image processor
+        settings are in preprocessor_config.json or processor_config.json (whichever transformers reads).
 
         dtype: weights dtype, float32 unless given (whatever the checkpoint was saved in).
         device: where the weights live, CPU unless given. name_or_path is kept as given.
+        preprocessing: "center_crop" or "resize"; None: what the folder records
+        (vision_preprocessing.json), else "center_crop".
         """
+        if preprocessing is not None:
+            check_preprocessing(preprocessing)
         source = os.fspath(name_or_path)
         local = Path(source).expanduser()
 
@@ -221,17 +290,21 @@ class VisionEncoder(nn.Module):
                 f"{source}: the checkpoint lacks {len(missing)} vision-encoder weights "
                 f"(e.g. {missing[:3]}); is it a CLIP checkpoint?"
             )
-        encoder = cls(model, processor, name_or_path=source)
+        if preprocessing is None:
+            preprocessing = (saved_preprocessing(local) if not hub else None) or DEFAULT_PREPROCESSING
+        encoder = cls(model, processor, name_or_path=source, preprocessing=preprocessing)
         if device is not None:
             encoder.to(device)
         return encoder
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write the vision tower and its preprocessing config to `folder` (loadable by from_pretrained)."""
+        """Write the vision tower, its image processor and its preprocessing mode to `folder`
+        (loadable by from_pretrained)."""
         folder = Path(folder)
         with quiet_transformers():
             self.model.save_pretrained(folder)
             self.processor.save_pretrained(folder)
+        (folder / PREPROCESSING_FILE).write_text(json.dumps({"mode": self.preprocessing}) + "\n", encoding="utf-8")
         return folder
 
     # ----------------------------------------------------------------- frozen by construction
@@ -255,20 +328,17 @@ class VisionEncoder(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"name_or_path={self.name_or_path!r}, image_size={self.image_size}, patch_size={self.patch_size}, "
-            f"num_tokens={self.num_tokens}, width={self.width}"
+            f"num_tokens={self.num_tokens}, width={self.width}, preprocessing={self.preprocessing!r}"
         )
 
     # ----------------------------------------------------------------- images -> tokens
 
     def preprocess(self, images: Sequence[Image.Image] | Image.Image) -> torch.Tensor:
-        """PIL images of any mode and size -> pixel_values (B, 3, S, S) float32 on the CPU."""
+        """PIL images of any mode and size -> pixel_values (B, 3, S, S) float32 on the CPU
+        (through the encoder's preprocessing mode: centre crop or whole-picture resize)."""
         if isinstance(images, Image.Image):
             images = [images]
-        images = [to_rgb(image) for image in images]
-        if not images:
-            return torch.empty(0, 3, self.image_size, self.image_size)
-        # resize shortest side -> centre crop S x S -> scale to [0, 1] -> normalise per channel
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return self.pixel_processor(images)
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -294,7 +364,7 @@ class VisionEncoder(nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         loader = torch.utils.data.DataLoader(
-            _PixelDataset(items, self.processor),
+            _PixelDataset(items, self.pixel_processor),
             batch_size=batch_size,
             shuffle=False,
             num_workers=num_workers,
@@ -342,9 +412,13 @@ class VisionEncoder(nn.Module):
         return digest.hexdigest()[:16]
 
     def preprocess_config(self) -> dict:
-        """The processor settings that decide pixel_values (JSON-normalised, class names dropped)."""
+        """The processor settings that decide pixel_values (JSON-normalised, class names dropped),
+        with the preprocessing mode when it is not the default (so default fingerprints stay as they were)."""
         config = json.loads(self.processor.to_json_string())
-        return {key: value for key, value in config.items() if key not in _PROCESSOR_NAME_KEYS}
+        config = {key: value for key, value in config.items() if key not in _PROCESSOR_NAME_KEYS}
+        if self.preprocessing != DEFAULT_PREPROCESSING:
+            config["minimind_v_preprocessing"] = self.preprocessing
+        return config
 
     def flops_per_image(self) -> int:
         """Multiply-add FLOPs (2 per MAC) of one forward pass, counting the matmuls and the patch convolution.
@@ -372,9 +446,9 @@ class VisionEncoder(nn.Module):
 class _PixelDataset(torch.utils.data.Dataset):
     """Item i: image path or PIL image -> pixel_values (3, S, S). Used through a DataLoader."""
 
-    def __init__(self, items: Sequence, processor: CLIPImageProcessorPil):
+    def __init__(self, items: Sequence, preprocessor: Preprocessor):
         self.items = items
-        self.processor = processor
+        self.preprocessor = preprocessor
 
     def __len__(self) -> int:
         return len(self.items)
@@ -382,7 +456,7 @@ class _PixelDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         item = self.items[index]
         image = to_rgb(item) if isinstance(item, Image.Image) else load_image(item)
-        return self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        return self.preprocessor([image])[0]
 
 
 # --------------------------------------------------------------------- tiny CLIPs for tests
@@ -460,10 +534,11 @@ def _check_clip_folder(folder: Path) -> None:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise VisionModelNotFoundError(f"{folder} has no config.json, so it is not a model folder.\n{HOW_TO_GET_CLIP}")
-    if not (folder / "preprocessor_config.json").is_file():
+    if not has_image_processor_config(folder):
         raise VisionModelNotFoundError(
-            f"{folder} has no preprocessor_config.json: the encoder needs its preprocessing settings "
-            f"(saved by CLIPImageProcessor.save_pretrained).\n{HOW_TO_GET_CLIP}"
+            f"{folder} has no preprocessor_config.json, nor a processor_config.json with an 'image_processor' "
+            f"entry: the encoder needs its preprocessing settings (saved by CLIPImageProcessor.save_pretrained "
+            f"or CLIPProcessor.save_pretrained).\n{HOW_TO_GET_CLIP}"
         )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -477,6 +552,21 @@ def _check_clip_folder(folder: Path) -> None:
         check_safe_weights(folder, "CLIP folder")
     except FileNotFoundError as err:
         raise VisionModelNotFoundError(f"{err}.\n{HOW_TO_GET_CLIP}") from None
+
+
+def has_image_processor_config(folder: str | os.PathLike) -> bool:
+    """Whether transformers finds image processor settings in a local folder: processor_config.json
+    with an "image_processor" entry (what transformers 5's CLIPProcessor.save_pretrained writes,
+    read first), or preprocessor_config.json."""
+    folder = Path(folder)
+    processor_file = folder / PROCESSOR_FILE
+    if processor_file.is_file():
+        try:
+            if isinstance(json.loads(processor_file.read_text(encoding="utf-8")).get("image_processor"), dict):
+                return True
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass  # transformers would fail on it too, unless preprocessor_config.json is there
+    return (folder / IMAGE_PROCESSOR_FILE).is_file()
 
 
 def _looks_like_local_path(source: str) -> bool:

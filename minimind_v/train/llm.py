@@ -18,12 +18,13 @@ from pathlib import Path
 from torch.utils.data import ConcatDataset
 
 from ..config import PRESETS, config_from_preset
-from ..data.datasets import ChatDataset, collate
+from ..data.datasets import collate, open_chat_dataset, resolve_data
 from ..model.llm import MiniMindForCausalLM
 from ..tokenizer import load_tokenizer
+from .checkpoint import TrainSetupError, refuse_earlier_run
 from .common import add_train_flags, checked, lm_step_loss, path_setting, save_with_tokenizer, train_args_from
 from .distributed import cleanup_distributed, print0, seed_everything, setup_distributed
-from .trainer import TrainSetupError, count_trainable, fit, refuse_earlier_run
+from .trainer import count_trainable, fit
 
 TEXT_FILES = ("pretrain_data.json", "sft_data.json")
 
@@ -58,11 +59,18 @@ def main(argv=None):
     info = setup_distributed()
     seed_everything(args.seed)
     tokenizer = load_tokenizer(ns.tokenizer)
-    parts = [ChatDataset(Path(ns.data) / name, tokenizer, text_only=True, max_length=ns.max_length,
-                         skip_bad_samples=ns.skip_bad_samples)
-             for name in TEXT_FILES if (Path(ns.data) / name).exists()]
+    sources = []  # each records file once: pretrain_data.json / sft_data.json, or their parquet files
+    for name in TEXT_FILES:
+        try:
+            path, _ = resolve_data(ns.data, name)
+        except FileNotFoundError:
+            continue
+        if path not in sources:
+            sources.append(path)
+    parts = [open_chat_dataset(path, tokenizer, text_only=True, max_length=ns.max_length,
+                               skip_bad_samples=ns.skip_bad_samples) for path in sources]
     if not parts:
-        raise FileNotFoundError(f"none of {TEXT_FILES} found in {ns.data}")
+        raise FileNotFoundError(f"none of {TEXT_FILES} (nor their parquet files) found in {ns.data}")
     dataset = ConcatDataset(parts)
     skipped = sum(len(p.skipped) for p in parts)
     config = config_from_preset(ns.preset, vocab_size=len(tokenizer), use_moe=ns.use_moe,

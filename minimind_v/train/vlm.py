@@ -15,16 +15,18 @@ from pathlib import Path
 
 from torch.utils.data import ConcatDataset
 
-from ..data.datasets import ChatDataset, collate, read_records
+from ..data.datasets import collate, open_chat_dataset, read_records, resolve_data
+from ..data.parquet import ParquetIndex, dataset_picture_names, parquet_files
 from ..model.llm import MiniMindForCausalLM
 from ..model.projector import PROJECTORS
 from ..model.vision import DEFAULT_CLIP, VisionEncoder
 from ..model.vlm import MiniMindVLM, VLMConfig, resolve_vision_model
 from ..tokenizer import image_placeholder, load_tokenizer
+from .checkpoint import TrainSetupError, refuse_earlier_run
 from .common import (FREEZE_STRATEGIES, add_train_flags, checked, lm_step_loss, path_setting,
                      save_with_tokenizer, set_trainable, train_args_from)
 from .distributed import cleanup_distributed, print0, run_on_main, seed_everything, setup_distributed
-from .trainer import TrainSetupError, fit, refuse_earlier_run
+from .trainer import fit
 
 STAGES = {
     "pretrain": dict(json="pretrain_data.json", images="pretrain_images", freeze="all",
@@ -40,7 +42,10 @@ MIN_TEXT_TOKENS = 2  # --max-length must leave room for this much text besides t
 def build_parser(stage: str) -> argparse.ArgumentParser:
     spec = STAGES[stage]
     p = argparse.ArgumentParser(description=f"MiniMind-V {stage} stage")
-    p.add_argument("--data", required=True, help="dataset folder in the original layout")
+    p.add_argument("--data", required=True,
+                   help="the dataset: a folder in the v1 JSON layout (--json + --images inside), a folder holding "
+                        "the original's parquet files (pretrain_i2t.parquet, sft_i2t.parquet), a .parquet file, "
+                        "or a folder of parquet shards")
     p.add_argument("--init", required=True,
                    help="model to start from: a text LM folder (pretrain) or a VLM folder")
     p.add_argument("--vision", default=None,
@@ -86,39 +91,54 @@ def load_start_model(init: str, tokenizer, encoder, projector: str) -> MiniMindV
     )
 
 
-def open_features(encoder, image_dir: Path, cache_root: Path, info):
+def open_features(encoder, image_dir: Path, cache_dir: Path, info, names=None):
     """Rank 0 builds (or validates) the cache; the others wait, then open it.
 
     Building may take hours (every image through the encoder), longer than any collective should
     wait: the others wait through `run_on_main` (polling rank 0's heartbeat), not in a barrier.
+    names: the pictures to cache (default: every image file in image_dir; a parquet dataset
+    passes its pictures' names "<file>#<row>/<k>").
     """
     from ..data.features import ensure_cache
 
-    cache_dir = cache_root / image_dir.name
-    run_on_main(lambda: ensure_cache(encoder, image_dir, cache_dir, progress=True),
+    run_on_main(lambda: ensure_cache(encoder, image_dir, cache_dir, names=names, progress=True),
                 f"building the feature cache {cache_dir}")
-    return ensure_cache(encoder, image_dir, cache_dir, progress=False)
+    return ensure_cache(encoder, image_dir, cache_dir, names=names, progress=False)
 
 
 def build_dataset(ns, stage_dir: Path, tokenizer, encoder, info):
     data = Path(ns.data)
     n_tokens = encoder.num_tokens
-    cache_root = Path(ns.cache_dir) if ns.cache_dir else data / "feature_cache"
+    cache_root = Path(ns.cache_dir) if ns.cache_dir else (data if data.is_dir() else data.parent) / "feature_cache"
 
-    def part(json_name, image_dir_name, records=None):  # one records file + its image folder
-        image_dir = data / image_dir_name
-        cache = open_features(encoder, image_dir, cache_root, info) if ns.feature_cache else None
-        return ChatDataset(data / json_name, tokenizer, n_tokens, image_dir=image_dir,
-                           preprocess=encoder.preprocess, feature_cache=cache,
-                           max_length=ns.max_length, skip_bad_samples=ns.skip_bad_samples,
-                           records=records)
+    def part(json_name, image_dir_name, records=None, rows=None):
+        # The JSON layout (records file + image folder) or the parquet one (pictures in the rows).
+        path, image_dir = resolve_data(data, json_name, image_dir_name)
+        cache = None
+        if ns.feature_cache and image_dir is None:
+            root, _ = parquet_files(path)
+            cache = open_features(encoder, root, cache_root / path.stem, info,
+                                  names=dataset_picture_names(path, rows))
+        elif ns.feature_cache:
+            cache = open_features(encoder, image_dir, cache_root / image_dir.name, info)
+        return open_chat_dataset(path, tokenizer, n_tokens, image_dir=image_dir, preprocess=encoder.preprocess,
+                                 feature_cache=cache, max_length=ns.max_length,
+                                 skip_bad_samples=ns.skip_bad_samples, records=records, rows=rows)
 
     parts = [part(ns.json, ns.images)]
     if ns.mix_captions > 0:
-        captions = read_records(data / STAGES["pretrain"]["json"])
-        k = min(len(captions), int(ns.mix_captions * len(parts[0])))
-        chosen = random.Random(ns.seed).sample(captions, k)
-        parts.append(part(STAGES["pretrain"]["json"], STAGES["pretrain"]["images"], chosen))
+        pretrain = STAGES["pretrain"]
+        path, image_dir = resolve_data(data, pretrain["json"], pretrain["images"])
+        if image_dir is None:  # parquet: a seeded choice of rows
+            n_rows = ParquetIndex(path).num_rows
+            k = min(n_rows, int(ns.mix_captions * len(parts[0])))
+            parts.append(part(pretrain["json"], pretrain["images"],
+                              rows=sorted(random.Random(ns.seed).sample(range(n_rows), k))))
+        else:
+            captions = read_records(path)
+            k = min(len(captions), int(ns.mix_captions * len(parts[0])))
+            chosen = random.Random(ns.seed).sample(captions, k)
+            parts.append(part(pretrain["json"], pretrain["images"], chosen))
     skipped = [msg for p in parts for msg in p.skipped]
     if skipped:
         print0(f"skipped {len(skipped)} bad sample(s); first: {skipped[0]}")
@@ -141,12 +161,16 @@ def run_stage(stage: str, argv=None) -> dict:
     if vision_source is None:
         vision_source = (resolve_vision_model(init, VLMConfig.from_pretrained(init).vision_model)
                          if saved_model_type(init) == VLMConfig.model_type else DEFAULT_CLIP)
-    encoder = VisionEncoder.from_pretrained(vision_source, device=info.device)
+    # A VLM keeps how its encoder prepared pictures (v1: "resize"); a local encoder folder records it too.
+    preprocessing = (getattr(VLMConfig.from_pretrained(init), "vision_preprocessing", None)
+                     if ns.vision is None and saved_model_type(init) == VLMConfig.model_type else None)
+    encoder = VisionEncoder.from_pretrained(vision_source, device=info.device, preprocessing=preprocessing)
     if ns.max_length < encoder.num_tokens + MIN_TEXT_TOKENS:
         parser.error(f"argument --max-length: must be >= {encoder.num_tokens + MIN_TEXT_TOKENS} "
                      f"({encoder.num_tokens} image tokens + {MIN_TEXT_TOKENS} of text), got {ns.max_length}")
     model = load_start_model(str(init), tokenizer, encoder, ns.projector).to(info.device)
     model.attach_vision_encoder(encoder)
+    model.config.vision_preprocessing = encoder.preprocessing  # saved with the model (config.json)
     trainable, total = set_trainable(model, ns.freeze)
     dataset = build_dataset(ns, Path(args.out_dir), tokenizer, encoder, info)
     print0(f"{stage}: {len(dataset)} samples; training {trainable / 1e6:.3f}M of {total / 1e6:.3f}M "
