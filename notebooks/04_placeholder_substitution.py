@@ -199,7 +199,8 @@ def ask(r: dict) -> str:
 
 second = next(r for r in read_records(WORLD / "sft_data.json")
               if len(processor.question_ids(r["conversations"][0]["value"])) != input_ids.shape[1])
-batch = processor(text=[ask(record), ask(second)], images=[image, load_image(find_image(WORLD / "sft_images", second["image"]))],
+second_image = load_image(find_image(WORLD / "sft_images", second["image"]))
+batch = processor(text=[ask(record), ask(second)], images=[image, second_image],
                   padding=True, padding_side="left", return_tensors="pt")
 batch_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (2, T_max), 0 on the padding
 with torch.no_grad():

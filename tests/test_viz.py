@@ -3,6 +3,9 @@
 A tiny random MiniMind-V (random CLIP 64x64 with 16-pixel patches: 1 CLS + 4x4 patches = 17
 image tokens) is built here; nothing is downloaded and nothing is written to figures/. The Q&A
 panel is tested in test_panel.py.
+
+``answer_with_attention`` runs transformers' ``generate``; the decoding loop it replaced is kept
+here (``loop_trace``) as the reference its traces must equal.
 """
 
 import types
@@ -18,9 +21,13 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from minimind_v.inference import VLMBundle, answer, prompt_ids, suppressed_ids  # noqa: E402
+from transformers.cache_utils import DynamicCache  # noqa: E402
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
+
+from minimind_v.inference import VLMBundle, answer, as_images, prompt_ids, suppressed_ids  # noqa: E402
+from minimind_v.model.processing import MiniMindVProcessor  # noqa: E402
 from minimind_v.model.vision import VisionEncoder, make_random_clip  # noqa: E402
-from minimind_v.model.vlm import MiniMindVLM, VLMConfig  # noqa: E402
+from minimind_v.model.vlm import MiniMindVLM, VLMConfig, placeholder_mask  # noqa: E402
 from minimind_v.tokenizer import IGNORE_INDEX, IMAGE_TOKEN, encode_chat, train_tokenizer  # noqa: E402
 from minimind_v.viz import (  # noqa: E402
     AttentionTrace,
@@ -34,6 +41,8 @@ from minimind_v.viz import (  # noqa: E402
     plot_image_share,
     plot_token_strip,
 )
+from minimind_v.viz.attention import top_candidates  # noqa: E402
+from minimind_v.viz.tokens import token_text  # noqa: E402
 
 GRID = 4
 N_IMAGE = 1 + GRID * GRID
@@ -131,6 +140,110 @@ def test_cached_step_attention_equals_one_full_forward(bundle, trace):
     torch.testing.assert_close(trace.attention, expected, atol=1e-5, rtol=1e-4)
 
 
+@torch.no_grad()
+def loop_trace(bundle, image, question, max_new_tokens=32, top_k=5):
+    """The decoding loop ``answer_with_attention`` ran before it used ``generate`` (the old helpers:
+    ``prompt_ids``, ``encoder.preprocess``): one forward pass per step with the KV cache and
+    ``output_attentions=True``, the last query's attention row and the step's top tokens kept.
+    Returns (prompt ids, answer ids, attention (n, L, H, S), image positions, candidates)."""
+    model, tok, cfg = bundle.model, bundle.tokenizer, bundle.model.config
+    image_tokens = None if image is None else bundle.encoder(bundle.encoder.preprocess(as_images([image])))
+    ids = torch.tensor([prompt_ids(tok, question, cfg.num_image_tokens)])
+    T = ids.shape[1]
+    room = cfg.max_position_embeddings - T + 1
+    image_positions = placeholder_mask(ids, torch.tensor(cfg.image_token_ids))[0].nonzero().squeeze(1)
+    cache = DynamicCache(config=cfg)
+    step_input = dict(input_ids=ids, image_tokens=image_tokens)
+    rows, generated, candidates = [], [], []
+    for _ in range(min(max_new_tokens, room)):
+        out = model(**step_input, cache=cache, use_cache=True, output_attentions=True, logits_to_keep=1)
+        rows.append(torch.stack([a[0, :, -1, :] for a in out.attentions]).float())
+        logits = out.logits[0, -1].float()
+        logits[suppressed_ids(tok)] = float("-inf")
+        next_id = int(logits.argmax())
+        step = top_candidates(tok, logits, top_k, end=next_id == tok.eos_token_id)
+        step.chosen_id, step.chosen = next_id, token_text(tok, next_id)
+        candidates.append(step)
+        if step.end:
+            rows.pop()
+            break
+        generated.append(next_id)
+        step_input = dict(input_ids=torch.tensor([[next_id]]))
+    attention = torch.zeros(len(rows), cfg.n_layers, cfg.n_heads, T + max(len(rows) - 1, 0))
+    for i, row in enumerate(rows):
+        attention[i, :, :, : row.shape[-1]] = row
+    return ids[0].tolist(), generated, attention, image_positions, candidates
+
+
+def longest_question(bundle, leave: int) -> str:
+    """A question of repeated words whose prompt leaves ``leave`` or more positions (as few as it can)."""
+    cfg, words, question = bundle.model.config, [], ""
+    while True:
+        words.append("red")
+        length = len(prompt_ids(bundle.tokenizer, " ".join(words), cfg.num_image_tokens))
+        if length > cfg.max_position_embeddings - leave:
+            return question
+        question = " ".join(words)
+
+
+def test_generate_trace_equals_the_old_loops(bundle):
+    """The trace from ``generate`` is the old loop's: the same prompt, answer, attention (bitwise)
+    and top tokens. Only the first step's probabilities may differ, in the last float32 bits:
+    ``generate``'s prefill runs the output head over every prompt position (MiniMindVLM.forward
+    takes no ``logits_to_keep``), the old loop over the last one only, and a matmul of T rows may
+    sum in another order than a matmul of one. Every later step is bitwise the old one."""
+    cases = [(picture(seed), question, 10) for seed in range(3)
+             for question in ("What colour is the circle?", "How many shapes are there?")]
+    cases += [(picture(4), "What colour is the circle?", 32),  # ends with </s> before the limit
+              (None, "How many shapes are there?", 8),  # the text-only baseline
+              (picture(), "What colour is the circle?", 1), (picture(), "What colour is the circle?", 0),
+              (picture(), longest_question(bundle, 2), 50)]  # stops where the positions run out
+    ended = limited = 0
+    for image, question, max_new_tokens in cases:
+        steps = []
+        new = answer_with_attention(bundle, image, question, max_new_tokens=max_new_tokens, on_step=steps.append)
+        ids, generated, attention, positions, candidates = loop_trace(bundle, image, question, max_new_tokens)
+        assert new.prompt_ids == ids and new.token_ids == generated
+        assert torch.equal(new.image_positions, positions)
+        assert new.attention.dtype == attention.dtype and torch.equal(new.attention, attention)
+        assert new.tokens == [token_text(bundle.tokenizer, i) for i in generated]
+        assert new.answer == bundle.tokenizer.decode(generated, skip_special_tokens=True).strip()
+        assert steps == new.candidates and len(new.candidates) == len(candidates)
+        for i, (got, want) in enumerate(zip(new.candidates, candidates)):
+            assert (got.chosen_id, got.chosen, got.ids, got.tokens, got.end) == \
+                (want.chosen_id, want.chosen, want.ids, want.tokens, want.end)
+            if i == 0:
+                torch.testing.assert_close(torch.tensor(got.probs), torch.tensor(want.probs))  # float32 tolerance
+            else:
+                assert got.probs == want.probs
+        ended += bool(candidates) and candidates[-1].end
+        limited += len(new.prompt_ids) + len(candidates) - 1 == bundle.model.config.max_position_embeddings
+    assert ended and limited  # both ways an answer stops were compared
+
+
+def test_each_step_is_reported_before_its_token_streams(bundle):
+    """The panel's streaming: step i's top tokens arrive, then token i, while generate runs; the
+    end step is reported, its </s> never streamed."""
+    events = []
+
+    class Recorder:
+        def put(self, value):
+            events.append(("token", value.reshape(-1).tolist()))
+
+        def end(self):
+            events.append(("end", None))
+
+    tr = answer_with_attention(bundle, picture(4), "What colour is the circle?", max_new_tokens=10,
+                               streamer=Recorder(), on_step=lambda c: events.append(("step", c.chosen_id)))
+    assert tr.candidates[-1].end  # this answer ends with </s>
+    expected = [("token", tr.prompt_ids)]
+    for step in tr.candidates:
+        expected.append(("step", step.chosen_id))
+        if not step.end:
+            expected.append(("token", [step.chosen_id]))
+    assert events == expected + [("end", None)]
+
+
 def test_streamer_receives_prompt_then_each_token(bundle):
     class Recorder:
         def __init__(self):
@@ -204,13 +317,7 @@ def test_a_prompt_longer_than_the_model_is_refused_and_answers_stop_at_its_end(b
     with pytest.raises(ValueError, match="too long"):
         answer_with_attention(bundle, picture(), long_question)
     # A prompt that leaves room for a few answer tokens gets at most that many, without an error.
-    words, question = [], ""
-    while True:
-        words.append("red")
-        candidate = " ".join(words)
-        if len(prompt_ids(bundle.tokenizer, candidate, cfg.num_image_tokens)) > cfg.max_position_embeddings - 2:
-            break
-        question = candidate
+    question = longest_question(bundle, 2)
     room = cfg.max_position_embeddings - len(prompt_ids(bundle.tokenizer, question, cfg.num_image_tokens)) + 1
     assert room >= 3
     tr = answer_with_attention(bundle, picture(), question, max_new_tokens=50)
@@ -311,15 +418,57 @@ def test_attention_panel_shows_picture_overlay_colour_bar_and_share(trace):
     assert "whole answer" in whole.axes[1].get_title()
 
 
-def test_encoder_view_is_what_the_encoder_sees(bundle):
+def unnormalised(pixels, image_processor):
+    """(3, S, S) normalised pixel values -> (S, S, 3) in 0..255, floats."""
+    mean = torch.tensor(image_processor.image_mean)[:, None, None]
+    std = torch.tensor(image_processor.image_std)[:, None, None]
+    return ((pixels * std + mean) * 255).permute(1, 2, 0).numpy()
+
+
+def test_encoder_view_is_what_the_encoder_sees(bundle, trace):
     image = picture(3, size=(120, 72))
-    view = np.asarray(encoder_view(image, bundle.encoder.image_size), dtype=np.float32)
-    pixels = bundle.encoder.preprocess([image])[0]  # (3, S, S), normalised
-    processor = bundle.encoder.processor
-    mean, std = torch.tensor(processor.image_mean)[:, None, None], torch.tensor(processor.image_std)[:, None, None]
-    seen = ((pixels * std + mean) * 255).permute(1, 2, 0).numpy()
-    assert view.shape == seen.shape
-    assert np.abs(view - seen).mean() < 1.0  # same crop; only rounding differs
+    assert trace.processor is bundle.processor  # the plots show the picture through it
+    for view in (encoder_view(image, bundle.encoder.image_size), encoder_view(image, processor=bundle.processor)):
+        view = np.asarray(view, dtype=np.float32)
+        seen = unnormalised(bundle.processor(images=[image])["pixel_values"][0], bundle.encoder.processor)
+        assert view.shape == seen.shape
+        assert np.abs(view - seen).mean() < 1.0  # same crop; only rounding differs
+
+
+def hand_crop(image, size):
+    """The crop encoder_view wrote out before it used the image processor: shortest side to
+    ``size`` (the long side truncated), bicubic, then the centre square."""
+    w, h = image.size
+    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    resized = image.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
+def test_encoder_view_is_pixel_for_pixel_the_hand_written_crop():
+    """Through the image processor the view is byte for byte the old hand-written one, so the
+    attention figures do not change."""
+    rng = np.random.default_rng(0)
+    for size in (64, 224):
+        for w, h in [(80, 56), (120, 72), (64, 64), (225, 224), (300, 201), (33, 97), (1000, 301), (211, 223), (7, 3)]:
+            image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            view = encoder_view(image, size)
+            assert view.mode == "RGB" and view.size == (size, size)
+            assert np.array_equal(np.asarray(view), np.asarray(hand_crop(image, size))), (size, w, h)
+    with pytest.raises(ValueError, match="crops to"):
+        encoder_view(image, 32, CLIPImageProcessorPil())
+
+
+def test_encoder_view_in_resize_mode_shows_the_whole_picture(bundle):
+    """An encoder that resizes the whole picture (v1's preprocessing) is shown as it sees it: nothing cut off."""
+    processor = MiniMindVProcessor(bundle.encoder.processor, bundle.tokenizer,
+                                   num_image_tokens=bundle.processor.num_image_tokens, preprocessing="resize")
+    image, size = picture(5, size=(120, 72)), bundle.encoder.image_size
+    view = encoder_view(image, size, processor)
+    assert np.array_equal(np.asarray(view), np.asarray(image.resize((size, size), Image.BICUBIC)))
+    seen = unnormalised(processor(images=[image])["pixel_values"][0], processor.image_processor)
+    assert np.abs(np.asarray(view, dtype=np.float32) - seen).mean() < 1.0
+    assert not np.array_equal(np.asarray(view), np.asarray(encoder_view(image, size)))  # not the centre crop
 
 
 def test_image_share_plot(trace):

@@ -1,10 +1,12 @@
 """Where does the model look? Attention from each answer token to the picture's patches.
 
-``answer_with_attention`` answers one question greedily, one token at a time with the key/value
-cache, and at every step keeps the attention weights of the query that chose the token: layer by
-layer and head by head, over every key so far (prompt, image placeholders, earlier answer
-tokens). The image part of those rows, with the CLS token dropped, is a g x g map over the
-encoder's patch grid, which ``plot_attention_overlay`` lays over the picture the encoder saw.
+``answer_with_attention`` answers one question greedily with transformers' ``generate``
+(``output_attentions=True, return_dict_in_generate=True``: the eager attention path, the key/value
+cache as usual) and keeps, from every step, the attention weights of the query that chose the
+token: layer by layer and head by head, over every key so far (prompt, image placeholders,
+earlier answer tokens). The image part of those rows, with the CLS token dropped, is a g x g map
+over the encoder's patch grid, which ``plot_attention_overlay`` lays over the picture the encoder
+saw (``encoder_view``: the picture through the image processor's own resize and crop).
 
 "Attention from a token" here means the attention of the position that *predicted* it: the
 first answer token is chosen by the last prompt position ("assistant\\n"), token i by the
@@ -12,8 +14,11 @@ position holding token i-1. That is the attention paid while the model decided o
 
 Each step also keeps what else the model considered: the ``top_k`` most likely next tokens and
 their probabilities (``AttentionTrace.candidates``), the distribution greedy decoding chose
-from. With ``image=None`` the question is asked as the text-only baseline asks it (the
-placeholders keep their own embeddings, as in ``inference.answer(bundle, None, ...)``).
+from (``generate``'s scores, after its logits processors). A logits processor placed after
+``generate``'s own reports each step as it is decided (``on_step``), and a streamer receives the
+answer token by token, so a panel can show both while the answer is still being written. With
+``image=None`` the question is asked as the text-only baseline asks it (the placeholders keep
+their own embeddings, as in ``inference.answer(bundle, None, ...)``).
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from transformers.cache_utils import DynamicCache
+from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from ..inference import DEFAULT_MAX_NEW_TOKENS, as_images, prompt_ids, suppressed_ids
+from ..inference import DEFAULT_MAX_NEW_TOKENS, suppressed_ids
+from ..model.processing import as_rgb
 from ..model.vlm import placeholder_mask
 from .tokens import escape, font_family, token_text
 
@@ -66,6 +74,8 @@ class AttentionTrace:
                       ended before ``max_new_tokens``, the step that chose to end it.
     with_image:       False for the text-only baseline: the "image" positions then hold the
                       placeholders' own embeddings, no picture.
+    processor:        the ``MiniMindVProcessor`` that made the prompt and the pixels (None for a
+                      trace built by hand): ``encoder_view`` shows the picture through it.
     """
 
     question: str
@@ -81,6 +91,7 @@ class AttentionTrace:
     image_size: int  # the encoder's input side in pixels
     candidates: list[Candidates] = field(default_factory=list)
     with_image: bool = True
+    processor: object = field(default=None, repr=False, compare=False)  # made the prompt and the pixels
 
     @property
     def n_layers(self) -> int:
@@ -119,6 +130,46 @@ def top_candidates(tokenizer, logits: torch.Tensor, top_k: int = DEFAULT_TOP_K, 
                       tokens=[token_text(tokenizer, i) for i in ids], probs=values.tolist(), end=end)
 
 
+class _StepReporter(LogitsProcessor):
+    """The last of ``generate``'s logits processors: it sees each step's scores as greedy
+    decoding will read them (the suppressed tokens already at -inf), keeps that step's
+    ``Candidates`` and hands them to ``on_step`` before the token is streamed. It changes no score."""
+
+    def __init__(self, tokenizer, top_k: int, on_step: Callable[[Candidates], None] | None):
+        self.tokenizer, self.top_k, self.on_step = tokenizer, top_k, on_step
+        self.steps: list[Candidates] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.steps and self.steps[-1].end:
+            return scores  # a deferred stop check (generate on "mps") runs one step past the end, then undoes it
+        logits = scores[0]  # (V,) float32, one answer at a time
+        next_id = int(logits.argmax())  # generate's own choice: argmax of these very scores
+        step = top_candidates(self.tokenizer, logits, self.top_k, end=next_id == self.tokenizer.eos_token_id)
+        step.chosen_id, step.chosen = next_id, token_text(self.tokenizer, next_id)  # argmax decides ties
+        self.steps.append(step)
+        if self.on_step is not None:
+            self.on_step(step)
+        return scores
+
+
+class _AnswerStreamer(BaseStreamer):
+    """Passes the prompt, then each answer token, to the caller's streamer; the end token that
+    closes the answer is not part of it and is not passed on."""
+
+    def __init__(self, streamer, eos_token_id: int | None):
+        self.streamer, self.eos_token_id = streamer, eos_token_id
+        self._prompt_seen = False
+
+    def put(self, value):
+        if self._prompt_seen and value.numel() == 1 and int(value.reshape(-1)[0]) == self.eos_token_id:
+            return
+        self._prompt_seen = True
+        self.streamer.put(value)
+
+    def end(self):
+        self.streamer.end()
+
+
 @torch.no_grad()
 def answer_with_attention(
     bundle,
@@ -132,29 +183,35 @@ def answer_with_attention(
 ) -> AttentionTrace:
     """Answer ``question`` about ``image`` (a path or PIL image) greedily and trace the attention.
 
-    Runs the eager attention path (``output_attentions=True``) with the KV cache, so every step
-    costs one token's forward pass. ``image_tokens`` (1, N, width) may replace ``image``; with
-    neither, the model answers without a picture (the text-only baseline). ``streamer`` (a
-    transformers streamer) receives the prompt, then each new token, as in ``generate``;
-    ``on_step`` receives each step's ``Candidates`` as soon as it is chosen. The answer stops
-    at the end token, after ``max_new_tokens``, or where the model's positions run out.
+    One call of ``generate(output_attentions=True, return_dict_in_generate=True)``: the eager
+    attention path with the KV cache, each step one token's forward pass. The prompt is the
+    processor's (``bundle.processor.question_ids``), the pixels too (``bundle.processor(images=...)``).
+    ``image_tokens`` (1, N, width) may replace ``image``; with neither, the model answers without
+    a picture (the text-only baseline). ``streamer`` (a transformers streamer) receives the
+    prompt, then each answer token, as in ``generate``; ``on_step`` receives each step's
+    ``Candidates`` as soon as it is chosen. The answer stops at the end token, after
+    ``max_new_tokens``, or where the model's positions run out.
     """
-    model, tok = bundle.model, bundle.tokenizer
+    model, processor = bundle.model, bundle.processor
     cfg = model.config
     device = model.device
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"question must be a non-empty string, got {question!r}")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if processor is None:
+        raise ValueError("this bundle has no processor (no vision encoder was given): pass VLMBundle(model, "
+                         "tokenizer, encoder) or one built by load_vlm")
+    tok = processor.tokenizer
     if image_tokens is None and image is not None:
-        pixels = bundle.encoder.preprocess(as_images([image])).to(device)
-        image_tokens = bundle.encoder(pixels)  # (1, 3, S, S) -> (1, N, width)
+        pixels = processor(images=[image])["pixel_values"].to(device)  # (1, 3, S, S)
+        image_tokens = bundle.encoder(pixels)  # (1, N, width)
     if image_tokens is not None:
         image_tokens = image_tokens.to(device)
         if image_tokens.dim() != 3 or image_tokens.shape[0] != 1:
             raise ValueError(f"image_tokens must be (1, N, width) for one image, got {tuple(image_tokens.shape)}")
 
-    ids = torch.tensor([prompt_ids(tok, question, cfg.num_image_tokens)], device=device)  # (1, T)
+    ids = torch.tensor([processor.question_ids(question)], device=device)  # (1, T)
     T = ids.shape[1]
     room = cfg.max_position_embeddings - T + 1  # the last answer token needs no position of its own
     if room < 1:
@@ -162,40 +219,38 @@ def answer_with_attention(
                          f"for the picture) and the model reads at most {cfg.max_position_embeddings}")
     pattern = torch.tensor(cfg.image_token_ids, device=device)
     image_positions = placeholder_mask(ids, pattern)[0].nonzero().squeeze(1).cpu()  # (N,)
-    if streamer is not None:
-        streamer.put(ids.cpu())
 
-    cache = DynamicCache(config=cfg)
-    step_input = dict(input_ids=ids, image_tokens=image_tokens)  # the picture enters once
-    banned = suppressed_ids(tok)
-    rows, generated, candidates = [], [], []
-    for _ in range(min(max_new_tokens, room)):
-        out = model(**step_input, cache=cache, use_cache=True, output_attentions=True, logits_to_keep=1)
-        # Each layer: (1, H, t, S) -> the last query's row (H, S); stacked: (L, H, S)
-        rows.append(torch.stack([a[0, :, -1, :] for a in out.attentions]).float().cpu())
-        logits = out.logits[0, -1].float()
-        logits[banned] = float("-inf")  # as answer() does
-        next_id = int(logits.argmax())
-        step = top_candidates(tok, logits, top_k, end=next_id == tok.eos_token_id)
-        step.chosen_id, step.chosen = next_id, token_text(tok, next_id)  # argmax decides ties, as generate
-        candidates.append(step)
-        if on_step is not None:
-            on_step(step)
-        if step.end:
-            rows.pop()  # the attention that chose </s> belongs to no answer token
-            break
-        generated.append(next_id)
-        if streamer is not None:
-            streamer.put(torch.tensor([next_id]))
-        step_input = dict(input_ids=torch.tensor([[next_id]], device=device))
-    if streamer is not None:
-        streamer.end()
+    reporter = _StepReporter(tok, top_k, on_step)
+    relay = None if streamer is None else _AnswerStreamer(streamer, tok.eos_token_id)
+    steps = min(max_new_tokens, room)
+    if steps < 1:  # nothing to generate (generate refuses max_new_tokens=0)
+        attentions, generated = (), []
+        if relay is not None:
+            relay.put(ids.cpu())
+            relay.end()
+    else:
+        # GenerationMixin.generate itself: the model's own generate keeps one position back for the
+        # last token (room - 1 new tokens at most), where this trace has always gone to the last position.
+        out = GenerationMixin.generate(
+            model, ids, attention_mask=torch.ones_like(ids), image_tokens=image_tokens,
+            max_new_tokens=steps, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id or 0,
+            suppress_tokens=suppressed_ids(tok) or None, logits_processor=LogitsProcessorList([reporter]),
+            streamer=relay, output_attentions=True, return_dict_in_generate=True,
+        )
+        attentions = out.attentions  # one tuple per step: each layer's (1, H, t, S)
+        generated = out.sequences[0, T:].tolist()
+    candidates = reporter.steps
+    if candidates and candidates[-1].end:
+        generated = generated[:-1]  # the end token is not part of the answer ...
+        attentions = attentions[:-1]  # ... and the attention that chose it belongs to no answer token
 
-    # Pad every row to the longest key length with zeros (keys not yet written).
-    S = T + max(len(rows) - 1, 0)
+    # Each step: the last query's row (H, S) of each layer, stacked (L, H, S); padded to the
+    # longest key length with zeros (keys not yet written).
+    S = T + max(len(attentions) - 1, 0)
     L, H = cfg.n_layers, cfg.n_heads
-    attention = torch.zeros(len(rows), L, H, S)
-    for i, row in enumerate(rows):  # once per answer token, after generation
+    attention = torch.zeros(len(attentions), L, H, S)
+    for i, layers in enumerate(attentions):
+        row = torch.stack([a[0, :, -1, :] for a in layers]).float().cpu()
         attention[i, :, :, : row.shape[-1]] = row
     image_attention = attention[..., image_positions].mean(2)  # (n, L, H, N) -> (n, L, N)
     image_share = image_attention.sum(-1)  # (n, L)
@@ -213,6 +268,7 @@ def answer_with_attention(
         image_size=int(getattr(bundle.encoder, "image_size", 224)),
         candidates=candidates,
         with_image=image_tokens is not None,
+        processor=processor,
     )
 
 
@@ -276,15 +332,33 @@ def patch_grid(trace: AttentionTrace, token: int | Sequence[int] | str = "all", 
     return patches.reshape(trace.grid, trace.grid).numpy()  # row-major, as the encoder flattens
 
 
-def encoder_view(image, size: int) -> Image.Image:
-    """What a CLIP-style encoder sees: shortest side resized to ``size``, then the centre square."""
-    image = as_images([image])[0]
-    w, h = image.size
-    # The long side is truncated, not rounded, as CLIPImageProcessor does.
-    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    resized = image.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    return resized.crop((left, top, left + size, top + size))
+def encoder_view(image, size: int | None = None, processor=None) -> Image.Image:
+    """What the vision encoder sees: the picture through the image processor's own steps that move
+    pixels (CLIP's: shortest side resized to S, then the centre S x S), without its rescaling and
+    normalisation, as an S x S RGB image.
+
+    ``processor``: a ``MiniMindVProcessor`` (its image processor and its preprocessing mode: in
+    "resize" mode the whole picture is resized to S x S, as the encoder's ``Preprocessor`` does)
+    or an image processor; None: CLIP's image processor at side ``size``.
+    """
+    image = as_rgb(image)
+    image_processor = getattr(processor, "image_processor", processor)
+    mode = getattr(processor, "preprocessing", "center_crop")
+    if image_processor is None:
+        if size is None:
+            raise ValueError("give the encoder's input side (size) or its processor")
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    side = image_processor.crop_size["height"]
+    if size is not None and size != side:
+        raise ValueError(f"size={size}, but the image processor crops to {side} x {side}")
+    steps = {}
+    if mode == "resize":  # v1's whole-picture resize (bicubic), then no resize or crop of the processor's
+        image, steps = image.resize((side, side), Image.Resampling.BICUBIC), dict(do_resize=False, do_center_crop=False)
+    pixels = image_processor(images=[image], do_rescale=False, do_normalize=False, return_tensors="np",
+                             **steps)["pixel_values"][0]  # (3, S, S) uint8: PIL's resize, an integer crop
+    if pixels.dtype != np.uint8:  # an image processor that resizes in floats
+        pixels = np.clip(np.rint(pixels), 0, 255)
+    return Image.fromarray(np.moveaxis(pixels, 0, -1).astype(np.uint8))
 
 
 def _draw_overlay(ax, view: Image.Image, grid: np.ndarray, title: str, alpha: float, cmap: str):
@@ -320,7 +394,7 @@ def plot_attention_overlay(trace: AttentionTrace, image, layer="mean", tokens="a
         raise ValueError("the answer has no tokens to draw")
     _, label = _select_layers(trace, layer, head)
     share = image_share(trace, layer, head)  # (n,)
-    view = encoder_view(image, trace.image_size)
+    view = encoder_view(image, trace.image_size, trace.processor)
 
     if ax is not None:
         _draw_overlay(ax, view, patch_grid(trace, picked, layer, head),
@@ -360,7 +434,7 @@ def plot_attention_panel(trace: AttentionTrace, image, layer="mean", head="mean"
     _, label = _select_layers(trace, layer, head)
     share = float(image_share(trace, layer, head)[picked].mean())
     what = "the whole answer" if len(picked) > 1 or token == "all" else f"“{token_label(trace.tokens[picked[0]])}”"
-    view = encoder_view(image, trace.image_size)
+    view = encoder_view(image, trace.image_size, trace.processor)
     fig, (left, right) = plt.subplots(1, 2, figsize=(7.6, 3.7), gridspec_kw={"width_ratios": [1, 1.2]})
     left.imshow(view)
     left.set_title("the picture (as the encoder sees it)", fontsize=9, family=font_family())

@@ -53,7 +53,7 @@ from ..data.shapes import (
     render_scene,
     validate_scene,
 )
-from ..inference import DEFAULT_MAX_NEW_TOKENS, prompt_ids
+from ..inference import DEFAULT_MAX_NEW_TOKENS
 from .attention import DEFAULT_TOP_K, Candidates, answer_with_attention, image_share, plot_attention_panel, token_label
 
 UPLOAD_PREFIX = "uploaded: "
@@ -504,7 +504,7 @@ class QAWidget:
         prompt and a whole answer fit in the model's positions. Says why not."""
         cfg = bundle.model.config
         try:
-            n = len(prompt_ids(bundle.tokenizer, question, cfg.num_image_tokens))
+            n = len(bundle.processor.question_ids(question))
         except ValueError as err:
             self.say(f"That question cannot be asked: {err}")
             return False

@@ -8,8 +8,9 @@ runs them too. Everything is built here, small and random: no run folder is need
 from __future__ import annotations
 
 import torch
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from minimind_v.inference import prompt_ids
+from minimind_v.model.processing import MiniMindVProcessor
 from minimind_v.model.vlm import MiniMindVLM, VLMConfig, placeholder_mask
 from minimind_v.tokenizer import IGNORE_INDEX, train_tokenizer
 
@@ -65,7 +66,9 @@ def exercise_1():
     texts = ["user\nWhat colour is the circle?", "assistant\nred", "user\nDescribe this picture briefly."]
     tokenizer = train_tokenizer(texts * 3, vocab_size=300)
     question = "What colour is the circle?"
-    lengths = {n: len(prompt_ids(tokenizer, question, n)) for n in (50, 577)}
+    # One processor per encoder size; only its placeholder count matters here (no picture is processed).
+    lengths = {n: len(MiniMindVProcessor(CLIPImageProcessorPil(), tokenizer, num_image_tokens=n).question_ids(question))
+               for n in (50, 577)}
     text_tokens = lengths[50] - 50
     assert lengths[577] - lengths[50] == 527
     assert lengths[577] == text_tokens + 577
