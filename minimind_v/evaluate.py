@@ -26,7 +26,7 @@ from .data.images import ImageError, load_image
 from .data.records import (TOO_LONG, UNENCODABLE, UNREADABLE_IMAGE, DataError, Skipped, check_record,
                            read_records, skip_summary)
 from .inference import DEFAULT_MAX_NEW_TOKENS, VLMBundle, answer, load_vlm, prompt_ids
-from .runfiles import atomic_write_text
+from .runfiles import atomic_write_json, atomic_write_text
 
 EVAL_JSON, EVAL_IMAGES = "eval_data.json", "eval_data_images"
 DEMO_IMAGES = "eval_images"
@@ -295,6 +295,44 @@ def format_demo_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def evaluate_run(run: Path, r) -> dict:
+    """Held-out accuracy per answer type next to its baselines (no picture, another question's
+    picture, the training set's majority answer, chance), the seen/unseen split when the world
+    holds pairs out, and the demo table: the recipe's evaluation stage for ``run`` and recipe
+    ``r``, written to its eval/ folder."""
+    from . import baselines
+    from .recipe import stage_dir  # (the recipe imports this module: import here, not at the top)
+
+    world = stage_dir(run, "world")
+    sft = load_vlm(stage_dir(run, "sft"))
+    result = evaluate_vqa(sft, world, limit=r.eval_limit)
+    text_only = evaluate_vqa(sft, world, limit=r.eval_limit, with_image=False)
+    shuffled = evaluate_vqa(sft, world, limit=r.eval_limit, shuffle_pictures=r.seed)
+    held_out = read_records(world / EVAL_JSON)[:r.eval_limit]
+    training = read_records(world / "sft_data.json")
+    summary = lambda res: {"overall": res["overall"], "per_type": res["per_type"]}  # noqa: E731
+    compared = {"text only": summary(text_only), "shuffled picture": summary(shuffled),
+                "majority answer": baselines.majority(training, held_out), "chance": baselines.chance(held_out)}
+    pretrain = load_vlm(stage_dir(run, "pretrain"))
+    demo = demo_table({"pretrain": pretrain, "sft": sft}, world / DEMO_IMAGES)
+    out = stage_dir(run, "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_baselines_table(result, compared)
+    figures = {"overall": result["overall"], "per_type": result["per_type"], "n": result["n"],
+               "text_only_baseline": compared["text only"], "baselines": compared,
+               "answers_per_s": result["answers_per_s"], "demo": demo}
+    sections = [table]
+    if any("combination" in rec for rec in held_out):
+        figures["by_combination"] = accuracy_by_combination(result["rows"], held_out)
+        sections.append(format_objects_table(figures["by_combination"], label=lambda g: f"{g} combinations"))
+    sections.append(format_demo_table(demo))
+    atomic_write_text(out / "table.md", "\n\n".join(sections) + "\n")
+    atomic_write_json(out / "answers.json", result["rows"], indent=1)
+    atomic_write_json(out / "results.json", figures)
+    print(table)
+    return figures
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a saved MiniMind-V folder")
@@ -324,7 +362,7 @@ def main(argv=None):
         figures["text_only_baseline"] = {"overall": baseline["overall"], "per_type": baseline["per_type"]}
     payload = {**figures, "skipped_records": result["skipped_records"], "rows": result["rows"]}
     atomic_write_text(out, json.dumps(payload, indent=2))
-    print(f"figures written to {out}" + (f" (every skipped record listed under 'skipped_records')"
+    print(f"figures written to {out}" + (" (every skipped record listed under 'skipped_records')"
                                          if result["skipped"] else ""))
     return figures
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .runfiles import atomic_write_json, atomic_write_text, clear_complete, is_complete, mark_complete
+from .runfiles import atomic_write_json, clear_complete, is_complete, mark_complete
 
 # run folder layout: stage -> its sub-folder
 STAGE_DIRS = {
@@ -169,46 +169,6 @@ def stage_commands(run: Path, r: Recipe) -> dict[str, tuple[str, list[str]]]:
     }
 
 
-def evaluate_run(run: Path, r: Recipe) -> dict:
-    """Held-out accuracy per answer type next to its baselines (no picture, another question's
-    picture, the training set's majority answer, chance), the seen/unseen split when the world
-    holds pairs out, and the demo table."""
-    from . import baselines
-    from .data.datasets import read_records
-    from .evaluate import (DEMO_IMAGES, EVAL_JSON, accuracy_by_combination, demo_table, evaluate_vqa,
-                           format_baselines_table, format_demo_table, format_objects_table)
-    from .inference import load_vlm
-
-    world = stage_dir(run, "world")
-    sft = load_vlm(stage_dir(run, "sft"))
-    result = evaluate_vqa(sft, world, limit=r.eval_limit)
-    text_only = evaluate_vqa(sft, world, limit=r.eval_limit, with_image=False)
-    shuffled = evaluate_vqa(sft, world, limit=r.eval_limit, shuffle_pictures=r.seed)
-    held_out = read_records(world / EVAL_JSON)[:r.eval_limit]
-    training = read_records(world / "sft_data.json")
-    summary = lambda res: {"overall": res["overall"], "per_type": res["per_type"]}  # noqa: E731
-    compared = {"text only": summary(text_only), "shuffled picture": summary(shuffled),
-                "majority answer": baselines.majority(training, held_out), "chance": baselines.chance(held_out)}
-    pretrain = load_vlm(stage_dir(run, "pretrain"))
-    demo = demo_table({"pretrain": pretrain, "sft": sft}, world / DEMO_IMAGES)
-    out = stage_dir(run, "eval")
-    out.mkdir(parents=True, exist_ok=True)
-    table = format_baselines_table(result, compared)
-    figures = {"overall": result["overall"], "per_type": result["per_type"], "n": result["n"],
-               "text_only_baseline": compared["text only"], "baselines": compared,
-               "answers_per_s": result["answers_per_s"], "demo": demo}
-    sections = [table]
-    if any("combination" in rec for rec in held_out):
-        figures["by_combination"] = accuracy_by_combination(result["rows"], held_out)
-        sections.append(format_objects_table(figures["by_combination"], label=lambda g: f"{g} combinations"))
-    sections.append(format_demo_table(demo))
-    atomic_write_text(out / "table.md", "\n\n".join(sections) + "\n")
-    atomic_write_json(out / "answers.json", result["rows"], indent=1)
-    atomic_write_json(out / "results.json", figures)
-    print(table)
-    return figures
-
-
 # ----------------------------------------------------------------------------- reuse by fingerprint
 
 
@@ -345,6 +305,8 @@ def run_stage(run: str | Path, r: Recipe | None = None, stage: str = "world", np
         print(f"tokenizer: {len(result)} tokens")
         mark_complete(folder, {"stage": stage})
     elif stage == "eval":
+        from .evaluate import evaluate_run
+
         result = evaluate_run(run, r)
         mark_complete(folder, {"stage": stage})
     else:

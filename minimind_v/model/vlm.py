@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..config import MiniMindConfig
 from .llm import MiniMindForCausalLM
