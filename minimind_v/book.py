@@ -284,7 +284,11 @@ def run_book(chapters: list[Path], out_dir: str | os.PathLike = DEFAULT_OUT, cwd
         timings[chapter.stem] = round(time.perf_counter() - t0, 1)
         print(f"[{chapter.stem}] done in {timings[chapter.stem]:.0f} s -> {written}", flush=True)
     total = time.perf_counter() - start
-    print(f"book: {len(timings)} chapter(s) in {total / 60:.1f} min ({mode} mode)", flush=True)
+    # Timings differ between machines: the matmul speed lets a reader scale them to theirs.
+    from .machine import describe_speed
+
+    print(f"book: {len(timings)} chapter(s) in {total / 60:.1f} min ({mode} mode); this machine: "
+          f"{describe_speed()}", flush=True)
     return timings
 
 

@@ -1,0 +1,38 @@
+"""How fast is this machine? One number to print next to every timing.
+
+Machines of the same kind differ (the book has taken 20 minutes on one 2-core machine and 38 on
+another), so a timing means little alone. Next to it, the book prints what one large float32
+matrix product runs at here: a reader divides by it to compare their machine with ours.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def matmul_gflops(n: int | None = None, repeats: int = 3, device: str | torch.device = "cpu") -> float:
+    """GFLOP/s of the fastest of ``repeats`` float32 (n x n) @ (n x n) products (2 n^3 FLOPs each),
+    after one warm-up, with torch's current threads (2048 on a CPU, 8192 on a GPU by default)."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 2048)
+    generator = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG alone
+    a = torch.randn(n, n, device=device, generator=generator)
+    b = torch.randn(n, n, device=device, generator=generator)
+    best = float("inf")
+    for attempt in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if attempt:  # the first call warms up
+            best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def describe_speed() -> str:
+    """'fp32 matmul 131 GFLOP/s (2048², 2 threads)': the figure to print beside a timing."""
+    return f"fp32 matmul {matmul_gflops():.0f} GFLOP/s (2048², {torch.get_num_threads()} threads)"
