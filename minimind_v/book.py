@@ -81,6 +81,19 @@ def save_figure(fig, name: str) -> Path:
     return path
 
 
+_chapter_started = time.perf_counter()  # reset by open_chapter; read by close_chapter
+
+
+def close_chapter() -> float:
+    """Every chapter's last cell: how long the chapter took here, next to this machine's matmul
+    speed, so a reader can scale the minutes to their own machine. Returns the minutes."""
+    from .machine import describe_speed
+
+    minutes = (time.perf_counter() - _chapter_started) / 60
+    print(f"this chapter: {minutes:.1f} min on this machine ({describe_speed()})")
+    return minutes
+
+
 def open_chapter(quick: bool | None = None, nproc: int | None = None, needs: Sequence[str] = ()):
     """Every chapter's first cell: settle quick mode, the run folder and the processes per stage,
     and run the earlier stages this chapter ``needs`` if they are not done yet.
@@ -89,6 +102,8 @@ def open_chapter(quick: bool | None = None, nproc: int | None = None, needs: Seq
     """
     from .recipe import default_recipe, run_recipe
 
+    global _chapter_started
+    _chapter_started = time.perf_counter()
     quick = use_quick_mode(quick)
     nproc = nproc or default_nproc()
     recipe, run = default_recipe(), run_folder()

@@ -206,3 +206,9 @@ print("answers of the count questions:", dict(Counter(r["conversations"][1]["val
 # * Every stage writes into one run folder and is skipped once done.
 #
 # Next: how CLIP turns one of these pictures into 50 tokens.
+
+
+# %%
+from minimind_v.book import close_chapter
+
+close_chapter()

@@ -482,3 +482,9 @@ for row in sampled:
 # 5. **Predict, then run.** The feed-forward width of `small` and `base`: 64·⌈(8·dim/3)/64⌉.
 #    Compare SwiGLU's parameters (three dim × hidden matrices) with a classic 4× MLP's (two
 #    dim × 4·dim matrices) at dim 768: why 8/3?
+
+
+# %%
+from minimind_v.book import close_chapter
+
+close_chapter()

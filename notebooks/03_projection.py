@@ -222,3 +222,9 @@ print(f"best cosine, mean over the 50 tokens: {best.mean():.3f};  "
 #    re-initialises it). Check both on random tokens.
 # 4. **Change the code.** Write LLaVA-1.5's MLP projector as a function of its weights, like
 #    `project` above, and check it against `VisionProjector(W, dim, "mlp")`.
+
+
+# %%
+from minimind_v.book import close_chapter
+
+close_chapter()

@@ -286,3 +286,9 @@ for name, logits in (("with the picture", with_picture), ("text only       ", wi
 # 4. **Predict, then run.** Backpropagate a loss through a forward pass with a picture. What
 #    gradient does the row of `<|image|>` in the token embedding receive? And the projection?
 #    What does that mean for the placeholder's own embedding during training?
+
+
+# %%
+from minimind_v.book import close_chapter
+
+close_chapter()

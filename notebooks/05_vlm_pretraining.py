@@ -217,3 +217,9 @@ print(f"word embeddings:        median length {bundle.model.tok_embeddings.weigh
 #    one scene.
 # 5. **Change the code.** Take one optimiser step with `--freeze proj` (`set_trainable(model,
 #    "proj")`) on a tiny VLM and compare every parameter before and after: which ones moved?
+
+
+# %%
+from minimind_v.book import close_chapter
+
+close_chapter()

@@ -239,3 +239,9 @@ for r, q, p in zip(held_out, questions, predictions):
 # 5. **Predict, then run.** The loss of a batch averages over all its answer tokens, not over its
 #    samples. For a batch of a one-answer sample and a seven-answer sample, write the batch loss
 #    as a weighted mean of the two samples' own losses, and check it with a tiny model.
+
+
+# %%
+from minimind_v.book import close_chapter
+
+close_chapter()

@@ -224,3 +224,9 @@ for step, top in enumerate(panel.last_top_tokens, 1):
 # * Everything here runs unchanged on the real parts (chapter 0): the original data, OpenAI's CLIP
 #   and the `small` or `base` decoder. In quick mode the models trained for seconds, so expect them
 #   to lean on the question; the full recipe trains each stage for many times more steps.
+
+
+# %%
+from minimind_v.book import close_chapter
+
+close_chapter()
