@@ -17,14 +17,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from minimind_v import probes as P
+from minimind_v.data import clip_examples as E
 from minimind_v.data import shapes
+from minimind_v.model import tiny_clip as M
 from minimind_v.train import clip as C
 from minimind_v.train import distributed as D
 
 from conftest import TORCHRUN_VARS
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = C.TinyClipConfig(vision_width=32, vision_layers=1, vision_heads=2, text_width=32, text_layers=1,
+TINY_MODEL = M.TinyClipConfig(vision_width=32, vision_layers=1, vision_heads=2, text_width=32, text_layers=1,
                               text_heads=2, projection_dim=16)
 TINY_ARGS = ["--vision-width", "32", "--vision-layers", "1", "--vision-heads", "2", "--text-width", "32",
              "--text-layers", "1", "--text-heads", "2", "--projection-dim", "16"]
@@ -32,7 +35,7 @@ TINY_ARGS = ["--vision-width", "32", "--vision-layers", "1", "--vision-heads", "
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return C.build_tokenizer()
+    return M.build_tokenizer()
 
 
 # ----------------------------------------------------------------------------- distributed.py
@@ -119,7 +122,7 @@ def _ddp_gather_step(info, x) -> dict:
     b = x.shape[0] // info.world_size
     z = F.normalize(model(x[info.rank * b : (info.rank + 1) * b]), dim=-1)  # (b, 6)
     img, txt = D.all_gather_with_grad(z[:, :3]), D.all_gather_with_grad(z[:, 3:])  # (2b, 3) each
-    loss = C.contrastive_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), torch.tensor(5.0))
+    loss = M.contrastive_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), torch.tensor(5.0))
     loss.backward()
     return {"grad": D.unwrap(model).weight.grad, "loss": loss.detach(),
             "mean_rank": D.all_reduce_mean(torch.tensor(float(info.rank))),
@@ -145,7 +148,7 @@ def test_ddp_gather_gives_single_process_gradient(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Linear(5, 6)
     z = F.normalize(model(x), dim=-1)
-    loss = C.contrastive_loss(F.normalize(z[:, :3], dim=-1), F.normalize(z[:, 3:], dim=-1), torch.tensor(5.0))
+    loss = M.contrastive_loss(F.normalize(z[:, :3], dim=-1), F.normalize(z[:, 3:], dim=-1), torch.tensor(5.0))
     loss.backward()
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
@@ -160,22 +163,22 @@ def test_ddp_gather_gives_single_process_gradient(tmp_path):
 
 def test_retrieval_top1_exact_values():
     n = 64
-    assert C.retrieval_top1(torch.eye(n)) == 1.0
+    assert P.retrieval_top1(torch.eye(n)) == 1.0
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     fixed_points = (perm == torch.arange(n)).sum().item()
     # Image i's best text is perm[i]: correct only where perm has a fixed point.
-    assert C.retrieval_top1(torch.eye(n)[perm]) == pytest.approx(fixed_points / n)
+    assert P.retrieval_top1(torch.eye(n)[perm]) == pytest.approx(fixed_points / n)
     # Shuffled similarities score about 1/n on average.
-    scores = [C.retrieval_top1(torch.rand(n, n, generator=torch.Generator().manual_seed(s))) for s in range(200)]
+    scores = [P.retrieval_top1(torch.rand(n, n, generator=torch.Generator().manual_seed(s))) for s in range(200)]
     assert abs(sum(scores) / len(scores) - 1 / n) < 0.01
     # An equivalent (same-content) text counts as a hit.
     sim = torch.eye(4)[[1, 0, 2, 3]]
     same = torch.eye(4, dtype=torch.bool)
-    assert C.retrieval_top1(sim) == 0.5
+    assert P.retrieval_top1(sim) == 0.5
     same[0, 1] = True
-    assert C.retrieval_top1(sim, same) == 0.75
+    assert P.retrieval_top1(sim, same) == 0.75
     with pytest.raises(ValueError, match="square"):
-        C.retrieval_top1(torch.zeros(3, 4))
+        P.retrieval_top1(torch.zeros(3, 4))
 
 
 # ----------------------------------------------------------------------------- tokenizer, model, loss
@@ -188,25 +191,25 @@ def test_tokenizer_covers_the_shapes_world(tokenizer):
         scene = shapes.random_scene(rng)
         texts.append(shapes.caption(scene, rng))
         texts += [q for q, _, _ in shapes.questions(scene, rng)]
-    enc = C.tokenize(tokenizer, texts)
+    enc = M.tokenize(tokenizer, texts)
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    assert not (ids == C.UNK_ID).any()
-    assert (ids[:, 0] == C.BOS_ID).all()
+    assert not (ids == M.UNK_ID).any()
+    assert (ids[:, 0] == M.BOS_ID).all()
     last = mask.sum(1) - 1
-    assert (ids[torch.arange(len(texts)), last] == C.EOS_ID).all()  # exactly one EOS, at the end
-    assert ((ids == C.EOS_ID).sum(1) == 1).all()
-    assert (ids[mask == 0] == C.PAD_ID).all()
-    assert tokenizer.decode(C.tokenize(tokenizer, ["A large red circle."])["input_ids"][0], skip_special_tokens=True) \
+    assert (ids[torch.arange(len(texts)), last] == M.EOS_ID).all()  # exactly one EOS, at the end
+    assert ((ids == M.EOS_ID).sum(1) == 1).all()
+    assert (ids[mask == 0] == M.PAD_ID).all()
+    assert tokenizer.decode(M.tokenize(tokenizer, ["A large red circle."])["input_ids"][0], skip_special_tokens=True) \
         == "a large red circle ."
 
 
 def test_text_pooling_takes_the_eos_position(tokenizer):
-    config = C.make_clip_config(TINY_MODEL, len(tokenizer))
-    assert config.text_config.eos_token_id == C.EOS_ID != 2  # 2 would switch on the legacy argmax pooling
-    assert (config.text_config.pad_token_id, config.text_config.bos_token_id) == (C.PAD_ID, C.BOS_ID)
+    config = M.make_clip_config(TINY_MODEL, len(tokenizer))
+    assert config.text_config.eos_token_id == M.EOS_ID != 2  # 2 would switch on the legacy argmax pooling
+    assert (config.text_config.pad_token_id, config.text_config.bos_token_id) == (M.PAD_ID, M.BOS_ID)
     torch.manual_seed(0)
     model = C.CLIPModel(config).eval()
-    enc = C.tokenize(tokenizer, ["a red circle at the top.", "two objects: a small blue cross on the left and a large green square."])
+    enc = M.tokenize(tokenizer, ["a red circle at the top.", "two objects: a small blue cross on the left and a large green square."])
     out = model.text_model(**enc)
     eos = enc["attention_mask"].sum(1) - 1  # found independently: the last real token
     torch.testing.assert_close(out.pooler_output, out.last_hidden_state[torch.arange(2), eos])
@@ -218,16 +221,16 @@ def test_contrastive_loss_matches_transformers_and_counts_negatives():
     scale = torch.tensor(7.0)
     from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
-    torch.testing.assert_close(C.contrastive_loss(img, txt, scale), image_text_contrastive_loss(scale * txt @ img.t()))
+    torch.testing.assert_close(M.contrastive_loss(img, txt, scale), image_text_contrastive_loss(scale * txt @ img.t()))
     # With negatives, by hand: row i's softmax over 6 captions + 12 negatives.
     neg = F.normalize(torch.randn(12, 8, generator=g), dim=-1)
     i2t = -torch.stack([torch.log_softmax(scale * img[i] @ torch.cat([txt, neg]).t(), 0)[i] for i in range(6)]).mean()
     t2i = -torch.stack([torch.log_softmax(scale * txt[i] @ img.t(), 0)[i] for i in range(6)]).mean()
-    torch.testing.assert_close(C.contrastive_loss(img, txt, scale, neg), (i2t + t2i) / 2)
+    torch.testing.assert_close(M.contrastive_loss(img, txt, scale, neg), (i2t + t2i) / 2)
 
 
 def test_logit_scale_is_not_weight_decayed(tokenizer):
-    model = C.ContrastiveCLIP(C.CLIPModel(C.make_clip_config(TINY_MODEL, len(tokenizer))))
+    model = M.ContrastiveCLIP(C.CLIPModel(M.make_clip_config(TINY_MODEL, len(tokenizer))))
     groups = C.parameter_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     members = [{names[id(p)] for p in g["params"]} for g in groups]
@@ -245,15 +248,15 @@ def test_logit_scale_is_not_weight_decayed(tokenizer):
 
 def test_vision_embeddings_init_makes_positions_visible(tokenizer):
     torch.manual_seed(0)
-    clip = C.CLIPModel(C.make_clip_config(TINY_MODEL, len(tokenizer)))
-    C.init_vision_embeddings(clip)
+    clip = C.CLIPModel(M.make_clip_config(TINY_MODEL, len(tokenizer)))
+    M.init_vision_embeddings(clip)
     pos = clip.vision_model.embeddings.position_embedding.weight  # (50, 32)
     assert torch.equal(pos[0], torch.zeros(32))  # CLS
     # Patch (0, 0): every sine 0, every cosine 1 (row half, then column half).
     assert torch.allclose(pos[1], torch.tensor(([0.0] * 8 + [1.0] * 8) * 2))
     assert len({tuple(row.tolist()) for row in pos[1:]}) == 49  # 49 distinct codes
     # Patch vectors are about as long as position codes now (not ~50x longer).
-    pixels = C.pixels_from_images([shapes.render_scene(shapes.random_scene(random.Random(0)))])
+    pixels = M.pixels_from_images([shapes.render_scene(shapes.random_scene(random.Random(0)))])
     patch = clip.vision_model.embeddings.patch_embedding(pixels).flatten(2)  # (1, 32, 49)
     assert 0.2 < pos[1:].norm(dim=1).mean() / patch.norm(dim=1).mean() < 5
 
@@ -261,10 +264,10 @@ def test_vision_embeddings_init_makes_positions_visible(tokenizer):
 def test_fast_pixels_equal_the_saved_image_processor():
     rng = random.Random(0)
     images = [shapes.render_scene(shapes.random_scene(rng)) for _ in range(3)]
-    expected = C.make_image_processor()(images=images, return_tensors="pt")["pixel_values"]
-    torch.testing.assert_close(C.pixels_from_images(images), expected)
+    expected = M.make_image_processor()(images=images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(M.pixels_from_images(images), expected)
     with pytest.raises(ValueError, match="image 0 has shape"):
-        C.pixels_from_images([images[0].resize((100, 100))])
+        M.pixels_from_images([images[0].resize((100, 100))])
 
 
 @pytest.mark.parametrize("kind", ["shape", "bind", "colour", "size", "position"])
@@ -272,9 +275,9 @@ def test_hard_negatives_change_exactly_what_they_say(kind):
     rng = random.Random(kind)
     for _ in range(50):
         scene = shapes.random_scene(rng, 2, 3)
-        wrong = C.hard_negative_scene(scene, kind, rng)
+        wrong = E.hard_negative_scene(scene, kind, rng)
         shapes.validate_scene(wrong)
-        assert C.content_key(wrong) != C.content_key(scene)
+        assert E.content_key(wrong) != E.content_key(scene)
         assert [o["position"] for o in wrong] == sorted((o["position"] for o in wrong), key=shapes.POSITIONS.index)
         if kind == "bind" and len({o["shape"] for o in scene}) > 1:
             # Shapes trade places; the multiset of shapes and everything else stay.
@@ -290,10 +293,10 @@ def test_hard_negatives_change_exactly_what_they_say(kind):
 def test_hard_negatives_fall_back_when_impossible():
     full = [{"shape": "circle", "colour": "red", "size": "small", "position": p} for p in shapes.POSITIONS]
     for kind in ("position", "bind"):  # no empty cell; all shapes equal
-        wrong = C.hard_negative_scene(full, kind, random.Random(0))
+        wrong = E.hard_negative_scene(full, kind, random.Random(0))
         assert sum(o["shape"] != "circle" for o in wrong) == 1
     with pytest.raises(ValueError, match="unknown kind 'texture'"):
-        C.hard_negative_scene(full, "texture", random.Random(0))
+        E.hard_negative_scene(full, "texture", random.Random(0))
 
 
 def test_training_batch_is_deterministic_and_independent_of_sharding(tokenizer):
@@ -307,8 +310,8 @@ def test_training_batch_is_deterministic_and_independent_of_sharding(tokenizer):
 
 
 def test_training_skips_held_out_pictures():
-    scene, _ = C.training_scene(0, 5)
-    other, _ = C.training_scene(0, 5, frozenset({shapes.scene_key(scene)}))
+    scene, _ = E.training_scene(0, 5)
+    other, _ = E.training_scene(0, 5, frozenset({shapes.scene_key(scene)}))
     assert shapes.scene_key(other) != shapes.scene_key(scene)
 
 
@@ -318,7 +321,7 @@ def test_object_targets_match_the_picture():
     for _ in range(20):
         scene = [dict(o, shape="square", colour=c)  # distinct colours, so a pixel names its object
                  for o, c in zip(shapes.random_scene(rng, 1, 3), rng.sample(shapes.COLOURS, 3))]
-        masks, labels = C.object_patches(scene), C.object_labels(scene)  # (9, 49), (4, 9)
+        masks, labels = E.object_patches(scene), E.object_labels(scene)  # (9, 49), (4, 9)
         pixels = torch.from_numpy(np.asarray(shapes.render_scene(scene)).copy())  # (224, 224, 3)
         centres = torch.arange(7) * 32 + 16
         centre_rgb = pixels[centres][:, centres].reshape(49, 3)
@@ -331,14 +334,14 @@ def test_object_targets_match_the_picture():
                                                 shapes.SIZES.index(obj["size"]), cell]
         empty = [c for c, p in enumerate(shapes.POSITIONS) if p not in {o["position"] for o in scene}]
         assert (labels[:, empty] == -1).all() and (masks[empty] == 0).all()
-        per_patch = C.patch_labels(masks, labels)  # (4, 49): each patch carries its object's labels
+        per_patch = E.patch_labels(masks, labels)  # (4, 49): each patch carries its object's labels
         for p in range(49):
             cells = masks[:, p].nonzero().flatten().tolist()
             assert per_patch[:, p].tolist() == (labels[:, cells[0]].tolist() if cells else [-1] * 4)
     tokens = torch.randn(2, 49, 5)
     masks = torch.zeros(2, 9, 49)
     masks[0, 0, [3, 10]] = 1
-    out = C.object_tokens(tokens, masks)
+    out = P.object_tokens(tokens, masks)
     torch.testing.assert_close(out[0, 0], (tokens[0, 3] + tokens[0, 10]) / 2)
     assert torch.equal(out[1], torch.zeros(9, 5))  # no patches: zeros, not NaN
 
@@ -349,20 +352,20 @@ def test_scene_counts_by_hand():
         {"shape": "circle", "colour": "blue", "size": "large", "position": "center"},
         {"shape": "cross", "colour": "red", "size": "small", "position": "bottom"},
     ]
-    counts = dict(zip(C.COUNTED, C.scene_counts(scene).tolist()))
+    counts = dict(zip(E.COUNTED, E.scene_counts(scene).tolist()))
     assert counts[("shape", "circle")] == 2 and counts[("shape", "cross")] == 1 and counts[("shape", "square")] == 0
     assert counts[("colour", "red")] == 2 and counts[("colour", "blue")] == 1 and counts[("colour", "green")] == 0
     assert counts[("size", "small")] == 2 and counts[("size", "large")] == 1
     assert counts[("all", None)] == 3
-    assert len(C.COUNTED) == len(shapes.SHAPES) + len(shapes.COLOURS) + len(shapes.SIZES) + 1
+    assert len(E.COUNTED) == len(shapes.SHAPES) + len(shapes.COLOURS) + len(shapes.SIZES) + 1
 
 
 def test_count_loss_by_hand():
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, len(C.COUNTED), C.MAX_COUNT + 1, generator=g)
-    counts = torch.randint(0, 4, (2, len(C.COUNTED)), generator=g)
-    by_hand = -sum(torch.log_softmax(logits[b, k], 0)[counts[b, k]] for b in range(2) for k in range(len(C.COUNTED)))
-    torch.testing.assert_close(C.count_loss(logits, counts), by_hand / (2 * len(C.COUNTED)))
+    logits = torch.randn(2, len(E.COUNTED), E.MAX_COUNT + 1, generator=g)
+    counts = torch.randint(0, 4, (2, len(E.COUNTED)), generator=g)
+    by_hand = -sum(torch.log_softmax(logits[b, k], 0)[counts[b, k]] for b in range(2) for k in range(len(E.COUNTED)))
+    torch.testing.assert_close(M.count_loss(logits, counts), by_hand / (2 * len(E.COUNTED)))
 
 
 def test_object_loss_is_the_mean_over_labelled_patches():
@@ -377,24 +380,24 @@ def test_object_loss_is_the_mean_over_labelled_patches():
         -torch.log_softmax(logits[b, c, lo:hi], 0)[labels[b, row, c]]
         for b, c in objects for row, (lo, hi) in enumerate([(0, 4), (4, 9), (9, 11), (11, 20)])
     ) / (4 * len(objects))
-    torch.testing.assert_close(C.object_loss(logits, labels), by_hand)
+    torch.testing.assert_close(M.object_loss(logits, labels), by_hand)
     # Split over two "ranks" (1 and 2 objects), normalised by the mean count 1.5: the average matches.
-    halves = [C.object_loss(logits[i : i + 1], labels[i : i + 1], count=1.5) for i in range(2)]
+    halves = [M.object_loss(logits[i : i + 1], labels[i : i + 1], count=1.5) for i in range(2)]
     torch.testing.assert_close((halves[0] + halves[1]) / 2, by_hand)
 
 
 def test_a_few_steps_reduce_the_contrastive_loss(tokenizer):
     torch.manual_seed(0)
-    clip = C.CLIPModel(C.make_clip_config(TINY_MODEL, len(tokenizer)))
-    C.init_vision_embeddings(clip)
-    model = C.ContrastiveCLIP(clip)
+    clip = C.CLIPModel(M.make_clip_config(TINY_MODEL, len(tokenizer)))
+    M.init_vision_embeddings(clip)
+    model = M.ContrastiveCLIP(clip)
     opt = torch.optim.AdamW(C.parameter_groups(model, 0.1), lr=3e-3)
     batch = C.training_batch(tokenizer, 0, range(16), 1)
     losses, aux = [], []
     for _ in range(25):
         image, text, scale, object_logits, count_logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-        loss = C.contrastive_loss(image, text[:16], scale, text[16:])
-        object_loss = C.object_loss(object_logits, batch["patch_labels"]) + C.count_loss(count_logits, batch["counts"])
+        loss = M.contrastive_loss(image, text[:16], scale, text[16:])
+        object_loss = M.object_loss(object_logits, batch["patch_labels"]) + M.count_loss(count_logits, batch["counts"])
         opt.zero_grad()
         (loss + object_loss).backward()
         opt.step()
@@ -427,26 +430,26 @@ class _ConstantEncoder(torch.nn.Module):
         return torch.zeros(pixel_values.shape[0], 50, 4)
 
 
-@pytest.mark.parametrize("features", C.PROBE_FEATURES)
+@pytest.mark.parametrize("features", P.PROBE_FEATURES)
 def test_linear_probe_reads_the_object_patches(features):
     # The patches under an object have the object's colour: a probe reading the right tokens finds it.
-    seen = C.linear_probe(_PatchColourEncoder(), n_train=300, n_test=200, seed=0, features=features)
+    seen = P.linear_probe(_PatchColourEncoder(), n_train=300, n_test=200, seed=0, features=features)
     assert seen["colour"] > 0.95
     # Features that carry nothing: no better than guessing the most common class.
-    blind = C.linear_probe(_ConstantEncoder(), n_train=300, n_test=200, seed=0, features=features)
+    blind = P.linear_probe(_ConstantEncoder(), n_train=300, n_test=200, seed=0, features=features)
     assert blind["shape"] < 0.4 and blind["colour"] < 0.35 and blind["size"] < 0.65 and blind["position"] < 0.25
 
 
 @pytest.mark.parametrize("features", ["object", "centre"])
 def test_linear_probe_reads_position_from_where_the_tokens_are(features):
     # Tokens that carry nothing but their own patch index: the grid cell is readable, colour is not.
-    seen = C.linear_probe(_PatchIndexEncoder(), n_train=300, n_test=200, seed=0, features=features)
+    seen = P.linear_probe(_PatchIndexEncoder(), n_train=300, n_test=200, seed=0, features=features)
     assert seen["position"] > 0.95 and seen["colour"] < 0.35
 
 
 def test_linear_probe_rejects_unknown_features():
     with pytest.raises(ValueError, match="features"):
-        C.linear_probe(_ConstantEncoder(), 10, 10, features="cls")
+        P.linear_probe(_ConstantEncoder(), 10, 10, features="cls")
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -473,16 +476,16 @@ def test_cli_saves_a_folder_vision_encoder_opens(alone, tmp_path, capsys):
     tokens = encoder(encoder.preprocess(images))
     assert tokens.shape == (3, 50, 32)
     # The processor saved with the model gives the pixels training used.
-    torch.testing.assert_close(encoder.preprocess(images), C.pixels_from_images(images))
+    torch.testing.assert_close(encoder.preprocess(images), M.pixels_from_images(images))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3]
     assert lines[-1]["retrieval_top1"] == summary["retrieval_top1"]
     # Retrieval from the saved folder agrees with the summary.
-    assert C.evaluate_retrieval(out, data, n=64) == pytest.approx(summary["retrieval_top1"])
+    assert P.evaluate_retrieval(out, data, n=64) == pytest.approx(summary["retrieval_top1"])
     with pytest.raises(ValueError, match="at least n=64"):
-        C.evaluate_retrieval(out, data, n=64, max_pairs=10)
+        P.evaluate_retrieval(out, data, n=64, max_pairs=10)
     with pytest.raises(FileNotFoundError, match="eval_data.json"):
-        C.evaluate_retrieval(out, tmp_path / "nowhere")
+        P.evaluate_retrieval(out, tmp_path / "nowhere")
 
 
 def test_cli_rejects_bad_arguments(alone, tmp_path):

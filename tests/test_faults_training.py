@@ -27,11 +27,12 @@ from minimind_v.config import MiniMindConfig
 from minimind_v.data.datasets import ChatDataset, DataError, Skipped, collate
 from minimind_v.model.llm import MiniMindForCausalLM
 from minimind_v.runfiles import COMPLETE, is_complete, read_complete
-from minimind_v.train import trainer
+from minimind_v.train import checkpoint, trainer
+from minimind_v.train.checkpoint import (CHECKPOINT, METRICS, CheckpointError, MetricsError, ResumeMismatchError,
+                                         RunFolderError, read_checkpoint)
 from minimind_v.train.common import lm_step_loss
 from minimind_v.train.distributed import DistInfo
-from minimind_v.train.trainer import (CHECKPOINT, METRICS, CheckpointError, MetricsError, ResumeMismatchError,
-                                      RunFolderError, TrainArgs, fit, read_checkpoint)
+from minimind_v.train.trainer import TrainArgs, fit
 
 ALONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True, backend=None)
 
@@ -93,7 +94,7 @@ class RunsCode:
 
 def test_damaged_checkpoints_fail_by_name(tmp_path):
     good = tmp_path / "good.pt"
-    torch.save({"format": trainer.CHECKPOINT_FORMAT, "step": 3, "model": {"w": torch.ones(2)}, "optimizer": {},
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "step": 3, "model": {"w": torch.ones(2)}, "optimizer": {},
                 "settings": {"lr": 0.1, "data": "/x", "use_moe": False, "shape": (1, 2)}}, good)
     assert read_checkpoint(good)["step"] == 3
     data = good.read_bytes()
@@ -127,7 +128,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, text
     marker = tmp_path / "ran"
     out = tmp_path / "run"
     out.mkdir()
-    torch.save({"format": trainer.CHECKPOINT_FORMAT, "step": 1, "model": RunsCode(marker), "optimizer": {},
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "step": 1, "model": RunsCode(marker), "optimizer": {},
                 "settings": {}}, out / CHECKPOINT)
     with pytest.raises(CheckpointError) as caught:
         read_checkpoint(out / CHECKPOINT)
@@ -408,7 +409,7 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_weights(tiny_world,
     def killed(*extra, kill_at=None, code=None):
         env = subprocess_env()
         if kill_at:
-            env[trainer.KILL_AT_ENV] = kill_at
+            env[checkpoint.KILL_AT_ENV] = kill_at
         command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "minimind_v.train.llm"]
         run = subprocess.run([*command, *common, "--out", str(out), *extra], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=240)
@@ -498,8 +499,8 @@ def test_a_rank_that_stops_answering_ends_the_job_naming_it(tiny_world, world_to
     timeout_s, live = 3, 1 - frozen
     script = tmp_path / "freeze.py"
     script.write_text(DDP_FREEZE_SCRIPT)
-    env = {**subprocess_env(), "MINIMIND_V_DDP_TIMEOUT_S": str(timeout_s), trainer.KILL_AT_ENV: f"step-3@{frozen}",
-           trainer.KILL_SIGNAL_ENV: "SIGSTOP", "LONG_TASK": "1" if frozen == 1 else ""}
+    env = {**subprocess_env(), "MINIMIND_V_DDP_TIMEOUT_S": str(timeout_s), checkpoint.KILL_AT_ENV: f"step-3@{frozen}",
+           checkpoint.KILL_SIGNAL_ENV: "SIGSTOP", "LONG_TASK": "1" if frozen == 1 else ""}
     out = tmp_path / "run"
     job = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),

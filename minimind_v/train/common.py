@@ -9,7 +9,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..data.datasets import Batch
-from .trainer import LIMITS, TrainArgs, fault_point, value_problem
+from .checkpoint import fault_point
+from .trainer import LIMITS, TrainArgs, value_problem
 
 FREEZE_STRATEGIES = {
     "proj": "the projection only (the decoder stays as it is)",

@@ -16,7 +16,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from minimind_v.model.vision import VisionEncoder, make_random_clip
-from minimind_v.train.clip import contrastive_loss
+from minimind_v.model.tiny_clip import contrastive_loss
 
 
 def random_tower(image_size: int, patch_size: int, width: int = 32, seed: int = 0) -> CLIPVisionModel:
