@@ -42,7 +42,7 @@ import torch
 
 from minimind_v.model.vision import VisionEncoder
 from minimind_v.tokenizer import load_tokenizer
-from minimind_v.train.vlm import load_start_model
+from minimind_v.model.vlm import load_start_model
 
 torch.manual_seed(R.seed)
 encoder = VisionEncoder.from_pretrained(stage_dir(RUN, "clip"))

@@ -51,7 +51,7 @@ import torch
 from minimind_v.model.vision import VisionEncoder
 from minimind_v.tokenizer import load_tokenizer
 from minimind_v.train.common import FREEZE_STRATEGIES, set_trainable
-from minimind_v.train.vlm import load_start_model
+from minimind_v.model.vlm import load_start_model
 
 encoder = VisionEncoder.from_pretrained(stage_dir(RUN, "clip"))
 tokenizer = load_tokenizer(stage_dir(RUN, "llm"))

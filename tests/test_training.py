@@ -439,6 +439,12 @@ def test_stages_write_loadable_folders(stages, world_tokenizer, tiny_world):
         assert vlm.config.vision_model == "vision_encoder" and (stages / stage / "vision_encoder" / "config.json").exists()
         assert vlm.config.num_image_tokens == TINY_CLIP_TOKENS
         assert vlm.config.image_token_ids == [world_tokenizer.convert_tokens_to_ids("<|image|>")] * TINY_CLIP_TOKENS
+        # Every VLM folder carries its processor: AutoProcessor opens it, with no remote code.
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(stages / stage)
+        assert (stages / stage / "processor_config.json").exists()
+        assert type(processor).__name__ == "MiniMindVProcessor" and processor.num_image_tokens == TINY_CLIP_TOKENS
 
     # Pretraining here trains the projection and the end layers only (--freeze ends); SFT trains all.
     lm_w, pre_w, sft_w = (load_file(stages / s / "model.safetensors") for s in ("lm", "pretrain", "sft"))

@@ -29,7 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import IGNORE_INDEX, MiniMindConfig, check_attn_implementation
 from ..runfiles import COMPLETE, is_complete
-TRAINING_CHECKPOINT = "checkpoint.pt"  # the trainer's resume file (train/trainer.py)
+TRAINING_CHECKPOINT = "checkpoint.pt"  # the trainer's resume file (train/checkpoint.py)
 
 # What a folder is, by the model_type in its config.json.
 FOLDER_KINDS = {

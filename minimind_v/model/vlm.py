@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from ..config import MiniMindConfig
-from .llm import MiniMindForCausalLM
+from ..tokenizer import image_placeholder
+from .llm import MiniMindForCausalLM, read_folder_config
 from .projector import VisionProjector
 
 
@@ -193,6 +194,24 @@ class MiniMindVLM(MiniMindForCausalLM):
         if cache is None or cache.get_seq_length() == 0:
             inputs["pixel_values"], inputs["image_tokens"] = pixel_values, image_tokens
         return inputs
+
+
+def is_vlm_folder(folder: str | Path) -> bool:
+    """Does the saved folder hold a MiniMind-V (rather than a text LM)?"""
+    return read_folder_config(folder).get("model_type") == VLMConfig.model_type
+
+
+def load_start_model(init: str | Path, tokenizer, encoder, projector: str = "linear") -> "MiniMindVLM":
+    """Where a VLM stage starts: a VLM folder continues as it is; a text LM folder gets a fresh
+    projection from the encoder's width to the decoder's, and the tokenizer's image placeholder."""
+    if is_vlm_folder(init):
+        return MiniMindVLM.from_pretrained(init)
+    lm = MiniMindForCausalLM.from_pretrained(init)
+    _, ids = image_placeholder(tokenizer, encoder.num_tokens)
+    return MiniMindVLM.from_language_model(
+        lm, vision_width=encoder.width, num_image_tokens=encoder.num_tokens, projector=projector,
+        image_token_ids=ids,
+    )
 
 
 def resolve_vision_model(folder: str | Path, vision_model: str) -> str:

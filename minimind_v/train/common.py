@@ -9,6 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..data.datasets import Batch
+from ..model.processing import save_processor
 from .checkpoint import fault_point
 from .trainer import LIMITS, TrainArgs, value_problem
 
@@ -121,8 +122,9 @@ def set_trainable(model, strategy: str) -> tuple[int, int]:
 
 
 def save_with_tokenizer(model, tokenizer, out_dir: Path, vision_source: str | None = None) -> None:
-    """``save_pretrained`` the model and tokenizer together. A local vision encoder folder is
-    copied inside (``vision_encoder/``), so the saved model is complete and can be moved."""
+    """``save_pretrained`` the model and tokenizer together (and a VLM's processor). A local vision
+    encoder folder is copied inside (``vision_encoder/``), so the saved model is complete and can
+    be moved."""
     out_dir = Path(out_dir)
     if vision_source is not None:
         if Path(vision_source).is_dir():
@@ -136,3 +138,5 @@ def save_with_tokenizer(model, tokenizer, out_dir: Path, vision_source: str | No
     model.save_pretrained(out_dir)
     fault_point("final-save")  # the crash tests kill here: weights written, tokenizer not yet
     tokenizer.save_pretrained(out_dir)
+    if vision_source is not None:  # a VLM: its processor (image processor + tokenizer + chat template)
+        save_processor(out_dir, tokenizer, model)

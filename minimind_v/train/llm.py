@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-from pathlib import Path
 
 from torch.utils.data import ConcatDataset
 

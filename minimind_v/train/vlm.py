@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import random
 from pathlib import Path
 
@@ -17,11 +16,10 @@ from torch.utils.data import ConcatDataset
 
 from ..data.datasets import collate, open_chat_dataset, read_records, resolve_data
 from ..data.parquet import ParquetIndex, dataset_picture_names, parquet_files
-from ..model.llm import MiniMindForCausalLM
 from ..model.projector import PROJECTORS
 from ..model.vision import DEFAULT_CLIP, VisionEncoder
-from ..model.vlm import MiniMindVLM, VLMConfig, resolve_vision_model
-from ..tokenizer import image_placeholder, load_tokenizer
+from ..model.vlm import VLMConfig, is_vlm_folder, load_start_model, resolve_vision_model
+from ..tokenizer import load_tokenizer
 from .checkpoint import TrainSetupError, refuse_earlier_run
 from .common import (FREEZE_STRATEGIES, add_train_flags, checked, lm_step_loss, path_setting,
                      save_with_tokenizer, set_trainable, train_args_from)
@@ -70,25 +68,6 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
 
 def parse_args(stage: str, argv=None):
     return build_parser(stage).parse_args(argv)
-
-
-def saved_model_type(folder: str | Path) -> str:
-    config = Path(folder) / "config.json"
-    if not config.exists():
-        raise FileNotFoundError(f"{folder} is not a saved model folder (no config.json)")
-    return json.loads(config.read_text(encoding="utf-8")).get("model_type", "")
-
-
-def load_start_model(init: str, tokenizer, encoder, projector: str) -> MiniMindVLM:
-    """A VLM folder continues as is; a text LM folder gets a fresh projection."""
-    if saved_model_type(init) == VLMConfig.model_type:
-        return MiniMindVLM.from_pretrained(init)
-    lm = MiniMindForCausalLM.from_pretrained(init)
-    _, ids = image_placeholder(tokenizer, encoder.num_tokens)
-    return MiniMindVLM.from_language_model(
-        lm, vision_width=encoder.width, num_image_tokens=encoder.num_tokens, projector=projector,
-        image_token_ids=ids,
-    )
 
 
 def open_features(encoder, image_dir: Path, cache_dir: Path, info, names=None):
@@ -160,10 +139,10 @@ def run_stage(stage: str, argv=None) -> dict:
     vision_source = ns.vision
     if vision_source is None:
         vision_source = (resolve_vision_model(init, VLMConfig.from_pretrained(init).vision_model)
-                         if saved_model_type(init) == VLMConfig.model_type else DEFAULT_CLIP)
+                         if is_vlm_folder(init) else DEFAULT_CLIP)
     # A VLM keeps how its encoder prepared pictures (v1: "resize"); a local encoder folder records it too.
     preprocessing = (getattr(VLMConfig.from_pretrained(init), "vision_preprocessing", None)
-                     if ns.vision is None and saved_model_type(init) == VLMConfig.model_type else None)
+                     if ns.vision is None and is_vlm_folder(init) else None)
     encoder = VisionEncoder.from_pretrained(vision_source, device=info.device, preprocessing=preprocessing)
     if ns.max_length < encoder.num_tokens + MIN_TEXT_TOKENS:
         parser.error(f"argument --max-length: must be >= {encoder.num_tokens + MIN_TEXT_TOKENS} "
