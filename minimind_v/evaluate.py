@@ -63,7 +63,8 @@ def evaluate_vqa(
     another question's picture (a seeded shuffle that leaves no picture in place).
     """
     from .data.datasets import resolve_data
-    from .data.parquet import decode_picture, is_placeholder_picture, iter_rows, parse_conversations
+    from .data.images import decode_picture
+    from .data.parquet import is_placeholder_picture, iter_rows, parse_conversations
     from .data.records import NO_IMAGE_NAME, check_turns, find_image
 
     # The JSON layout (eval_data.json + eval_data_images/) or the parquet one (eval_i2t.parquet, or

@@ -8,7 +8,6 @@ length, in an answer that stops at the limit), and no loading path may unpickle 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil

@@ -257,7 +257,7 @@ def test_bad_input_gets_a_message_never_an_exception(models, demo_images, tmp_pa
         assert panel.last_answer is None and "question" in panel.messages[-1]
 
     panel.upload.value = (upload_item("notes.txt", b"hello, not a picture"),)
-    assert "notes.txt" in panel.messages[-1] and "not an image" in panel.messages[-1]
+    assert "notes.txt" in panel.messages[-1] and "not a picture" in panel.messages[-1]
     assert panel.current_name == "demo_0.png"  # the previous picture stays
     panel.upload.value = (upload_item("empty.png", b""),)
     assert "empty" in panel.messages[-1]

@@ -23,7 +23,8 @@ from PIL import Image
 from conftest import TINY_CLIP_TOKENS
 from minimind_v.data import records as R
 from minimind_v.data.datasets import ChatDataset, DataError, collate, open_chat_dataset, resolve_data
-from minimind_v.data.parquet import (ParquetChatDataset, RowGroupReader, decode_picture, parquet_records,
+from minimind_v.data.images import decode_picture
+from minimind_v.data.parquet import (ParquetChatDataset, RowGroupReader, parquet_records,
                                      placeholder_picture)
 from minimind_v.data.shapes import (ANSWER_TYPES, TWO_PICTURES, ShapesWorldConfig, answer_two_pictures,
                                     generate_world, random_scene, record_scenes, two_picture_question)

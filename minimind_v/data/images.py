@@ -13,6 +13,7 @@ Two deliberate choices:
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -83,6 +84,26 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         # PIL reports truncated or corrupt pixel data as OSError ("image file is truncated"),
         # SyntaxError (broken headers in some plugins), or EOFError.
         raise ImageError(f"{path}: cannot decode the image data, the file is truncated or corrupt ({err})") from None
+
+
+def decode_picture(data, where: str) -> Image.Image:
+    """Encoded picture bytes -> RGB PIL image; ImageError naming ``where`` if they are not a picture."""
+    if not isinstance(data, (bytes, bytearray, memoryview)) or not len(data):
+        raise ImageError(f"{where}: no picture bytes (got {type(data).__name__})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        return to_rgb(image)
+    except ImageError as err:
+        raise ImageError(f"{where}: {err}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{where}: not a picture PIL can read") from None
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{where}: too large to decode safely ({err})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageError(f"{where}: cannot decode the picture, the bytes are truncated or corrupt ({err})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

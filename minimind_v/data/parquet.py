@@ -27,19 +27,18 @@ from __future__ import annotations
 import io
 import json
 import os
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..runfiles import inside
 from ..tokenizer import IMAGE_TAG
 from .datasets import ChatSamples, Sample
-from .images import ImageError, to_rgb
+from .images import ImageError, decode_picture
 from .records import (BAD_CONVERSATIONS, IMAGE_TAGS, NOT_CACHED, UNREADABLE_IMAGE, DataError, Skipped,
                       check_turns, skip_summary)
 
@@ -91,26 +90,6 @@ def parse_picture_key(key: str) -> tuple[str, int, int] | None:
     if not slash or not row.isdigit() or not k.isdigit():
         return None
     return file_name, int(row), int(k)
-
-
-def decode_picture(data, where: str) -> Image.Image:
-    """Encoded picture bytes -> RGB PIL image; ImageError naming ``where`` if they are not a picture."""
-    if not isinstance(data, (bytes, bytearray, memoryview)) or not len(data):
-        raise ImageError(f"{where}: no picture bytes (got {type(data).__name__})")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        return to_rgb(image)
-    except ImageError as err:
-        raise ImageError(f"{where}: {err}") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{where}: not a picture PIL can read") from None
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"{where}: too large to decode safely ({err})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageError(f"{where}: cannot decode the picture, the bytes are truncated or corrupt ({err})") from None
 
 
 def is_placeholder_picture(data) -> bool:

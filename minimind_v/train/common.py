@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..data.datasets import Batch
 from ..model.processing import save_processor
-from .checkpoint import fault_point
+from .checkpoint import TrainSetupError, fault_point, refuse_earlier_run
+from .distributed import seed_everything, setup_distributed
 from .trainer import LIMITS, TrainArgs, value_problem
 
 FREEZE_STRATEGIES = {
@@ -83,6 +84,21 @@ def train_args_from(ns: argparse.Namespace, parser: argparse.ArgumentParser | No
         if parser is None:
             raise
         parser.error(str(err))
+
+
+def start_run(parser: argparse.ArgumentParser, argv=None):
+    """Every training entry point's opening: parse and check the flags, refuse an out folder that
+    holds an earlier run unless --resume or --overwrite says which is meant (before anything slow
+    loads), join the process group, seed. Returns (namespace, TrainArgs, DistInfo)."""
+    ns = parser.parse_args(argv)
+    args = train_args_from(ns, parser)
+    try:
+        refuse_earlier_run(args.out_dir, args.resume, args.overwrite)
+    except TrainSetupError as err:
+        parser.error(str(err))
+    info = setup_distributed()
+    seed_everything(args.seed)
+    return ns, args, info
 
 
 def path_setting(path, out_dir) -> str | None:

@@ -17,12 +17,12 @@ import functools
 from torch.utils.data import ConcatDataset
 
 from ..config import PRESETS, config_from_preset
-from ..data.datasets import collate, open_chat_dataset, resolve_data
+from ..data.datasets import collate, open_chat_dataset, resolve_data, skip_summary
 from ..model.llm import MiniMindForCausalLM
 from ..tokenizer import load_tokenizer
-from .checkpoint import TrainSetupError, refuse_earlier_run
-from .common import add_train_flags, checked, lm_step_loss, path_setting, save_with_tokenizer, train_args_from
-from .distributed import cleanup_distributed, print0, seed_everything, setup_distributed
+from .checkpoint import TrainSetupError
+from .common import add_train_flags, checked, lm_step_loss, path_setting, save_with_tokenizer, start_run
+from .distributed import cleanup_distributed, print0
 from .trainer import count_trainable, fit
 
 TEXT_FILES = ("pretrain_data.json", "sft_data.json")
@@ -49,14 +49,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     parser = build_parser()
-    ns = parser.parse_args(argv)
-    args = train_args_from(ns, parser)
-    try:  # before any slow loading
-        refuse_earlier_run(args.out_dir, args.resume, args.overwrite)
-    except TrainSetupError as err:
-        parser.error(str(err))
-    info = setup_distributed()
-    seed_everything(args.seed)
+    ns, args, info = start_run(parser, argv)
     tokenizer = load_tokenizer(ns.tokenizer)
     sources = []  # each records file once: pretrain_data.json / sft_data.json, or their parquet files
     for name in TEXT_FILES:
@@ -71,13 +64,14 @@ def main(argv=None):
     if not parts:
         raise FileNotFoundError(f"none of {TEXT_FILES} (nor their parquet files) found in {ns.data}")
     dataset = ConcatDataset(parts)
-    skipped = sum(len(p.skipped) for p in parts)
+    skipped = [s for p in parts for s in p.skipped]
     config = config_from_preset(ns.preset, vocab_size=len(tokenizer), use_moe=ns.use_moe,
                                 max_position_embeddings=max(1024, ns.max_length))
     model = MiniMindForCausalLM(config).to(info.device)
     trainable, total = count_trainable(model)
-    print0(f"text LM ({ns.preset}): {total / 1e6:.2f}M parameters, {len(dataset)} texts"
-           + (f" ({skipped} bad samples skipped)" if skipped else ""))
+    print0(f"text LM ({ns.preset}): {total / 1e6:.2f}M parameters, {len(dataset)} texts")
+    if skipped:  # how many, for what, and the first few by name
+        print0(skip_summary(skipped))
     # What decides the result besides the training flags (compared when resuming).
     settings = {"data": path_setting(ns.data, ns.out_dir), "tokenizer": path_setting(ns.tokenizer, ns.out_dir),
                 "preset": ns.preset, "max_length": ns.max_length, "use_moe": ns.use_moe,

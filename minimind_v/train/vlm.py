@@ -14,16 +14,16 @@ from pathlib import Path
 
 from torch.utils.data import ConcatDataset
 
-from ..data.datasets import collate, open_chat_dataset, read_records, resolve_data
+from ..data.datasets import collate, open_chat_dataset, read_records, resolve_data, skip_summary
 from ..data.parquet import ParquetIndex, dataset_picture_names, parquet_files
 from ..model.projector import PROJECTORS
 from ..model.vision import DEFAULT_CLIP, VisionEncoder
 from ..model.vlm import VLMConfig, is_vlm_folder, load_start_model, resolve_vision_model
 from ..tokenizer import load_tokenizer
-from .checkpoint import TrainSetupError, refuse_earlier_run
+from .checkpoint import TrainSetupError
 from .common import (FREEZE_STRATEGIES, add_train_flags, checked, lm_step_loss, path_setting,
-                     save_with_tokenizer, set_trainable, train_args_from)
-from .distributed import cleanup_distributed, print0, run_on_main, seed_everything, setup_distributed
+                     save_with_tokenizer, set_trainable, start_run)
+from .distributed import cleanup_distributed, print0, run_on_main
 from .trainer import fit
 
 STAGES = {
@@ -118,22 +118,15 @@ def build_dataset(ns, stage_dir: Path, tokenizer, encoder, info):
             k = min(len(captions), int(ns.mix_captions * len(parts[0])))
             chosen = random.Random(ns.seed).sample(captions, k)
             parts.append(part(pretrain["json"], pretrain["images"], chosen))
-    skipped = [msg for p in parts for msg in p.skipped]
-    if skipped:
-        print0(f"skipped {len(skipped)} bad sample(s); first: {skipped[0]}")
+    skipped = [s for p in parts for s in p.skipped]
+    if skipped:  # how many, for what, and the first few by name
+        print0(skip_summary(skipped))
     return ConcatDataset(parts) if len(parts) > 1 else parts[0]
 
 
 def run_stage(stage: str, argv=None) -> dict:
     parser = build_parser(stage)
-    ns = parser.parse_args(argv)
-    args = train_args_from(ns, parser)
-    try:  # before any slow loading
-        refuse_earlier_run(args.out_dir, args.resume, args.overwrite)
-    except TrainSetupError as err:
-        parser.error(str(err))
-    info = setup_distributed()
-    seed_everything(args.seed)
+    ns, args, info = start_run(parser, argv)
     init = Path(ns.init)
     tokenizer = load_tokenizer(init)
     vision_source = ns.vision

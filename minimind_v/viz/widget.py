@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import ipywidgets as widgets
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
-from ..data.images import ImageError, load_image, to_rgb
+from ..data.images import ImageError, decode_picture, load_image
 from ..data.shapes import (
     COLOURS,
     POSITIONS,
@@ -100,17 +100,7 @@ def image_from_bytes(data: bytes, name: str) -> Image.Image:
     """Decode an uploaded file to an RGB image, or raise ImageError naming the file."""
     if not data:
         raise ImageError(f"{name}: the file is empty")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decode now: a truncated file fails here, not later
-            rgb = to_rgb(image)
-            return rgb.copy() if rgb is image else rgb
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image file (first bytes: {bytes(data[:16])!r})") from None
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"{name}: too large to decode safely ({err})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageError(f"{name}: cannot decode the image, the file is truncated or corrupt ({err})") from None
+    return decode_picture(bytes(data), name)
 
 
 def png_bytes(image: Image.Image, max_side: int | None = None) -> bytes:
