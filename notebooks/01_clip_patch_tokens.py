@@ -356,3 +356,9 @@ plt.show()
 # 4. **Change the code.** Extend `clip_loss` with hard negatives: M extra captions that match no
 #    picture, as extra columns of the picture -> caption table only (a caption-to-picture row has
 #    no use for them). Check it against `contrastive_loss(image, text, scale, negative_embeds)`.
+
+
+# %%
+from minimind_v.book import close_chapter
+
+close_chapter()
