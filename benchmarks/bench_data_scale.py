@@ -191,7 +191,7 @@ def main() -> None:
         child(args)
         return
 
-    from minimind_v.model.vision import make_random_clip
+    from minimind_v.testing import make_random_clip
     from minimind_v.tokenizer import train_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="bench_data_scale_") as tmp:

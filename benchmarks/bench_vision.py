@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from minimind_v.data.features import FeatureCache
-from minimind_v.model.vision import VisionEncoder, make_random_clip
+from minimind_v.model.vision import VisionEncoder
+from minimind_v.testing import make_random_clip
 
 PRESETS = {
     # ViT-B/32: 224 px, patch 32 -> 50 tokens, width 768, 12 layers, 12 heads (88M parameters)

@@ -1,6 +1,6 @@
 """How well the tiny CLIP sees: held-out retrieval, and what a linear probe reads from its patch tokens.
 
-* Retrieval (`retrieval_accuracy`, `evaluate_retrieval`): each held-out picture picks its caption
+* Retrieval (`retrieval_accuracy`): each held-out picture picks its caption
   among n (chance 1/n); a caption of the same scene content counts as right.
 * The linear probe (`linear_probe`, `probe_trained_vs_random`): a logistic regression from the
   frozen patch tokens to each object's shape, colour, size and grid position, on pictures no run
@@ -27,7 +27,7 @@ from transformers import CLIPModel, CLIPVisionModel
 from .data import shapes
 from .data.clip_examples import ATTRIBUTES, content_key, object_patches
 from .data.images import load_image
-from .model.tiny_clip import load_clip, make_image_processor, pixels_from_images, tokenize
+from .model.tiny_clip import make_image_processor, pixels_from_images, tokenize
 from .model.vision import VisionEncoder
 
 # ----------------------------------------------------------------------------- held-out pairs
@@ -138,15 +138,6 @@ def retrieval_accuracy(clip: CLIPModel, tokenizer, held: HeldOut, n: int = 64) -
         equivalent = torch.tensor([[a == b for b in k] for a in k])
         scores.append(retrieval_top1(image[start : start + n] @ text[start : start + n].t(), equivalent))
     return float(np.mean(scores))
-
-
-def evaluate_retrieval(model_folder, data=None, n: int = 64, max_pairs: int | None = 1024, seed: int = 0) -> float:
-    """Top-1 image -> text accuracy over batches of n held-out pairs, for a saved tiny CLIP folder.
-
-    data: a shapes-world folder (its eval split), a list of scenes, or None (fresh scenes).
-    """
-    clip, tokenizer = load_clip(model_folder)
-    return retrieval_accuracy(clip, tokenizer, load_held_out(data, n=max_pairs, seed=seed), n=n)
 
 
 # ----------------------------------------------------------------------------- linear probe

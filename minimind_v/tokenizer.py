@@ -290,20 +290,6 @@ def image_placeholder(tokenizer: PreTrainedTokenizerFast, num_tokens: int) -> tu
     return text, ids
 
 
-def _count_tag(text: str, record_id, what: str) -> None:
-    count = text.count(IMAGE_TAG)
-    if count != 1:
-        raise ValueError(f"{_where(record_id)}{what} has {count} {IMAGE_TAG!r} tags, expected exactly 1")
-
-
-def expand_image_tag(text: str, tokenizer: PreTrainedTokenizerFast, num_tokens: int, record_id=None) -> str:
-    """Replace the single <image> tag in `text` by the placeholder text."""
-    if not isinstance(text, str):
-        raise ValueError(f"{_where(record_id)}prompt must be str, got {type(text).__name__}")
-    _count_tag(text, record_id, "prompt")
-    return text.replace(IMAGE_TAG, image_placeholder(tokenizer, num_tokens)[0])
-
-
 # ----------------------------------------------------------------------------- encoding
 
 

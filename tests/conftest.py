@@ -53,7 +53,7 @@ def world_tokenizer(world_tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    from minimind_v.model.vision import make_random_clip
+    from minimind_v.testing import make_random_clip
 
     return make_random_clip(tmp_path_factory.mktemp("clip") / "tiny_clip", seed=0, **TINY_CLIP)
 

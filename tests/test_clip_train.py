@@ -76,29 +76,6 @@ def test_setup_rejects_bad_environment(alone, monkeypatch):
         D.setup_distributed()
 
 
-@pytest.mark.parametrize("n", [0, 1, 10, 11, 97])
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_shard_indices_disjoint_covering_reproducible(n, world_size):
-    shards = [D.shard_indices(n, 7, r, world_size) for r in range(world_size)]
-    # In rank order the shards are exactly the seeded permutation: disjoint and covering.
-    expected = torch.randperm(n, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(torch.cat(shards), expected)
-    assert sorted(torch.cat(shards).tolist()) == list(range(n))
-    assert max(map(len, shards)) - min(map(len, shards)) <= 1
-    assert all(torch.equal(s, D.shard_indices(n, 7, r, world_size)) for r, s in enumerate(shards))
-    dropped = [D.shard_indices(n, 7, r, world_size, drop_last=True) for r in range(world_size)]
-    assert all(len(s) == n // world_size for s in dropped)
-    assert len(set(torch.cat(dropped).tolist())) == n - n % world_size
-
-
-def test_shard_indices_depend_on_epoch_seed_and_check_arguments():
-    assert not torch.equal(D.shard_indices(50, 1, 0, 2), D.shard_indices(50, 2, 0, 2))
-    with pytest.raises(ValueError, match="rank=2, world_size=2"):
-        D.shard_indices(10, 0, 2, 2)
-    with pytest.raises(ValueError, match="n must be >= 0"):
-        D.shard_indices(-1, 0, 0, 1)
-
-
 def test_seed_everything_repeats_and_unwrap():
     D.seed_everything(3)
     a = (random.random(), torch.rand(2))
@@ -481,11 +458,13 @@ def test_cli_saves_a_folder_vision_encoder_opens(alone, tmp_path, capsys):
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3]
     assert lines[-1]["retrieval_top1"] == summary["retrieval_top1"]
     # Retrieval from the saved folder agrees with the summary.
-    assert P.evaluate_retrieval(out, data, n=64) == pytest.approx(summary["retrieval_top1"])
+    clip, tokenizer = M.load_clip(out)
+    assert P.retrieval_accuracy(clip, tokenizer, P.load_held_out(data, n=1024), n=64) == pytest.approx(
+        summary["retrieval_top1"])
     with pytest.raises(ValueError, match="at least n=64"):
-        P.evaluate_retrieval(out, data, n=64, max_pairs=10)
+        P.retrieval_accuracy(clip, tokenizer, P.load_held_out(data, n=10), n=64)
     with pytest.raises(FileNotFoundError, match="eval_data.json"):
-        P.evaluate_retrieval(out, tmp_path / "nowhere")
+        P.load_held_out(tmp_path / "nowhere")
 
 
 def test_cli_rejects_bad_arguments(alone, tmp_path):

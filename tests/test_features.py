@@ -16,7 +16,8 @@ from PIL import Image
 
 from minimind_v.data.features import FeatureCache, StaleCacheError, ensure_cache
 from minimind_v.data.images import ImageError
-from minimind_v.model.vision import VisionEncoder, make_random_clip
+from minimind_v.model.vision import VisionEncoder
+from minimind_v.testing import make_random_clip
 
 NAMES = [f"img{i:02d}.png" for i in range(9)] + ["sub/deep.jpg"]
 

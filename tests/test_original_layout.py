@@ -25,8 +25,8 @@ from conftest import TINY_CLIP_TOKENS
 from minimind_v.data import records as R
 from minimind_v.data.datasets import ChatDataset, DataError
 from minimind_v.data.features import StaleCacheError, ensure_cache, FeatureCache
-from minimind_v.model.vision import (PREPROCESSING_FILE, VisionEncoder, VisionModelNotFoundError,
-                                     make_random_clip)
+from minimind_v.model.vision import PREPROCESSING_FILE, VisionEncoder, VisionModelNotFoundError
+from minimind_v.testing import make_random_clip
 
 N = TINY_CLIP_TOKENS
 V1_PLACEHOLDER = "<" * 25 + ">" * 25

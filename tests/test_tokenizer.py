@@ -11,7 +11,6 @@ from minimind_v.tokenizer import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
     encode_chat,
-    expand_image_tag,
     has_image_token,
     image_placeholder,
     load_tokenizer,
@@ -239,14 +238,6 @@ def test_image_placeholder_with_image_token(tokenizer):
     assert text == IMAGE_TOKEN * 50
     assert ids == [3] * 50
     assert tokenizer(text, add_special_tokens=False).input_ids == ids
-
-
-def test_expand_image_tag(tokenizer):
-    assert expand_image_tag("<image>\nWhat is it?", tokenizer, 3) == IMAGE_TOKEN * 3 + "\nWhat is it?"
-    with pytest.raises(ValueError, match=r"record 'r7'.* 0 '<image>' tags"):
-        expand_image_tag("What is it?", tokenizer, 50, record_id="r7")
-    with pytest.raises(ValueError, match=r"2 '<image>' tags"):
-        expand_image_tag("<image><image> twice", tokenizer, 50)
 
 
 # ----------------------------------------------------------------------------- encode_chat

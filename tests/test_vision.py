@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionModel
 
 from minimind_v.data.images import ImageError, list_image_files, load_image, to_rgb
-from minimind_v.model.vision import VisionEncoder, VisionModelNotFoundError, make_random_clip
+from minimind_v.model.vision import VisionEncoder, VisionModelNotFoundError
+from minimind_v.testing import make_random_clip
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from minimind_v.inference import VLMBundle, answer, as_images, prompt_ids, suppressed_ids  # noqa: E402
 from minimind_v.model.processing import MiniMindVProcessor  # noqa: E402
-from minimind_v.model.vision import VisionEncoder, make_random_clip  # noqa: E402
+from minimind_v.model.vision import VisionEncoder  # noqa: E402
+from minimind_v.testing import make_random_clip  # noqa: E402
 from minimind_v.model.vlm import MiniMindVLM, VLMConfig, placeholder_mask  # noqa: E402
 from minimind_v.tokenizer import IGNORE_INDEX, IMAGE_TOKEN, encode_chat, train_tokenizer  # noqa: E402
 from minimind_v.viz import (  # noqa: E402

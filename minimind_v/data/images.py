@@ -32,17 +32,11 @@ class ImageError(ValueError):
     """An image file that cannot be used: missing, unreadable, truncated, not an image, too large."""
 
 
-def max_image_pixels() -> int | None:
-    """The largest image (in pixels) `load_image` decodes; None means no limit.
-
-    Policy: PIL warns above `PIL.Image.MAX_IMAGE_PIXELS` (89M pixels by default) and refuses
-    above twice that, to stop "decompression bombs" (a tiny file that expands to gigabytes).
-    A real 100-megapixel photo is fine for us, so the warning is silenced and we decode up to
-    PIL's hard limit (about 179M pixels, ~540 MB as RGB). Beyond it `load_image` raises an
-    `ImageError` that says how to raise the limit (`PIL.Image.MAX_IMAGE_PIXELS = ...`).
-    """
-    limit = Image.MAX_IMAGE_PIXELS
-    return None if limit is None else 2 * int(limit)
+# How large a picture may be: PIL warns above `PIL.Image.MAX_IMAGE_PIXELS` (89M pixels by default)
+# and refuses above twice that, to stop "decompression bombs" (a tiny file that expands to
+# gigabytes). A real 100-megapixel photo is fine for us, so the warning is silenced and pictures
+# decode up to PIL's hard limit (about 179M pixels, ~540 MB as RGB). Beyond it `load_image` raises
+# an `ImageError` that says how to raise the limit (`PIL.Image.MAX_IMAGE_PIXELS = ...`).
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -50,7 +44,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     path = Path(path)
     try:
         with warnings.catch_warnings():
-            # Large-but-legal images: decoded on purpose (see max_image_pixels).
+            # Large-but-legal images: decoded on purpose (see the note above).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
         try:

@@ -17,7 +17,7 @@ A typical loop:
     seed_everything(seed)                        # same initial weights on every rank
     model = wrap_ddp(build_model().to(info.device), info)
     for step in range(steps):
-        idx = shard_indices(n, epoch_seed, info.rank, info.world_size)   # this rank's examples
+        batch = ...                              # this rank's share (trainer.StepBatches)
         loss = ...; loss.backward(); opt.step()                          # DDP averages gradients
         print0(f"loss {all_reduce_mean(loss.detach()).item():.3f}")
     if info.is_main:
@@ -82,7 +82,6 @@ __all__ = [
     "barrier",
     "print0",
     "seed_everything",
-    "shard_indices",
     "wrap_ddp",
     "unwrap",
 ]
@@ -424,30 +423,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def shard_indices(
-    n: int, epoch_seed: int, rank: int, world_size: int, drop_last: bool = False
-) -> torch.Tensor:
-    """This rank's share of a seeded permutation of range(n): a 1-D int64 tensor.
-
-    All ranks draw the same permutation from `epoch_seed` and take disjoint contiguous slices that
-    together cover it, so a resumed run that knows the epoch seed reproduces the order exactly.
-    Slices differ in length by at most one; drop_last=True trims the permutation to a multiple of
-    world_size so every rank gets exactly n // world_size items (DDP ranks must take equal steps).
-    """
-    if n < 0:
-        raise ValueError(f"shard_indices: n must be >= 0, got {n}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"shard_indices: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    generator = torch.Generator().manual_seed(epoch_seed)
-    order = torch.randperm(n, generator=generator)
-    if drop_last:
-        order = order[: n - n % world_size]
-    # First (len % world_size) ranks get one extra item.
-    base, extra = divmod(len(order), world_size)
-    start = rank * base + min(rank, extra)
-    return order[start : start + base + (1 if rank < extra else 0)]
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo, **ddp_kwargs) -> nn.Module:

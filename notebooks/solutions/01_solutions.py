@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from minimind_v.model.vision import VisionEncoder, make_random_clip
+from minimind_v.model.vision import VisionEncoder
+from minimind_v.testing import make_random_clip
 from minimind_v.model.tiny_clip import contrastive_loss
 
 

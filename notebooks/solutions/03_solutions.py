@@ -7,7 +7,6 @@ runs them too. Everything is built here, small and random: no run folder is need
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -19,7 +19,8 @@ from minimind_v.config import PRESETS
 from minimind_v.data import shapes
 from minimind_v.data.datasets import Sample, collate
 from minimind_v.data.features import ensure_cache
-from minimind_v.model.vision import VisionEncoder, make_random_clip
+from minimind_v.model.vision import VisionEncoder
+from minimind_v.testing import make_random_clip
 from minimind_v.model.vlm import MiniMindVLM, VLMConfig
 from minimind_v.tokenizer import IGNORE_INDEX, encode_chat, train_tokenizer
 from minimind_v.train.common import set_trainable
