@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .defaults import FREEZE, TRAINING
 from .runfiles import atomic_write_json, clear_complete, is_complete, mark_complete
 
 # run folder layout: stage -> its sub-folder
@@ -63,19 +64,19 @@ class Recipe:
     question_types: tuple | None = None  # None: the world's own (shapes.ANSWER_TYPES)
     held_out_pairs: tuple = ()  # colour-shape pairs kept out of training (the seen/unseen split)
     # tiny CLIP
-    clip_steps: int = 1000  # ~3.6 min on 2 CPU cores
-    clip_batch: int = 64
+    clip_steps: int = TRAINING["clip"]["steps"]  # ~3.6 min on 2 CPU cores
+    clip_batch: int = TRAINING["clip"]["batch_size"]
     # tokenizer + text LM
     vocab_size: int = 6400
     preset: str = "tiny"
-    llm_steps: int = 300
+    llm_steps: int = TRAINING["llm"]["steps"]
     # VLM
-    pretrain_steps: int = 1000
-    pretrain_freeze: str = "all"
-    sft_steps: int = 1500
-    sft_freeze: str = "all"
+    pretrain_steps: int = TRAINING["pretrain"]["steps"]
+    pretrain_freeze: str = FREEZE["pretrain"]
+    sft_steps: int = TRAINING["sft"]["steps"]
+    sft_freeze: str = FREEZE["sft"]
     mix_captions: float = 0.1
-    batch_size: int = 32
+    batch_size: int = TRAINING["sft"]["batch_size"]  # the text LM, pretraining and SFT alike
     feature_cache: bool = True
     # evaluation
     eval_limit: int | None = None

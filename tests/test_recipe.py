@@ -171,3 +171,16 @@ def test_the_recipe_command_takes_a_seed_and_finds_the_run_folder_from_anywhere(
     assert world["config"]["seed"] == 5
     with pytest.raises(SystemExit):
         recipe_module.main(["--seed", "-1"])
+
+
+def test_a_stage_run_alone_trains_what_the_recipe_trains():
+    """The training commands' defaults and the recipe's sizes come from one place (defaults.py)."""
+    from minimind_v.train import clip, llm, vlm
+
+    r = Recipe()
+    for stage, steps in (("pretrain", r.pretrain_steps), ("sft", r.sft_steps)):
+        ns = vlm.build_parser(stage).parse_args(["--data", "d", "--init", "i", "--out", "o"])
+        assert (ns.steps, ns.batch_size, ns.freeze) == (steps, r.batch_size, getattr(r, f"{stage}_freeze"))
+    ns = llm.build_parser().parse_args(["--data", "d", "--tokenizer", "t", "--out", "o"])
+    assert (ns.steps, ns.batch_size) == (r.llm_steps, r.batch_size)
+    assert (clip.TrainConfig().steps, clip.TrainConfig().batch_size) == (r.clip_steps, r.clip_batch)

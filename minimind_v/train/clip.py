@@ -53,6 +53,7 @@ from transformers import CLIPModel
 from ..data import shapes
 from ..data.clip_examples import (object_labels, object_patches, patch_labels, scene_counts, scene_example,
                                   training_scene)
+from ..defaults import TRAINING
 from ..model.tiny_clip import (ContrastiveCLIP, TinyClipConfig, build_tokenizer, contrastive_loss, count_loss,
                                init_vision_embeddings, make_clip_config, make_image_processor, object_loss,
                                pixels_from_images, tokenize)
@@ -72,15 +73,15 @@ from .trainer import LIMITS, lr_at, param_groups, value_problem
 class TrainConfig:
     out: str = "runs/tiny_clip"
     data: str | None = None  # shapes-world folder: its eval split is the held-out set
-    steps: int = 1000  # ~3.6 min on 2 CPU cores
-    batch_size: int = 64  # global, split evenly over ranks
+    steps: int = TRAINING["clip"]["steps"]  # ~3.6 min on 2 CPU cores
+    batch_size: int = TRAINING["clip"]["batch_size"]  # global, split evenly over ranks
     negatives: int = 3  # hard-negative captions per picture
     # Weight of the auxiliary loss (objects on the patch tokens, counts on CLS; 0: contrastive only).
     # At 1 the tokens kept too little shape (probe 0.47 after 500 steps); at 10, 0.96.
     aux_weight: float = 10.0
-    lr: float = 2e-3
+    lr: float = TRAINING["clip"]["lr"]
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
+    warmup_steps: int = TRAINING["clip"]["warmup_steps"]
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0

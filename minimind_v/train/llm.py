@@ -18,6 +18,7 @@ from torch.utils.data import ConcatDataset
 
 from ..config import PRESETS, config_from_preset
 from ..data.datasets import collate, open_chat_dataset, resolve_data, skip_summary
+from ..defaults import TRAINING
 from ..model.llm import MiniMindForCausalLM
 from ..tokenizer import load_tokenizer
 from .checkpoint import TrainSetupError
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=checked(int, low=MIN_LENGTH), default=256)
     p.add_argument("--use-moe", action="store_true", help="mixture-of-experts feed-forward")
     p.add_argument("--skip-bad-samples", action="store_true")
-    add_train_flags(p, lr=2e-3, steps=300, batch_size=32, warmup_steps=20)
+    add_train_flags(p, **TRAINING["llm"])
     return p
 
 

@@ -16,6 +16,7 @@ from torch.utils.data import ConcatDataset
 
 from ..data.datasets import collate, open_chat_dataset, read_records, resolve_data, skip_summary
 from ..data.parquet import ParquetIndex, dataset_picture_names, parquet_files
+from ..defaults import FREEZE, TRAINING
 from ..model.projector import PROJECTORS
 from ..model.vision import DEFAULT_CLIP, VisionEncoder
 from ..model.vlm import VLMConfig, is_vlm_folder, load_start_model, resolve_vision_model
@@ -27,10 +28,9 @@ from .distributed import cleanup_distributed, print0, run_on_main
 from .trainer import fit
 
 STAGES = {
-    "pretrain": dict(json="pretrain_data.json", images="pretrain_images", freeze="all",
-                     train=dict(lr=2e-3, steps=1000, batch_size=32, warmup_steps=20)),
-    "sft": dict(json="sft_data.json", images="sft_images", freeze="all",
-                train=dict(lr=1e-3, steps=1500, batch_size=32, warmup_steps=20)),
+    "pretrain": dict(json="pretrain_data.json", images="pretrain_images", freeze=FREEZE["pretrain"],
+                     train=TRAINING["pretrain"]),
+    "sft": dict(json="sft_data.json", images="sft_images", freeze=FREEZE["sft"], train=TRAINING["sft"]),
 }
 
 
