@@ -141,14 +141,14 @@ plt.show()
 #
 # `answer_with_attention` answers one question token by token and keeps, for every answer token,
 # the attention of the position that chose it: every layer, every head, over every token of the
-# prompt. The part that falls on the 49 patch tokens can be laid back over the picture. Bright
-# patches are the ones that token attended to; the titles give the share of all its attention that
-# went to the picture at all.
+# prompt. The part that falls on the 49 patch tokens can be laid back over the picture, shown beside
+# it. Bright patches are the ones the answer attended to (the colour bar gives the weight); the
+# title gives the share of all its attention that went to the picture at all.
 
 # %%
 from minimind_v.data.datasets import read_records
 from minimind_v.inference import load_vlm
-from minimind_v.viz import answer_with_attention, plot_attention_overlay, plot_image_share
+from minimind_v.viz import answer_with_attention, plot_attention_panel, plot_image_share
 
 bundle = load_vlm(stage_dir(RUN, "sft"))
 held_out = read_records(WORLD / "eval_data.json")
@@ -160,7 +160,8 @@ print(trace)
 print(f"truth: {record['conversations'][1]['value']!r}; attention: {tuple(trace.attention.shape)} "
       "(answer tokens, layers, heads, keys)")
 
-fig = plot_attention_overlay(trace, image)
+# The picture beside the overlay; the colour bar reads in attention weight per patch.
+fig = plot_attention_panel(trace, image)
 save_figure(fig, "07_attention.png")
 plt.show()
 
