@@ -124,7 +124,10 @@ def build_dataset(ns, stage_dir: Path, tokenizer, encoder, info):
     return ConcatDataset(parts) if len(parts) > 1 else parts[0]
 
 
-def run_stage(stage: str, argv=None) -> dict:
+def prepare_stage(stage: str, argv=None) -> dict:
+    """Everything a stage trains with, built exactly as ``run_stage`` builds it: the parsed flags
+    (ns, args), the process (info), the model (frozen as --freeze says), the dataset and its
+    collate, and the settings a checkpoint records. (``benchmarks/profile_stages.py`` times it.)"""
     parser = build_parser(stage)
     ns, args, info = start_run(parser, argv)
     init = Path(ns.init)
@@ -155,12 +158,18 @@ def run_stage(stage: str, argv=None) -> dict:
                 "vision": vision, "json": ns.json, "images": ns.images, "freeze": ns.freeze, "projector": ns.projector,
                 "feature_cache": ns.feature_cache, "mix_captions": ns.mix_captions, "max_length": ns.max_length,
                 "skip_bad_samples": ns.skip_bad_samples}
+    return dict(parser=parser, ns=ns, args=args, info=info, model=model, dataset=dataset, settings=settings,
+                collate=functools.partial(collate, pad_id=tokenizer.pad_token_id or 0),
+                save=lambda m, out: save_with_tokenizer(m, tokenizer, out, vision_source))
+
+
+def run_stage(stage: str, argv=None) -> dict:
+    s = prepare_stage(stage, argv)
     try:
-        summary = fit(model, dataset, functools.partial(collate, pad_id=tokenizer.pad_token_id or 0),
-                      args, info, lm_step_loss,
-                      lambda m, out: save_with_tokenizer(m, tokenizer, out, vision_source), settings)
+        summary = fit(s["model"], s["dataset"], s["collate"], s["args"], s["info"], lm_step_loss, s["save"],
+                      s["settings"])
     except TrainSetupError as err:
-        parser.error(str(err))
+        s["parser"].error(str(err))
     print0(f"done: {summary}")
     cleanup_distributed()
     return summary
