@@ -15,6 +15,7 @@ with tokens/s.
 
     python benchmarks/profile_stages.py --run runs/default            # after the recipe (or make book)
     python benchmarks/profile_stages.py --run runs/default --steps 50 --stages sft
+    python benchmarks/profile_stages.py --run runs/default --compile   # eager, then torch.compile
 """
 
 from __future__ import annotations
@@ -56,16 +57,28 @@ def step_flops(model, batch) -> int:
     return counter.get_total_flops()
 
 
-def profile(run: Path, stage: str, steps: int, warmup: int) -> dict:
+def profile(run: Path, stage: str, steps: int, warmup: int, compiled: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"profile-{stage}-") as scratch:
         built = prepare_stage(stage, stage_flags(run, stage, Path(scratch) / stage))
     model, dataset, args = built["model"], built["dataset"], built["args"]
     model.train()
+    compile_s = None
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-    sampler = StepBatches(len(dataset), args.batch_size, 0, 1, args.seed, 0, warmup + steps + 1)
+    sampler = StepBatches(len(dataset), args.batch_size, 0, 1, args.seed, 0, warmup + steps + 4)
     loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=built["collate"]))
     first = next(loader)
     flops_per_token = step_flops(model, first) / int(first.attention_mask.sum())  # batches vary in length
+    if compiled:
+        # The decoder blocks through inductor (the loss's boolean indexing stays eager). Batches vary
+        # in length, so the first steps compile a static and then a dynamic graph: warm-up covers both.
+        for layer in model.layers:
+            layer.compile()
+        t = time.perf_counter()
+        for _ in range(3):
+            loss, extra, _ = lm_step_loss(model, next(loader))
+            (loss + extra).backward()
+        model.zero_grad(set_to_none=True)
+        compile_s = time.perf_counter() - t
     times = {part: [] for part in PARTS}
     tokens = []
     for step in range(warmup + steps):
@@ -86,7 +99,7 @@ def profile(run: Path, stage: str, steps: int, warmup: int) -> dict:
             tokens.append(int(batch.attention_mask.sum()))
     step_s = sum(sum(v) for v in times.values()) / steps
     flops = flops_per_token * statistics.mean(tokens)  # of a mean step
-    return {"stage": stage, "batch": args.batch_size, "tokens": statistics.mean(tokens), "flops": flops,
+    return {"stage": stage + (" (compiled)" if compiled else ""), "compile_s": compile_s, "batch": args.batch_size, "tokens": statistics.mean(tokens), "flops": flops,
             "step_ms": 1e3 * step_s, "parts": {p: sum(v) / steps / step_s for p, v in times.items()},
             "tokens_per_s": statistics.mean(tokens) / step_s, "gflops": flops / step_s / 1e9}
 
@@ -97,13 +110,16 @@ def main(argv=None) -> None:
     p.add_argument("--stages", nargs="+", default=["pretrain", "sft"], choices=["pretrain", "sft"])
     p.add_argument("--steps", type=int, default=200, help="timed steps per stage")
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--compile", action="store_true",
+                   help="also time each stage with its decoder blocks compiled (torch.compile, inductor), right after eager")
     ns = p.parse_args(argv)
     run = Path(ns.run)
     missing = [s for s in ("world", "clip", "llm", "pretrain") if not (stage_dir(run, s) / "complete.json").exists()]
     if missing:
         sys.exit(f"{run} lacks the finished stages {missing}: run `python -m minimind_v.recipe --run {run}` first")
     peak = matmul_gflops()
-    rows = [profile(run, stage, ns.steps, ns.warmup) for stage in ns.stages]
+    rows = [profile(run, stage, ns.steps, ns.warmup, compiled)
+            for stage in ns.stages for compiled in ((False, True) if ns.compile else (False,))]
     peak_after = matmul_gflops()  # load from elsewhere shows up as a difference between the two
     print(f"\nfp32 matmul peak: {peak:.0f} GFLOP/s before, {peak_after:.0f} after "
           f"(2048², {torch.get_num_threads()} threads); {ns.steps} timed steps per stage\n")
@@ -114,6 +130,12 @@ def main(argv=None) -> None:
         parts = " | ".join(f"{100 * r['parts'][p]:.0f}%" for p in PARTS)
         print(f"| {r['stage']} | {r['batch']} | {r['tokens']:.0f} | {r['step_ms']:.0f} | {parts} | "
               f"{r['tokens_per_s']:,.0f} | {r['flops'] / 1e9:.2f} | {r['gflops']:.0f} | {100 * r['gflops'] / peak:.0f}% |")
+    for eager, compiled in zip(rows[::2], rows[1::2]) if ns.compile else ():
+        speedup = compiled["tokens_per_s"] / eager["tokens_per_s"]  # per token: the timed batches differ
+        saved = eager["step_ms"] * (1 - 1 / speedup) / 1e3
+        print(f"{eager['stage']}: compiled {speedup:.2f}x eager's tokens/s; "
+              f"compiling took {compiled['compile_s']:.0f} s (3 steps), so it pays after "
+              + (f"{compiled['compile_s'] / saved:.0f} steps" if saved > 0 else "no number of steps"))
 
 
 if __name__ == "__main__":

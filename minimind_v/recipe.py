@@ -111,8 +111,29 @@ def quick_mode() -> bool:
     return os.environ.get("MINIMIND_V_QUICK", "0") not in ("", "0", "false", "False")
 
 
+# World 2: the five question types plus yes/no existence, questions about absent objects, grid
+# relations and two-picture questions, with two colour-shape pairs that no training picture shows
+# (the seen/unseen split). Not yet the book's default: its steps are still being tuned.
+WORLD2 = dict(question_types=("colour", "shape", "size", "position", "count",
+                              "existence", "absent", "relation", "two_pictures"),
+              held_out_pairs=(("red", "triangle"), ("blue", "cross")))
+WORLDS = {1: dict(question_types=None, held_out_pairs=()), 2: WORLD2}
+
+
 def default_recipe() -> Recipe:
-    return replace(Recipe(), **QUICK) if quick_mode() else Recipe()
+    """The book's recipe: quick sizes under ``MINIMIND_V_QUICK=1``; the world's and every stage's
+    seed from ``MINIMIND_V_SEED`` (default 0); world 2 under ``MINIMIND_V_WORLD=2``."""
+    r = replace(Recipe(), **QUICK) if quick_mode() else Recipe()
+    seed, world = os.environ.get("MINIMIND_V_SEED", ""), os.environ.get("MINIMIND_V_WORLD", "")
+    if seed:
+        if not seed.isdigit():
+            raise ValueError(f"MINIMIND_V_SEED must be a whole number >= 0, got {seed!r}")
+        r = replace(r, seed=int(seed))
+    if world:
+        if not world.isdigit() or int(world) not in WORLDS:
+            raise ValueError(f"MINIMIND_V_WORLD must be one of {sorted(WORLDS)}, got {world!r}")
+        r = replace(r, **WORLDS[int(world)])
+    return r
 
 
 def stage_dir(run: str | Path, stage: str) -> Path:
@@ -356,11 +377,16 @@ def main(argv=None):
     p.add_argument("--nproc", type=int, default=1, help="processes per training stage (torchrun if > 1)")
     p.add_argument("--seed", type=int, default=None,
                    help="the world's and every stage's seed (default: the recipe's, 0); stages change with it")
+    p.add_argument("--world", type=int, choices=sorted(WORLDS), default=None,
+                   help="1: the five question types; 2: plus existence, absent objects, relations, two "
+                        "pictures and held-out colour-shape pairs (default: $MINIMIND_V_WORLD, else 1)")
     p.add_argument("--stages", nargs="*", choices=list(STAGE_DIRS), help="only these stages")
     ns = p.parse_args(argv)
     if ns.nproc < 1:
         p.error(f"--nproc must be at least 1, got {ns.nproc}")
     r = default_recipe()
+    if ns.world is not None:
+        r = replace(r, **WORLDS[ns.world])
     if ns.seed is not None:
         if ns.seed < 0:
             p.error(f"--seed must be >= 0, got {ns.seed}")

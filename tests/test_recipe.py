@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from minimind_v import recipe as recipe_module
-from minimind_v.recipe import (FINGERPRINT, Recipe, is_done, run_recipe, run_stage, stage_dir,
+from minimind_v.recipe import (FINGERPRINT, Recipe, is_done, run_recipe, run_stage, stage_dir, world_config,
                                stage_fingerprints, stage_status)
 from minimind_v.runfiles import COMPLETE, is_complete, mark_complete
 
@@ -171,6 +171,30 @@ def test_the_recipe_command_takes_a_seed_and_finds_the_run_folder_from_anywhere(
     assert world["config"]["seed"] == 5
     with pytest.raises(SystemExit):
         recipe_module.main(["--seed", "-1"])
+
+
+def test_the_books_seed_and_world_settings_reach_the_recipe(tmp_path, monkeypatch, launches):
+    from minimind_v.recipe import WORLD2, default_recipe
+
+    monkeypatch.delenv("MINIMIND_V_QUICK", raising=False)
+    monkeypatch.setenv("MINIMIND_V_SEED", "3")
+    monkeypatch.setenv("MINIMIND_V_WORLD", "2")
+    r = default_recipe()
+    assert r.seed == 3 and r.question_types == WORLD2["question_types"]
+    assert r.held_out_pairs == WORLD2["held_out_pairs"]
+    assert world_config(r).held_out_pairs == (("red", "triangle"), ("blue", "cross"))
+    for name, bad in (("MINIMIND_V_SEED", "-2"), ("MINIMIND_V_WORLD", "7")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=name):
+            default_recipe()
+        monkeypatch.delenv(name)
+    # --world 1 on the command line wins over the environment's world 2
+    monkeypatch.setenv("MINIMIND_V_QUICK", "1")
+    monkeypatch.setenv("MINIMIND_V_WORLD", "2")
+    monkeypatch.setenv("MINIMIND_V_HOME", str(tmp_path))
+    recipe_module.main(["--world", "1", "--stages", "world"])
+    world = json.loads((tmp_path / "runs/quick/world/world.json").read_text())
+    assert world["config"]["held_out_pairs"] == [] and "existence" not in world["config"]["question_types"]
 
 
 def test_a_stage_run_alone_trains_what_the_recipe_trains():

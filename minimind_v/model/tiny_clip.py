@@ -194,8 +194,10 @@ def pixels_from_images(images: Sequence[Image.Image], image_size: int = 224) -> 
     for i, a in enumerate(arrays):
         if a.shape != (image_size, image_size, 3):
             raise ValueError(f"pixels_from_images: image {i} has shape {a.shape}, expected ({image_size}, {image_size}, 3)")
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S) in [0, 1]
-    return (x - _MEAN) / _STD
+    # Channels first before the float conversion, then normalise in place: the same arithmetic as
+    # (x / 255 - mean) / std, a third of the memory traffic (this runs on every tiny-CLIP step).
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+    return x.sub_(_MEAN).div_(_STD)
 
 
 def load_clip(folder: str | Path) -> tuple[CLIPModel, PreTrainedTokenizerFast]:
