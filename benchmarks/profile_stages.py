@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from minimind_v.machine import matmul_gflops
 from minimind_v.recipe import Recipe, stage_commands, stage_dir
 from minimind_v.train.common import lm_step_loss
-from minimind_v.train.trainer import StepBatches, param_groups
+from minimind_v.train.trainer import StepBatches, make_optimizer, update_weights
 from minimind_v.train.vlm import prepare_stage
 
 PARTS = ("data", "forward", "backward", "optimizer")
@@ -63,7 +63,7 @@ def profile(run: Path, stage: str, steps: int, warmup: int, compiled: bool = Fal
     model, dataset, args = built["model"], built["dataset"], built["args"]
     model.train()
     compile_s = None
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    optimizer = make_optimizer(model, args.weight_decay, args.lr)  # the trainer's own
     sampler = StepBatches(len(dataset), args.batch_size, 0, 1, args.seed, 0, warmup + steps + 4)
     loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=built["collate"]))
     first = next(loader)
@@ -89,9 +89,7 @@ def profile(run: Path, stage: str, steps: int, warmup: int, compiled: bool = Fal
         t2 = time.perf_counter()
         (loss + extra).backward()
         t3 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        update_weights(model, optimizer, args.grad_clip)
         t4 = time.perf_counter()
         if step >= warmup:
             for part, seconds in zip(PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):

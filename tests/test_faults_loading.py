@@ -23,9 +23,10 @@ from minimind_v import chat
 from minimind_v.config import MiniMindConfig
 from minimind_v.convert import load_v1_state_dict
 from minimind_v.convert import main as convert_main
-from minimind_v.inference import VLMBundle, answer, load_vlm, prompt_ids
+from minimind_v.inference import LoadedVLM, answer, load_vlm
 from minimind_v.model.llm import IncompleteModelWarning, MiniMindForCausalLM, ModelFolderError
 from minimind_v.model.vision import HubUnreachableError, VisionEncoder, VisionModelNotFoundError
+from minimind_v.model.processing import MiniMindVProcessor
 from minimind_v.model.vlm import MiniMindVLM
 from minimind_v.runfiles import mark_complete
 from minimind_v.tokenizer import load_tokenizer
@@ -315,13 +316,18 @@ class Collect:
         self.ended = True
 
 
-def short_model_bundle(make_tiny_vlm, world_tokenizer, tiny_encoder, max_positions: int) -> VLMBundle:
-    model = make_tiny_vlm(max_position_embeddings=max_positions).eval().attach_vision_encoder(tiny_encoder)
-    return VLMBundle(model, world_tokenizer, tiny_encoder)
+def prompt_ids(tokenizer, encoder, num_image_tokens: int) -> list[int]:
+    """The generation prompt of QUESTION with one picture of ``num_image_tokens`` tokens."""
+    return MiniMindVProcessor(encoder.processor, tokenizer, num_image_tokens=num_image_tokens).question_ids(QUESTION)
+
+
+def short_model_bundle(make_tiny_vlm, world_tokenizer, tiny_encoder, max_positions: int) -> LoadedVLM:
+    model = make_tiny_vlm(max_position_embeddings=max_positions).eval()
+    return LoadedVLM.from_parts(model, world_tokenizer, tiny_encoder)
 
 
 def test_the_answer_stops_at_the_models_maximum_length(make_tiny_vlm, world_tokenizer, tiny_encoder, image):
-    prompt_length = len(prompt_ids(world_tokenizer, QUESTION, tiny_encoder.num_tokens))
+    prompt_length = len(prompt_ids(world_tokenizer, tiny_encoder, tiny_encoder.num_tokens))
     bundle = short_model_bundle(make_tiny_vlm, world_tokenizer, tiny_encoder, prompt_length + 3)
     never_stop = [world_tokenizer.eos_token_id, world_tokenizer.convert_tokens_to_ids("<|image|>")]
     streamer = Collect()
@@ -332,7 +338,7 @@ def test_the_answer_stops_at_the_models_maximum_length(make_tiny_vlm, world_toke
     assert len(streamer.puts) == 1 + 3  # the prompt, then exactly the 3 tokens that fit
 
     # generate itself, as evaluate and the widget call it: the sequence ends exactly at the limit.
-    ids = torch.tensor([prompt_ids(world_tokenizer, QUESTION, tiny_encoder.num_tokens)])
+    ids = torch.tensor([prompt_ids(world_tokenizer, tiny_encoder, tiny_encoder.num_tokens)])
     tokens = tiny_encoder(tiny_encoder.preprocess(__import__("PIL.Image").Image.open(image)))
     with pytest.warns(UserWarning, match="cut to 3"):
         out = bundle.model.generate(ids, image_tokens=tokens, max_new_tokens=500, do_sample=False,
@@ -341,7 +347,7 @@ def test_the_answer_stops_at_the_models_maximum_length(make_tiny_vlm, world_toke
 
 
 def test_a_prompt_that_fills_the_model_is_a_clear_error(make_tiny_vlm, world_tokenizer, tiny_encoder, image):
-    prompt_length = len(prompt_ids(world_tokenizer, QUESTION, tiny_encoder.num_tokens))
+    prompt_length = len(prompt_ids(world_tokenizer, tiny_encoder, tiny_encoder.num_tokens))
     bundle = short_model_bundle(make_tiny_vlm, world_tokenizer, tiny_encoder, prompt_length - 2)
     streamer = Collect()
     with pytest.raises(ValueError, match=rf"question 0 .* makes a prompt of {prompt_length} tokens .* "
@@ -349,12 +355,12 @@ def test_a_prompt_that_fills_the_model_is_a_clear_error(make_tiny_vlm, world_tok
         answer(bundle, [image], [QUESTION], streamer=streamer)
     assert streamer.puts == []  # refused before anything streamed
     with pytest.raises(ValueError, match=rf"the prompt has {prompt_length} tokens, but the model's maximum length"):
-        bundle.model.generate(torch.tensor([prompt_ids(world_tokenizer, QUESTION, tiny_encoder.num_tokens)]),
+        bundle.model.generate(torch.tensor([prompt_ids(world_tokenizer, tiny_encoder, tiny_encoder.num_tokens)]),
                               max_new_tokens=1)
 
 
-def test_chat_ends_cleanly_at_the_limit(make_tiny_vlm, world_tokenizer, tiny_clip_dir, image, tmp_path, capsys):
-    prompt_length = len(prompt_ids(world_tokenizer, QUESTION, 5))
+def test_chat_ends_cleanly_at_the_limit(make_tiny_vlm, world_tokenizer, tiny_clip_dir, tiny_encoder, image, tmp_path, capsys):
+    prompt_length = len(prompt_ids(world_tokenizer, tiny_encoder, 5))
     folder = tmp_path / "short"
     make_tiny_vlm(max_position_embeddings=prompt_length + 2).save_pretrained(folder)
     world_tokenizer.save_pretrained(folder)

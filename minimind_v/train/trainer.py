@@ -217,6 +217,39 @@ class StepBatches(Sampler):
 # ----------------------------------------------------------------------------- the loop
 
 
+def backward_micro_batch(model, batch, step_loss: Callable, global_targets: float, world_size: int = 1,
+                         n_micro: int = 1, *, sync: bool = True, weight: int = 1,
+                         use_amp: bool = False) -> tuple[float, int]:
+    """Forward and backward of one micro-batch (already on the device), its gradient scaled so that
+    the optimizer step follows the mean loss over every answer token of the global batch
+    (``global_targets``, summed over ranks and accumulation steps). ``model`` may be DDP-wrapped;
+    ``sync=False`` keeps DDP from averaging yet (an accumulation step before the last); ``weight=0``
+    lets a stand-in batch take part without counting. Returns (the batch's mean loss, its targets)."""
+    ctx = model.no_sync() if (world_size > 1 and not sync) else nullcontext()
+    with ctx, torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        mean_loss, extra, n = step_loss(model, batch)
+        n = n * weight
+        # DDP averages gradients over ranks; multiply by world_size to undo that.
+        objective = mean_loss * n * world_size / max(global_targets, 1) + weight * extra / n_micro
+        objective.backward()
+    return float(mean_loss.detach()), n
+
+
+def update_weights(model, optimizer, grad_clip: float, before_update: Callable = lambda: None) -> None:
+    """Clip the gradient norm (0: no clipping), then one AdamW step and clear the gradients.
+    ``before_update`` runs just before the weights change (the step guard notes it)."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    before_update()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def make_optimizer(model, weight_decay: float, lr: float) -> torch.optim.AdamW:
+    """The AdamW every language-model stage trains with (decay on matrices only, betas 0.9/0.95)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
+
+
 def _sum_all_ranks(value: float, device) -> float:
     t = torch.tensor(float(value), device=device, dtype=torch.float64)
     if is_distributed():
@@ -251,8 +284,7 @@ def fit(
     state, differences = start_state(out_dir, run, info, resume=args.resume, overwrite=args.overwrite,
                                      allow_inexact_resume=args.allow_inexact_resume, steps=args.steps)
     ddp_model = wrap_ddp(model, info, find_unused_parameters=getattr(model.config, "use_moe", False))
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                                  betas=(0.9, 0.95))
+    optimizer = make_optimizer(model, args.weight_decay, args.lr)
     start_step, loss_value, inexact = restore_run(state, differences, model, optimizer, ckpt_path, info,
                                                   resume=args.resume)
     del state
@@ -308,23 +340,13 @@ def fit(
                     batch, weight = fallback, 0
                 fallback = batch
                 batch = batch.to(info.device)
-                ctx = ddp_model.no_sync() if (info.world_size > 1 and not sync) else nullcontext()
-                with ctx, torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    mean_loss, extra, n = step_loss(ddp_model, batch)
-                    n = n * weight
-                    # DDP averages gradients over ranks; multiply by world_size to undo that.
-                    objective = (mean_loss * n * info.world_size / max(global_targets, 1)
-                                 + weight * extra / len(micro))
-                    objective.backward()
-                step_loss_sum += float(mean_loss.detach()) * n
+                mean_loss, n = backward_micro_batch(ddp_model, batch, step_loss, global_targets, info.world_size,
+                                                    len(micro), sync=sync, weight=weight, use_amp=use_amp)
+                step_loss_sum += mean_loss * n
                 samples += len(batch.ids) * weight
                 tokens += int(batch.attention_mask.sum()) * weight
             fault_point(f"step-{step + 1}")
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            guard.updating = True
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            update_weights(model, optimizer, args.grad_clip, before_update=lambda: setattr(guard, "updating", True))
             guard.completed(step + 1)
             loss_value = _sum_all_ranks(step_loss_sum, info.device) / max(global_targets, 1)
             window["loss"] += loss_value
