@@ -42,7 +42,7 @@ def main(argv=None) -> str:
         p.error(f"the question has {tags} {IMAGE_TAG} tags but {len(images)} --image were given: "
                 f"one picture per tag")
     try:
-        bundle = load_vlm(ns.model, device=ns.device)
+        model, processor = load_vlm(ns.model, device=ns.device)
     except (OSError, ValueError) as err:  # not a MiniMind-V folder, unsafe or missing weights, no encoder
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -51,11 +51,11 @@ def main(argv=None) -> str:
         sampling.update(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p)
     if ns.repetition_penalty:
         sampling["repetition_penalty"] = ns.repetition_penalty
-    streamer = TextStreamer(bundle.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     try:
         # One picture per question as a plain item; several as a list (one per <image> tag, in order).
         pictures = images[0] if len(images) == 1 else images
-        return answer(bundle, [pictures], [question], max_new_tokens=ns.max_new_tokens,
+        return answer((model, processor), [pictures], [question], max_new_tokens=ns.max_new_tokens,
                       streamer=streamer, **sampling)[0]
     except ValueError as err:  # e.g. a question too long for the model, an unreadable image
         print(f"error: {err}", file=sys.stderr)

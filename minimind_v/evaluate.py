@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .data.images import ImageError, load_image
 from .data.records import (TOO_LONG, UNENCODABLE, UNREADABLE_IMAGE, DataError, Skipped, check_record,
                            read_records, skip_summary)
-from .inference import DEFAULT_MAX_NEW_TOKENS, VLMBundle, answer, load_vlm, prompt_ids
+from .inference import DEFAULT_MAX_NEW_TOKENS, LoadedVLM, answer, load_vlm
 from .runfiles import atomic_write_json, atomic_write_text
 
 EVAL_JSON, EVAL_IMAGES = "eval_data.json", "eval_data_images"
@@ -40,7 +40,7 @@ def normalise(text: str) -> str:
 
 
 def evaluate_vqa(
-    bundle: VLMBundle,
+    vlm: LoadedVLM,
     data_dir: str | Path,
     json_name: str = EVAL_JSON,
     image_dir: str = EVAL_IMAGES,
@@ -52,7 +52,8 @@ def evaluate_vqa(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     shuffle_pictures: int | None = None,
 ) -> dict:
-    """Greedy answers to every held-out question; accuracy overall and per ``answer_type``.
+    """Greedy answers of ``vlm`` (``load_vlm``: the model and its processor) to every held-out
+    question; accuracy overall and per ``answer_type``.
 
     ``with_image=False`` is the text-only baseline: the same prompts, placeholders left empty
     (the pictures are still opened, so that both runs leave out the same bad ones).
@@ -95,7 +96,7 @@ def evaluate_vqa(
                     raise DataError(f"{where}: no picture to ask about (a text-only row)", NO_IMAGE_NAME, rid)
                 messages = check_turns(turns, where, rid, n_images=len(listed), image_tags="at_most_one")
                 question, truth = first_question(messages)
-                check_prompt_fits(bundle, question, max_new_tokens, where, rid)
+                check_prompt_fits(vlm, question, max_new_tokens, where, rid)
             except DataError as err:
                 refuse(err)
                 continue
@@ -108,7 +109,7 @@ def evaluate_vqa(
                 checked = check_record(record, index, json_path, need_image=True, image_dir=folder,
                                        image_tags="at_most_one")
                 question, truth = first_question(checked.messages)
-                check_prompt_fits(bundle, question, max_new_tokens, f"record {checked.id!r} in {json_path}",
+                check_prompt_fits(vlm, question, max_new_tokens, f"record {checked.id!r} in {json_path}",
                                   checked.id)
             except DataError as err:
                 refuse(err)
@@ -147,7 +148,7 @@ def evaluate_vqa(
                 refuse(err)
         if not chunk:
             continue
-        predictions = answer(bundle, pictures if with_image else None, [item[2] for item in chunk],
+        predictions = answer(vlm, pictures if with_image else None, [item[2] for item in chunk],
                              max_new_tokens=max_new_tokens)
         for (rid, _, q, truth, kind), pred in zip(chunk, predictions):
             ok = normalise(pred) == normalise(truth)
@@ -179,11 +180,12 @@ def _swap_pictures(questions: list[tuple], seed: int) -> list[tuple]:
     return swapped
 
 
-def check_prompt_fits(bundle: VLMBundle, question: str, max_new_tokens: int, where: str, rid=None) -> None:
+def check_prompt_fits(vlm: LoadedVLM, question: str, max_new_tokens: int, where: str, rid=None) -> None:
     """DataError unless the question encodes to a prompt that, with its answer, fits the model."""
-    config = bundle.model.config
+    model, processor = vlm
+    config = model.config
     try:
-        ids = prompt_ids(bundle.tokenizer, question, config.num_image_tokens)
+        ids = processor.question_ids(question)
     except ValueError as err:
         raise DataError(f"{where}: the question cannot be encoded ({err})", UNENCODABLE, rid) from None
     limit = config.max_position_embeddings
@@ -270,7 +272,7 @@ def format_baselines_table(result: dict, baselines: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def demo_table(bundles: dict[str, VLMBundle], image_dir: str | Path,
+def demo_table(models: dict[str, LoadedVLM], image_dir: str | Path,
                prompts: dict[str, list[str]] | None = None) -> list[dict]:
     """The original project's table: each demo image with each model's answers.
 
@@ -280,11 +282,11 @@ def demo_table(bundles: dict[str, VLMBundle], image_dir: str | Path,
     paths = sorted(Path(image_dir).glob("*.png"))
     images = [load_image(p) for p in paths]
     table = [{"image": p.name} for p in paths]
-    for name, bundle in bundles.items():
+    for name, vlm in models.items():
         questions = (prompts or {}).get(name) or (
             [CAPTION_PROMPT] + (list(DEMO_QUESTIONS) if "sft" in name else []))
         for q in questions:
-            for row, a in zip(table, answer(bundle, images, [q] * len(images))):
+            for row, a in zip(table, answer(vlm, images, [q] * len(images))):
                 row[f"{name}: {q}"] = a
     return table
 
@@ -349,11 +351,11 @@ def main(argv=None):
                    help="leave bad records and unreadable images out of the accuracy, count and list them")
     ns = p.parse_args(argv)
     torch.manual_seed(0)
-    bundle = load_vlm(ns.model, device=ns.device)
+    vlm = load_vlm(ns.model, device=ns.device)
     kw = dict(json_name=ns.json, image_dir=ns.images, batch_size=ns.batch_size, limit=ns.limit,
               skip_bad_samples=ns.skip_bad_samples)
-    result = evaluate_vqa(bundle, ns.data, **kw)
-    baseline = None if ns.no_baseline else evaluate_vqa(bundle, ns.data, with_image=False, **kw)
+    result = evaluate_vqa(vlm, ns.data, **kw)
+    baseline = None if ns.no_baseline else evaluate_vqa(vlm, ns.data, with_image=False, **kw)
     print(format_table(result, baseline))
     out = Path(ns.out) if ns.out else Path(ns.model) / "eval.json"
     figures = {"model": str(ns.model), "data": str(ns.data), "overall": result["overall"],

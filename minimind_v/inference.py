@@ -1,50 +1,53 @@
 """Asking a trained MiniMind-V about pictures: load a saved folder, answer questions in batches.
 
-A loaded model is a :class:`VLMBundle`: the model, its frozen eyes (the vision encoder) and its
+A loaded model is a :class:`LoadedVLM`: the model (its frozen vision encoder attached) and its
 :class:`~minimind_v.model.processing.MiniMindVProcessor` (tokenizer + chat template + image
-processor), which turns questions and pictures into the model's inputs. ``answer`` asks a batch
-of questions, each about one picture or several.
+processor), which turns questions and pictures into the model's inputs::
+
+    model, processor = load_vlm(folder)
+    prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\\nWhat colour is it?"}],
+                                           add_generation_prompt=True)
+    inputs = processor(images=[picture], text=[prompt], padding=True, padding_side="left", return_tensors="pt")
+
+``answer`` does exactly that for a batch of questions, each about one picture or several, and
+decodes what the model generates.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
-from PIL import Image
 
-from .data.images import load_image, to_rgb
-from .model.processing import PROCESSOR_CONFIG, MiniMindVProcessor, encoder_preprocessing, pad_rows, with_image_tags
+from .model.processing import PROCESSOR_CONFIG, MiniMindVProcessor, encoder_preprocessing, with_image_tags
 from .model.vision import VisionEncoder
 from .model.vlm import MiniMindVLM, resolve_vision_model
-from .tokenizer import IMAGE_TAG, IMAGE_TOKEN, encode_chat, has_image_token
+from .tokenizer import IMAGE_TAG, IMAGE_TOKEN, has_image_token
 
 # The answers of the book's world are a few tokens; leave room for longer free-form answers.
 DEFAULT_MAX_NEW_TOKENS = 32
 
 
-@dataclass
-class VLMBundle:
-    """A trained model with what it needs to answer: its tokenizer, its frozen eyes, and the
-    processor that joins them (built from the tokenizer and the encoder when not given)."""
+class LoadedVLM(NamedTuple):
+    """A model ready to answer: the model, its vision encoder attached, and its processor.
+
+    A pair, so ``model, processor = load_vlm(folder)`` reads as well as ``vlm.model``."""
 
     model: MiniMindVLM
-    tokenizer: object
-    encoder: VisionEncoder
-    processor: MiniMindVProcessor | None = field(default=None, repr=False)
+    processor: MiniMindVProcessor
 
-    def __post_init__(self):
-        if self.processor is None and self.encoder is not None:
-            self.processor = MiniMindVProcessor(
-                self.encoder.processor, self.tokenizer, num_image_tokens=self.model.config.num_image_tokens,
-                preprocessing=encoder_preprocessing(self.encoder))
+    @classmethod
+    def from_parts(cls, model: MiniMindVLM, tokenizer, encoder: VisionEncoder) -> "LoadedVLM":
+        """A model built in memory (not loaded from a folder): ``encoder`` is attached to it and
+        the processor is the tokenizer's and the encoder's."""
+        return cls(model.attach_vision_encoder(encoder), MiniMindVProcessor.from_encoder(tokenizer, encoder))
 
     @property
-    def device(self) -> torch.device:
-        return self.model.device
+    def encoder(self) -> VisionEncoder | None:
+        """The frozen vision encoder attached to the model."""
+        return self.model.vision_encoder
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -52,10 +55,11 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def load_vlm(folder: str | Path, device: str | None = None, vision_model: str | None = None,
-             require_complete: bool = False) -> VLMBundle:
-    """Load a ``save_pretrained`` folder of MiniMind-V: weights, processor (tokenizer and chat
-    template of the same folder) and the vision encoder its config names (a folder inside it, a
-    local folder or a hub id; ``vision_model`` overrides it).
+             require_complete: bool = False) -> LoadedVLM:
+    """Load a ``save_pretrained`` folder of MiniMind-V: the weights, with the vision encoder its
+    config names attached (a folder inside it, a local folder or a hub id; ``vision_model``
+    overrides it), and the processor (tokenizer and chat template of the same folder, the
+    encoder's image processor).
 
     The folder is checked before anything is loaded (see ``MiniMindForCausalLM.from_pretrained``):
     a text LM folder, a CLIP folder, a folder without or with a damaged config.json, and one whose
@@ -87,33 +91,26 @@ def load_vlm(folder: str | Path, device: str | None = None, vision_model: str | 
     processor = MiniMindVProcessor(encoder.processor, saved.tokenizer, chat_template=saved.chat_template,
                                    num_image_tokens=saved.num_image_tokens,
                                    preprocessing=encoder_preprocessing(encoder))
-    return VLMBundle(model, processor.tokenizer, encoder, processor)
+    return LoadedVLM(model, processor)
 
 
-def prompt_ids(tokenizer, question: str, num_image_tokens: int, num_images: int | None = None) -> list[int]:
-    """The chat prompt for one question, ending where the answer begins (the ids
-    ``MiniMindVProcessor`` gives for it). A question without an ``<image>`` tag gets one per
-    picture in front (``num_images``, default one), as in the training data."""
-    text = with_image_tags(question, num_images)
-    ids, _ = encode_chat(tokenizer, [{"from": "human", "value": text}], num_image_tokens,
-                         add_generation_prompt=True, num_images=text.count(IMAGE_TAG))
-    return ids
+def model_and_processor(vlm, where: str) -> tuple[MiniMindVLM, MiniMindVProcessor]:
+    """``vlm`` as (model, processor), or a ValueError saying what ``where`` was given instead."""
+    try:
+        model, processor = vlm
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} needs (model, processor) as load_vlm returns them, got a "
+                         f"{type(vlm).__name__}") from None
+    if not isinstance(processor, MiniMindVProcessor):
+        raise ValueError(f"{where} needs (model, processor) as load_vlm returns them; the second item is a "
+                         f"{type(processor).__name__}, not a MiniMindVProcessor")
+    return model, processor
 
 
 def suppressed_ids(tokenizer) -> list[int]:
     """Tokens an answer must never contain: a generated image placeholder would read as a broken
     image when the answer is fed back in."""
     return [tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)] if has_image_token(tokenizer) else []
-
-
-def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad prompts so every answer starts at the same column: (ids, attention_mask)."""
-    ids, mask = pad_rows(rows, pad_id, "left")
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
-
-
-def as_images(images) -> list[Image.Image]:
-    return [load_image(im) if isinstance(im, (str, Path)) else to_rgb(im) for im in images]
 
 
 def picture_groups(images, n_questions: int) -> list[list] | None:
@@ -129,7 +126,7 @@ def picture_groups(images, n_questions: int) -> list[list] | None:
 
 @torch.no_grad()
 def answer(
-    bundle: VLMBundle,
+    vlm: LoadedVLM,
     images: Sequence | None,
     questions: Sequence[str],
     image_tokens: torch.Tensor | None = None,
@@ -139,20 +136,17 @@ def answer(
 ) -> list[str]:
     """Answer ``questions[i]`` about ``images[i]``, all in one batch.
 
-    ``images[i]`` is one picture (a path or a PIL image) or a list of pictures, one per
-    ``<image>`` tag of question i, in order; a question with k pictures and no tag gets k tags in
-    front. A question whose tags and pictures disagree is a ValueError naming it.
-    ``image_tokens`` (n, N, width), the pictures of all questions in order, may replace
-    ``images`` (e.g. from the feature cache); ``images=None`` and no tokens asks the text-only
-    baseline: the same prompts, no picture. Greedy unless sampling options (do_sample,
-    temperature, top_k, top_p, repetition_penalty) are given.
+    ``vlm`` is the model and its processor (``load_vlm``). ``images[i]`` is one picture (a path
+    or a PIL image) or a list of pictures, one per ``<image>`` tag of question i, in order; a
+    question with k pictures and no tag gets k tags in front. A question whose tags and pictures
+    disagree is a ValueError naming it. ``image_tokens`` (n, N, width), the pictures of all
+    questions in order, may replace ``images`` (e.g. from the feature cache); ``images=None`` and
+    no tokens asks the text-only baseline: the same prompts, no picture. Greedy unless sampling
+    options (do_sample, temperature, top_k, top_p, repetition_penalty) are given.
     """
-    model, processor = bundle.model, bundle.processor
+    model, processor = model_and_processor(vlm, "answer")
     if not questions:
         return []
-    if processor is None:
-        raise ValueError("this bundle has no processor (no vision encoder was given): pass VLMBundle(model, "
-                         "tokenizer, encoder) or one built by load_vlm")
     tok = processor.tokenizer
     groups = picture_groups(images, len(questions))
     texts = []
@@ -193,7 +187,7 @@ def answer(
             f"maximum length (max_position_embeddings) is {limit}: no room is left for an answer; shorten the question"
         )
     if "pixel_values" in batch:
-        image_tokens = bundle.encoder(batch["pixel_values"].to(model.device))
+        image_tokens = model.encode_images(batch["pixel_values"].to(model.device))
     sampling.setdefault("do_sample", False)
     if suppressed_ids(tok):
         sampling.setdefault("suppress_tokens", suppressed_ids(tok))
@@ -204,3 +198,12 @@ def answer(
         pad_token_id=tok.pad_token_id or 0, streamer=streamer, **sampling,
     )
     return [s.strip() for s in tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+
+
+def __getattr__(name):
+    # The names this module had before the processor, for callers not yet moved (each warns).
+    from . import inference_legacy
+
+    if name in inference_legacy.__all__:
+        return getattr(inference_legacy, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

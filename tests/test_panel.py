@@ -22,8 +22,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from minimind_v.data.shapes import render_scene  # noqa: E402
-from minimind_v.inference import VLMBundle, answer, prompt_ids, suppressed_ids  # noqa: E402
+from minimind_v.inference import LoadedVLM, answer, suppressed_ids  # noqa: E402
 from minimind_v.viz import image_share, qa_widget  # noqa: E402
+from minimind_v.tokenizer import encode_chat  # noqa: E402
+from minimind_v.viz.panel_layout import DEFAULT_OBJECTS  # noqa: E402
 from minimind_v.viz.tokens import token_text  # noqa: E402
 from minimind_v.viz import widget as widget_module  # noqa: E402
 
@@ -37,17 +39,16 @@ TWO_RED_ONE_BLUE = [
 
 @pytest.fixture(scope="module")
 def models(make_tiny_vlm, world_tokenizer, tiny_encoder):
-    def bundle(seed):
+    def vlm(seed):
         model = make_tiny_vlm(seed).eval()
         # A larger init than training's, so the random models give varied, different answers.
         with torch.no_grad():
             for p in model.parameters():
                 if p.dim() > 1:
                     p.normal_(0, 0.3)
-        model.attach_vision_encoder(tiny_encoder)
-        return VLMBundle(model, world_tokenizer, tiny_encoder)
+        return LoadedVLM.from_parts(model, world_tokenizer, tiny_encoder)
 
-    return {"after pretraining": bundle(1), "after SFT": bundle(2)}
+    return {"after pretraining": vlm(1), "after SFT": vlm(2)}
 
 
 @pytest.fixture
@@ -82,11 +83,13 @@ def png(image):
     return buffer.getvalue()
 
 
-def reference_steps(bundle, image, question, max_new_tokens):
+def reference_steps(vlm, image, question, max_new_tokens):
     """Each step's distribution as transformers' generate scores it (suppressed tokens at -inf)."""
-    tok, model = bundle.tokenizer, bundle.model
-    ids = torch.tensor([prompt_ids(tok, question, model.config.num_image_tokens)])
-    tokens = None if image is None else bundle.encoder(bundle.encoder.preprocess([image]))
+    tok, model = vlm.processor.tokenizer, vlm.model
+    # The prompt built without the processor: encode_chat on one human turn, the tag in front.
+    ids = torch.tensor([encode_chat(tok, [{"from": "human", "value": "<image>\n" + question}],
+                                    model.config.num_image_tokens, add_generation_prompt=True)[0]])
+    tokens = None if image is None else vlm.encoder(vlm.encoder.preprocess([image]))
     out = model.generate(ids, attention_mask=torch.ones_like(ids), image_tokens=tokens,
                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id or 0, suppress_tokens=suppressed_ids(tok),
@@ -105,7 +108,7 @@ def test_models_on_offer(models):
     assert list(qa_widget(models, text_only=None).model_select.options) == ["after pretraining", "after SFT"]
     assert qa_widget(models, text_only="after pretraining").models[
         "after pretraining, without the picture (text only)"] == (models["after pretraining"], False)
-    single = qa_widget(models["after SFT"])  # one bundle, as before
+    single = qa_widget(models["after SFT"])  # one model, as before
     assert list(single.model_select.options) == ["model", "model, without the picture (text only)"]
     with pytest.raises(ValueError, match="text_only"):
         qa_widget(models, text_only="after nothing")
@@ -115,11 +118,11 @@ def test_each_model_answers_as_inference_does(models, demo_images):
     panel = qa_widget(models, demo_images, max_new_tokens=6)
     image = Image.open(demo_images[0]).convert("RGB")
     answers = {}
-    for label, bundle in models.items():
+    for label, vlm in models.items():
         panel.model_select.value = label
         ask(panel)
         assert panel.messages == [] and panel.last_trace.with_image
-        assert panel.last_answer == answer(bundle, [image], [QUESTION], max_new_tokens=6)[0]
+        assert panel.last_answer == answer(vlm, [image], [QUESTION], max_new_tokens=6)[0]
         answers[label] = panel.last_answer
     assert answers["after pretraining"] != answers["after SFT"]  # the choice reached the model
 
@@ -151,19 +154,19 @@ def test_answer_streams_with_the_top_tokens_of_each_step(models, demo_images):
     panel.answer_area.observe(lambda change: streamed.append(change["new"]), names="value")
     panel.top_view.observe(lambda change: tables.append(change["new"]), names="value")
     ask(panel)
-    bundle, image = models["after SFT"], Image.open(demo_images[1]).convert("RGB")
-    assert panel.last_answer == answer(bundle, [image], [QUESTION], max_new_tokens=8)[0]
+    vlm, image = models["after SFT"], Image.open(demo_images[1]).convert("RGB")
+    assert panel.last_answer == answer(vlm, [image], [QUESTION], max_new_tokens=8)[0]
     assert len([s for s in streamed if s]) >= 3  # the answer arrived token by token
     assert panel.answer_area.value.endswith(html.escape(panel.last_answer))
     # The table grew a row per step while the answer streamed.
     rows = [t.count("<tr>") - 1 for t in tables if t]
     assert rows[:3] == [1, 2, 3] and rows[-1] == len(panel.last_top_tokens)
 
-    dists = reference_steps(bundle, image, QUESTION, 8)
+    dists = reference_steps(vlm, image, QUESTION, 8)
     assert len(panel.last_top_tokens) == len(dists)
     for top, dist in zip(panel.last_top_tokens, dists):
         values, ids = dist.topk(5)
-        assert [t for t, _ in top] == [token_text(bundle.tokenizer, i) for i in ids.tolist()]
+        assert [t for t, _ in top] == [token_text(vlm.processor.tokenizer, i) for i in ids.tolist()]
         np.testing.assert_allclose([p for _, p in top], values.numpy(), rtol=1e-4, atol=1e-6)
     # Every probability shown in the table is a candidate's, to two decimals.
     shown = [float(x) for x in re.findall(r"</code> ([01]\.\d\d)</td>", panel.top_view.value)]
@@ -197,7 +200,7 @@ def test_composed_picture_is_the_shapes_worlds_own_drawing(models):
 
 def test_composing_with_the_rows_and_the_draw_button(models, demo_images):
     panel = qa_widget(models, demo_images)
-    assert panel.chosen_objects() == [widget_module.DEFAULT_OBJECTS[0]]  # one object ticked to start
+    assert panel.chosen_objects() == [DEFAULT_OBJECTS[0]]  # one object ticked to start
     for row, obj in zip(panel.object_rows, TWO_RED_ONE_BLUE):
         row["use"].value = True
         for key, value in obj.items():

@@ -24,7 +24,7 @@ from PIL import Image  # noqa: E402
 from transformers.cache_utils import DynamicCache  # noqa: E402
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
 
-from minimind_v.inference import VLMBundle, answer, as_images, prompt_ids, suppressed_ids  # noqa: E402
+from minimind_v.inference import LoadedVLM, answer, suppressed_ids  # noqa: E402
 from minimind_v.model.processing import MiniMindVProcessor  # noqa: E402
 from minimind_v.model.vision import VisionEncoder  # noqa: E402
 from minimind_v.testing import make_random_clip  # noqa: E402
@@ -42,7 +42,7 @@ from minimind_v.viz import (  # noqa: E402
     plot_image_share,
     plot_token_strip,
 )
-from minimind_v.viz.attention import top_candidates  # noqa: E402
+from minimind_v.viz.trace import top_candidates  # noqa: E402
 from minimind_v.viz.tokens import token_text  # noqa: E402
 
 GRID = 4
@@ -55,7 +55,7 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+def vlm(tmp_path_factory):
     tokenizer = train_tokenizer(SENTENCES * 3, vocab_size=320)
     clip = make_random_clip(tmp_path_factory.mktemp("clip") / "tiny", image_size=16 * GRID, patch_size=16, width=32)
     encoder = VisionEncoder.from_pretrained(clip)
@@ -70,8 +70,15 @@ def bundle(tmp_path_factory):
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.3)
-    model.attach_vision_encoder(encoder)
-    return VLMBundle(model, tokenizer, encoder)
+    return LoadedVLM.from_parts(model, tokenizer, encoder)
+
+
+def chat_prompt_ids(tokenizer, question: str, num_image_tokens: int) -> list[int]:
+    """The prompt of one question built without the processor (the reference): ``encode_chat`` on
+    one human turn with the ``<image>`` tag in front, ending where the answer begins."""
+    text = question if "<image>" in question else "<image>\n" + question
+    return encode_chat(tokenizer, [{"from": "human", "value": text}], num_image_tokens,
+                       add_generation_prompt=True, num_images=text.count("<image>"))[0]
 
 
 def picture(seed=0, size=(80, 56)):
@@ -88,15 +95,15 @@ def close_figures():
 
 
 @pytest.fixture(scope="module")
-def trace(bundle):
-    return answer_with_attention(bundle, picture(), "What colour is the circle?", max_new_tokens=10)
+def trace(vlm):
+    return answer_with_attention(vlm, picture(), "What colour is the circle?", max_new_tokens=10)
 
 
 # ----------------------------------------------------------------------------- the trace
 
 
-def test_trace_shapes_rows_and_image_share(bundle, trace):
-    n, L, H = len(trace.token_ids), bundle.model.config.n_layers, bundle.model.config.n_heads
+def test_trace_shapes_rows_and_image_share(vlm, trace):
+    n, L, H = len(trace.token_ids), vlm.model.config.n_layers, vlm.model.config.n_heads
     T = len(trace.prompt_ids)
     assert n > 1, "the random model should say something"
     assert trace.attention.shape == (n, L, H, T + n - 1)
@@ -106,7 +113,7 @@ def test_trace_shapes_rows_and_image_share(bundle, trace):
     for i in range(n):
         assert torch.all(trace.attention[i, ..., T + i:] == 0)
     # The image positions are exactly where the prompt holds the <|image|> placeholder.
-    image_id = bundle.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    image_id = vlm.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     expected = [t for t, token in enumerate(trace.prompt_ids) if token == image_id]
     assert trace.image_positions.tolist() == expected and len(expected) == N_IMAGE
     assert trace.image_attention.shape == (n, L, N_IMAGE)
@@ -117,23 +124,23 @@ def test_trace_shapes_rows_and_image_share(bundle, trace):
     assert trace.grid == GRID and trace.image_size == 16 * GRID
 
 
-def test_traced_answer_equals_answer(bundle, trace):
+def test_traced_answer_equals_answer(vlm, trace):
     for seed, question in [(0, "What colour is the circle?"), (1, "How many shapes are there?")]:
-        expected = answer(bundle, [picture(seed)], [question], max_new_tokens=10)[0]
-        traced = trace if seed == 0 else answer_with_attention(bundle, picture(seed), question, max_new_tokens=10)
+        expected = answer(vlm, [picture(seed)], [question], max_new_tokens=10)[0]
+        traced = trace if seed == 0 else answer_with_attention(vlm, picture(seed), question, max_new_tokens=10)
         assert traced.answer == expected
-        decoded = [bundle.tokenizer.decode([t]) for t in traced.token_ids]
+        decoded = [vlm.processor.tokenizer.decode([t]) for t in traced.token_ids]
         assert len(traced.tokens) == len(decoded)
         assert all(text == d for text, d in zip(traced.tokens, decoded) if "\ufffd" not in d)
 
 
-def test_cached_step_attention_equals_one_full_forward(bundle, trace):
+def test_cached_step_attention_equals_one_full_forward(vlm, trace):
     """Recorded step by step with the KV cache, the rows equal those of one uncached forward pass
     over prompt + answer (eager attention), at the positions that chose each token."""
-    model = bundle.model
+    model = vlm.model
     T, n = len(trace.prompt_ids), len(trace.token_ids)
     ids = torch.tensor([trace.prompt_ids + trace.token_ids])
-    tokens = bundle.encoder(bundle.encoder.preprocess([picture()]))
+    tokens = vlm.encoder(vlm.encoder.preprocess([picture()]))
     with torch.no_grad():
         out = model(ids, image_tokens=tokens, output_attentions=True, use_cache=False)
     full = torch.stack([a[0] for a in out.attentions])  # (L, H, T+n, T+n)
@@ -142,14 +149,14 @@ def test_cached_step_attention_equals_one_full_forward(bundle, trace):
 
 
 @torch.no_grad()
-def loop_trace(bundle, image, question, max_new_tokens=32, top_k=5):
+def loop_trace(vlm, image, question, max_new_tokens=32, top_k=5):
     """The decoding loop ``answer_with_attention`` ran before it used ``generate`` (the old helpers:
-    ``prompt_ids``, ``encoder.preprocess``): one forward pass per step with the KV cache and
+    ``encode_chat``, ``encoder.preprocess``): one forward pass per step with the KV cache and
     ``output_attentions=True``, the last query's attention row and the step's top tokens kept.
     Returns (prompt ids, answer ids, attention (n, L, H, S), image positions, candidates)."""
-    model, tok, cfg = bundle.model, bundle.tokenizer, bundle.model.config
-    image_tokens = None if image is None else bundle.encoder(bundle.encoder.preprocess(as_images([image])))
-    ids = torch.tensor([prompt_ids(tok, question, cfg.num_image_tokens)])
+    model, tok, cfg = vlm.model, vlm.processor.tokenizer, vlm.model.config
+    image_tokens = None if image is None else vlm.encoder(vlm.encoder.preprocess([image]))
+    ids = torch.tensor([chat_prompt_ids(tok, question, cfg.num_image_tokens)])
     T = ids.shape[1]
     room = cfg.max_position_embeddings - T + 1
     image_positions = placeholder_mask(ids, torch.tensor(cfg.image_token_ids))[0].nonzero().squeeze(1)
@@ -176,18 +183,18 @@ def loop_trace(bundle, image, question, max_new_tokens=32, top_k=5):
     return ids[0].tolist(), generated, attention, image_positions, candidates
 
 
-def longest_question(bundle, leave: int) -> str:
+def longest_question(vlm, leave: int) -> str:
     """A question of repeated words whose prompt leaves ``leave`` or more positions (as few as it can)."""
-    cfg, words, question = bundle.model.config, [], ""
+    cfg, words, question = vlm.model.config, [], ""
     while True:
         words.append("red")
-        length = len(prompt_ids(bundle.tokenizer, " ".join(words), cfg.num_image_tokens))
+        length = len(chat_prompt_ids(vlm.processor.tokenizer, " ".join(words), cfg.num_image_tokens))
         if length > cfg.max_position_embeddings - leave:
             return question
         question = " ".join(words)
 
 
-def test_generate_trace_equals_the_old_loops(bundle):
+def test_generate_trace_equals_the_old_loops(vlm):
     """The trace from ``generate`` is the old loop's: the same prompt, answer, attention (bitwise)
     and top tokens. Only the first step's probabilities may differ, in the last float32 bits:
     ``generate``'s prefill runs the output head over every prompt position (MiniMindVLM.forward
@@ -198,17 +205,17 @@ def test_generate_trace_equals_the_old_loops(bundle):
     cases += [(picture(4), "What colour is the circle?", 32),  # ends with </s> before the limit
               (None, "How many shapes are there?", 8),  # the text-only baseline
               (picture(), "What colour is the circle?", 1), (picture(), "What colour is the circle?", 0),
-              (picture(), longest_question(bundle, 2), 50)]  # stops where the positions run out
+              (picture(), longest_question(vlm, 2), 50)]  # stops where the positions run out
     ended = limited = 0
     for image, question, max_new_tokens in cases:
         steps = []
-        new = answer_with_attention(bundle, image, question, max_new_tokens=max_new_tokens, on_step=steps.append)
-        ids, generated, attention, positions, candidates = loop_trace(bundle, image, question, max_new_tokens)
+        new = answer_with_attention(vlm, image, question, max_new_tokens=max_new_tokens, on_step=steps.append)
+        ids, generated, attention, positions, candidates = loop_trace(vlm, image, question, max_new_tokens)
         assert new.prompt_ids == ids and new.token_ids == generated
         assert torch.equal(new.image_positions, positions)
         assert new.attention.dtype == attention.dtype and torch.equal(new.attention, attention)
-        assert new.tokens == [token_text(bundle.tokenizer, i) for i in generated]
-        assert new.answer == bundle.tokenizer.decode(generated, skip_special_tokens=True).strip()
+        assert new.tokens == [token_text(vlm.processor.tokenizer, i) for i in generated]
+        assert new.answer == vlm.processor.tokenizer.decode(generated, skip_special_tokens=True).strip()
         assert steps == new.candidates and len(new.candidates) == len(candidates)
         for i, (got, want) in enumerate(zip(new.candidates, candidates)):
             assert (got.chosen_id, got.chosen, got.ids, got.tokens, got.end) == \
@@ -218,11 +225,11 @@ def test_generate_trace_equals_the_old_loops(bundle):
             else:
                 assert got.probs == want.probs
         ended += bool(candidates) and candidates[-1].end
-        limited += len(new.prompt_ids) + len(candidates) - 1 == bundle.model.config.max_position_embeddings
+        limited += len(new.prompt_ids) + len(candidates) - 1 == vlm.model.config.max_position_embeddings
     assert ended and limited  # both ways an answer stops were compared
 
 
-def test_each_step_is_reported_before_its_token_streams(bundle):
+def test_each_step_is_reported_before_its_token_streams(vlm):
     """The panel's streaming: step i's top tokens arrive, then token i, while generate runs; the
     end step is reported, its </s> never streamed."""
     events = []
@@ -234,7 +241,7 @@ def test_each_step_is_reported_before_its_token_streams(bundle):
         def end(self):
             events.append(("end", None))
 
-    tr = answer_with_attention(bundle, picture(4), "What colour is the circle?", max_new_tokens=10,
+    tr = answer_with_attention(vlm, picture(4), "What colour is the circle?", max_new_tokens=10,
                                streamer=Recorder(), on_step=lambda c: events.append(("step", c.chosen_id)))
     assert tr.candidates[-1].end  # this answer ends with </s>
     expected = [("token", tr.prompt_ids)]
@@ -245,7 +252,7 @@ def test_each_step_is_reported_before_its_token_streams(bundle):
     assert events == expected + [("end", None)]
 
 
-def test_streamer_receives_prompt_then_each_token(bundle):
+def test_streamer_receives_prompt_then_each_token(vlm):
     class Recorder:
         def __init__(self):
             self.puts, self.ended = [], False
@@ -257,22 +264,22 @@ def test_streamer_receives_prompt_then_each_token(bundle):
             self.ended = True
 
     rec = Recorder()
-    tr = answer_with_attention(bundle, picture(2), "How many shapes are there?", max_new_tokens=5, streamer=rec)
+    tr = answer_with_attention(vlm, picture(2), "How many shapes are there?", max_new_tokens=5, streamer=rec)
     assert rec.puts[0] == tr.prompt_ids
     assert sum(rec.puts[1:], []) == tr.token_ids and rec.ended
 
 
-def test_bad_question_is_named(bundle):
+def test_bad_question_is_named(vlm):
     with pytest.raises(ValueError, match="question"):
-        answer_with_attention(bundle, picture(), "   ")
+        answer_with_attention(vlm, picture(), "   ")
 
 
-def generate_steps(bundle, images, question, max_new_tokens):
+def generate_steps(vlm, images, question, max_new_tokens):
     """An independent reference for each step's distribution: transformers' generate with its
     scores (after the logits processors: the suppressed placeholder token at -inf)."""
-    tok, model = bundle.tokenizer, bundle.model
-    ids = torch.tensor([prompt_ids(tok, question, model.config.num_image_tokens)])
-    tokens = None if images is None else bundle.encoder(bundle.encoder.preprocess(images))
+    tok, model = vlm.processor.tokenizer, vlm.model
+    ids = torch.tensor([chat_prompt_ids(tok, question, model.config.num_image_tokens)])
+    tokens = None if images is None else vlm.encoder(vlm.encoder.preprocess(images))
     out = model.generate(ids, attention_mask=torch.ones_like(ids), image_tokens=tokens,
                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id or 0, suppress_tokens=suppressed_ids(tok),
@@ -280,11 +287,11 @@ def generate_steps(bundle, images, question, max_new_tokens):
     return out.sequences[0, ids.shape[1]:].tolist(), [torch.softmax(s[0].float(), -1) for s in out.scores]
 
 
-def test_each_step_keeps_generates_top_tokens(bundle):
+def test_each_step_keeps_generates_top_tokens(vlm):
     steps = []
-    tr = answer_with_attention(bundle, picture(4), "What colour is the circle?", max_new_tokens=10,
+    tr = answer_with_attention(vlm, picture(4), "What colour is the circle?", max_new_tokens=10,
                                top_k=5, on_step=steps.append)
-    chosen, dists = generate_steps(bundle, [picture(4)], "What colour is the circle?", 10)
+    chosen, dists = generate_steps(vlm, [picture(4)], "What colour is the circle?", 10)
     assert steps == tr.candidates and len(tr.candidates) == len(dists)
     assert [c.chosen_id for c in tr.candidates] == chosen
     for step, dist in zip(tr.candidates, dists):
@@ -296,32 +303,32 @@ def test_each_step_keeps_generates_top_tokens(bundle):
     assert [c.chosen_id for c in tr.candidates if not c.end] == tr.token_ids
     assert ends == [False] * len(tr.token_ids) + [True] * (len(ends) - len(tr.token_ids))
     # This random model ends this answer after a few tokens, so the end step is covered too.
-    assert ends[-1] and tr.candidates[-1].chosen_id == bundle.tokenizer.eos_token_id
-    image_id = bundle.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert ends[-1] and tr.candidates[-1].chosen_id == vlm.processor.tokenizer.eos_token_id
+    image_id = vlm.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     assert all(image_id not in c.ids for c in tr.candidates)  # suppressed: never a candidate
 
 
-def test_text_only_trace_equals_the_text_only_answer(bundle):
+def test_text_only_trace_equals_the_text_only_answer(vlm):
     question = "How many shapes are there?"
-    tr = answer_with_attention(bundle, None, question, max_new_tokens=8)
+    tr = answer_with_attention(vlm, None, question, max_new_tokens=8)
     assert not tr.with_image and "text only" in repr(tr)
-    assert tr.answer == answer(bundle, None, [question], max_new_tokens=8)[0]
-    chosen, dists = generate_steps(bundle, None, question, 8)
+    assert tr.answer == answer(vlm, None, [question], max_new_tokens=8)[0]
+    chosen, dists = generate_steps(vlm, None, question, 8)
     assert [c.chosen_id for c in tr.candidates] == chosen
     with pytest.raises(ValueError, match="without a picture"):
         plot_attention_panel(tr, picture())
 
 
-def test_a_prompt_longer_than_the_model_is_refused_and_answers_stop_at_its_end(bundle):
-    cfg = bundle.model.config
+def test_a_prompt_longer_than_the_model_is_refused_and_answers_stop_at_its_end(vlm):
+    cfg = vlm.model.config
     long_question = " ".join(["What colour is the circle?"] * 60)
     with pytest.raises(ValueError, match="too long"):
-        answer_with_attention(bundle, picture(), long_question)
+        answer_with_attention(vlm, picture(), long_question)
     # A prompt that leaves room for a few answer tokens gets at most that many, without an error.
-    question = longest_question(bundle, 2)
-    room = cfg.max_position_embeddings - len(prompt_ids(bundle.tokenizer, question, cfg.num_image_tokens)) + 1
+    question = longest_question(vlm, 2)
+    room = cfg.max_position_embeddings - len(chat_prompt_ids(vlm.processor.tokenizer, question, cfg.num_image_tokens)) + 1
     assert room >= 3
-    tr = answer_with_attention(bundle, picture(), question, max_new_tokens=50)
+    tr = answer_with_attention(vlm, picture(), question, max_new_tokens=50)
     assert tr.candidates[-1].end or len(tr.candidates) == room
     assert len(tr.candidates) <= room
 
@@ -426,12 +433,12 @@ def unnormalised(pixels, image_processor):
     return ((pixels * std + mean) * 255).permute(1, 2, 0).numpy()
 
 
-def test_encoder_view_is_what_the_encoder_sees(bundle, trace):
+def test_encoder_view_is_what_the_encoder_sees(vlm, trace):
     image = picture(3, size=(120, 72))
-    assert trace.processor is bundle.processor  # the plots show the picture through it
-    for view in (encoder_view(image, bundle.encoder.image_size), encoder_view(image, processor=bundle.processor)):
+    assert trace.processor is vlm.processor  # the plots show the picture through it
+    for view in (encoder_view(image, vlm.encoder.image_size), encoder_view(image, processor=vlm.processor)):
         view = np.asarray(view, dtype=np.float32)
-        seen = unnormalised(bundle.processor(images=[image])["pixel_values"][0], bundle.encoder.processor)
+        seen = unnormalised(vlm.processor(images=[image])["pixel_values"][0], vlm.encoder.processor)
         assert view.shape == seen.shape
         assert np.abs(view - seen).mean() < 1.0  # same crop; only rounding differs
 
@@ -460,11 +467,11 @@ def test_encoder_view_is_pixel_for_pixel_the_hand_written_crop():
         encoder_view(image, 32, CLIPImageProcessorPil())
 
 
-def test_encoder_view_in_resize_mode_shows_the_whole_picture(bundle):
+def test_encoder_view_in_resize_mode_shows_the_whole_picture(vlm):
     """An encoder that resizes the whole picture (v1's preprocessing) is shown as it sees it: nothing cut off."""
-    processor = MiniMindVProcessor(bundle.encoder.processor, bundle.tokenizer,
-                                   num_image_tokens=bundle.processor.num_image_tokens, preprocessing="resize")
-    image, size = picture(5, size=(120, 72)), bundle.encoder.image_size
+    processor = MiniMindVProcessor(vlm.encoder.processor, vlm.processor.tokenizer,
+                                   num_image_tokens=vlm.processor.num_image_tokens, preprocessing="resize")
+    image, size = picture(5, size=(120, 72)), vlm.encoder.image_size
     view = encoder_view(image, size, processor)
     assert np.array_equal(np.asarray(view), np.asarray(image.resize((size, size), Image.BICUBIC)))
     seen = unnormalised(processor(images=[image])["pixel_values"][0], processor.image_processor)
@@ -486,40 +493,40 @@ def test_image_share_plot(trace):
 
 
 @pytest.fixture(scope="module")
-def chat(bundle):
+def chat(vlm):
     conv = [{"from": "human", "value": "<image>\nWhat colour is the circle?"},
             {"from": "gpt", "value": "The circle is red."}]
-    return encode_chat(bundle.tokenizer, conv, N_IMAGE)
+    return encode_chat(vlm.processor.tokenizer, conv, N_IMAGE)
 
 
-def test_describe_tokens_marks_image_and_loss_positions(bundle, chat):
+def test_describe_tokens_marks_image_and_loss_positions(vlm, chat):
     ids, labels = chat
-    image_id = bundle.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    rows = describe_tokens(bundle.tokenizer, ids, image_token_ids=[image_id] * N_IMAGE, labels=labels)
+    image_id = vlm.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    rows = describe_tokens(vlm.processor.tokenizer, ids, image_token_ids=[image_id] * N_IMAGE, labels=labels)
     assert [r[0] for r in rows] == list(range(len(ids)))
     assert [i for i, _, is_image, _ in rows if is_image] == [i for i, t in enumerate(ids) if t == image_id]
     assert [i for i, _, _, loss in rows if loss] == [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
     assert all("\n" not in text for _, text, _, _ in rows)
-    assert "".join(text for _, text, _, _ in rows) == bundle.tokenizer.decode(ids).replace("\n", "↵")
+    assert "".join(text for _, text, _, _ in rows) == vlm.processor.tokenizer.decode(ids).replace("\n", "↵")
     # Without a pattern, the <|image|> tokens are found by id; a mask is taken as given.
-    assert [r[2] for r in describe_tokens(bundle.tokenizer, ids)] == [r[2] for r in rows]
+    assert [r[2] for r in describe_tokens(vlm.processor.tokenizer, ids)] == [r[2] for r in rows]
     mask = [i == 0 for i in range(len(ids))]
-    assert [r[2] for r in describe_tokens(bundle.tokenizer, ids, image_mask=mask)] == mask
+    assert [r[2] for r in describe_tokens(vlm.processor.tokenizer, ids, image_mask=mask)] == mask
 
 
-def test_describe_tokens_finds_a_multi_token_pattern_only_where_whole(bundle):
+def test_describe_tokens_finds_a_multi_token_pattern_only_where_whole(vlm):
     # The original tokenizer's placeholder is '<'*k + '>'*k: ordinary tokens, found as a pattern.
     lt, gt = 20, 21
     ids = [1, lt, 5, lt, lt, gt, gt, 7, gt]
-    rows = describe_tokens(bundle.tokenizer, ids, image_token_ids=[lt, lt, gt, gt])
+    rows = describe_tokens(vlm.processor.tokenizer, ids, image_token_ids=[lt, lt, gt, gt])
     assert [r[2] for r in rows] == [False, False, False, True, True, True, True, False, False]
     with pytest.raises(ValueError, match="labels"):
-        describe_tokens(bundle.tokenizer, ids, labels=[0])
+        describe_tokens(vlm.processor.tokenizer, ids, labels=[0])
 
 
-def test_token_text_shows_the_bytes_of_a_split_character(bundle):
+def test_token_text_shows_the_bytes_of_a_split_character(vlm):
     # The test tokenizer learned no Chinese, so each UTF-8 byte of these characters is one token.
-    tok = bundle.tokenizer
+    tok = vlm.processor.tokenizer
     ids = tok("猫 red", add_special_tokens=False).input_ids
     texts = [r[1] for r in describe_tokens(tok, ids)]
     cat_bytes = "猫".encode("utf-8")
@@ -538,25 +545,25 @@ def strip_boxes(fig):
     return out
 
 
-def test_token_strip_collapses_image_and_outlines_loss(bundle, chat):
+def test_token_strip_collapses_image_and_outlines_loss(vlm, chat):
     ids, labels = chat
-    fig = plot_token_strip(bundle.tokenizer, ids, labels=labels, max_tokens=None)
+    fig = plot_token_strip(vlm.processor.tokenizer, ids, labels=labels, max_tokens=None)
     assert isinstance(fig, Figure)
     boxes = strip_boxes(fig)
-    first_image = next(i for i, t in enumerate(ids) if t == bundle.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    first_image = next(i for i, t in enumerate(ids) if t == vlm.processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     assert [b for b in boxes if b[0].startswith("image")] == [("image-run", first_image, N_IMAGE)]
     assert any(t.get_text() == f"{N_IMAGE} image tokens" for t in fig.axes[0].texts)
     assert sorted(b[1] for b in boxes if b[0] == "loss") == [i for i, l in enumerate(labels) if l != IGNORE_INDEX]
     assert sum(b[2] for b in boxes) == len(ids)
 
-    expanded = strip_boxes(plot_token_strip(bundle.tokenizer, ids, labels=labels, expand_image=True, max_tokens=None))
+    expanded = strip_boxes(plot_token_strip(vlm.processor.tokenizer, ids, labels=labels, expand_image=True, max_tokens=None))
     assert sorted(b[1] for b in expanded if b[0] == "image") == list(range(first_image, first_image + N_IMAGE))
     assert len(expanded) == len(ids)
 
 
-def test_token_strip_summarises_past_max_tokens(bundle, chat):
+def test_token_strip_summarises_past_max_tokens(vlm, chat):
     ids, _ = chat
-    fig = plot_token_strip(bundle.tokenizer, ids, max_tokens=10)
+    fig = plot_token_strip(vlm.processor.tokenizer, ids, max_tokens=10)
     boxes = strip_boxes(fig)
     assert len(boxes) == 11 and boxes[-1][0] == "more"
     assert boxes[-1][1] == boxes[-2][1] + boxes[-2][2]  # the first token not drawn

@@ -4,9 +4,6 @@ The Q&A panel needs ipywidgets (installed with the ``dev`` extras); it is import
 """
 
 from .attention import (
-    AttentionTrace,
-    Candidates,
-    answer_with_attention,
     encoder_view,
     image_share,
     patch_grid,
@@ -15,6 +12,7 @@ from .attention import (
     plot_image_share,
 )
 from .tokens import describe_tokens, plot_token_strip
+from .trace import AttentionTrace, Candidates, answer_with_attention
 
 __all__ = [
     "AttentionTrace",

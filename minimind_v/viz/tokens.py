@@ -103,6 +103,12 @@ def escape(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def token_label(text: str) -> str:
+    """A token as a short title: control characters made visible, outer spaces dropped."""
+    shown = escape(text)
+    return shown.strip() or shown.replace(" ", "·")
+
+
 def describe_tokens(tokenizer, input_ids, image_token_ids=None, image_mask=None, labels=None):
     """[(index, token_text, is_image, has_loss), ...]: one entry per token, text escaped."""
     ids = _as_list(input_ids, "input_ids")

@@ -32,124 +32,24 @@ from __future__ import annotations
 
 import functools
 import html
-import io
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
-import ipywidgets as widgets
 from PIL import Image
-from transformers.generation.streamers import BaseStreamer
 
-from ..data.images import ImageError, decode_picture, load_image
-from ..data.shapes import (
-    COLOURS,
-    POSITIONS,
-    REFERENCE_IMAGE_SIZE,
-    SHAPES,
-    SIZES,
-    ShapesWorldConfig,
-    describe_object,
-    position_phrase,
-    render_scene,
-    validate_scene,
-)
-from ..inference import DEFAULT_MAX_NEW_TOKENS
-from .attention import DEFAULT_TOP_K, Candidates, answer_with_attention, image_share, plot_attention_panel, token_label
+from ..data.images import ImageError, load_image
+from ..data.shapes import REFERENCE_IMAGE_SIZE, position_phrase, render_scene, validate_scene
+from ..inference import DEFAULT_MAX_NEW_TOKENS, model_and_processor
+from .attention import image_share, plot_attention_panel
+from .panel_layout import MAX_OBJECTS, PanelLayout
+from .panel_render import (CallbackStreamer, describe_scene, figure_png, image_from_bytes, picture_labels, png_bytes,
+                           top_tokens_html)
+from .tokens import token_label
+from .trace import DEFAULT_TOP_K, Candidates, answer_with_attention
 
 UPLOAD_PREFIX = "uploaded: "
 COMPOSED_PREFIX = "composed: "
 TEXT_ONLY_SUFFIX = ", without the picture (text only)"
-# The shapes world puts 1 to 3 objects in a picture; a composed picture stays inside what the
-# model was trained on.
-MAX_OBJECTS = ShapesWorldConfig().max_objects
-# Where the composition rows start: distinct cells, so ticking a second object is valid at once.
-DEFAULT_OBJECTS = (
-    dict(shape="circle", colour="red", size="large", position="top left"),
-    dict(shape="square", colour="blue", size="small", position="center"),
-    dict(shape="triangle", colour="green", size="large", position="bottom right"),
-)
-
-
-class CallbackStreamer(BaseStreamer):
-    """A transformers streamer that hands the answer so far (decoded text) to ``on_text``.
-
-    ``generate`` first puts the prompt (skipped here), then each new token. The whole answer is
-    decoded again at each step, so a character split over two byte-level tokens appears whole.
-    """
-
-    def __init__(self, tokenizer, on_text: Callable[[str], None]):
-        self.tokenizer = tokenizer
-        self.on_text = on_text
-        self.ids: list[int] = []
-        self._prompt_seen = False
-
-    def put(self, value):
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        if value.dim() > 1 and value.shape[0] > 1:
-            raise ValueError("CallbackStreamer streams one answer at a time (batch size 1)")
-        self.ids.extend(value.reshape(-1).tolist())
-        self.on_text(self.tokenizer.decode(self.ids, skip_special_tokens=True))
-
-    def end(self):
-        pass
-
-
-def image_from_bytes(data: bytes, name: str) -> Image.Image:
-    """Decode an uploaded file to an RGB image, or raise ImageError naming the file."""
-    if not data:
-        raise ImageError(f"{name}: the file is empty")
-    return decode_picture(bytes(data), name)
-
-
-def png_bytes(image: Image.Image, max_side: int | None = None) -> bytes:
-    if max_side is not None and max(image.size) > max_side:
-        image = image.copy()
-        image.thumbnail((max_side, max_side))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def figure_png(fig, dpi: int = 100) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)  # drawn into the widget; keep pyplot from holding (or showing) it
-    return buffer.getvalue()
-
-
-def _labels_for(paths: Sequence[Path]) -> list[str]:
-    """Short dropdown labels: file names, with the parent folder where names repeat."""
-    names = [p.name for p in paths]
-    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
-
-
-def describe_scene(scene: Sequence[dict]) -> str:
-    """'small red circle in the top left, large blue circle in the center'"""
-    return ", ".join(f"{describe_object(o)} {position_phrase(o['position'])}" for o in scene)
-
-
-def top_tokens_html(steps: Sequence[Candidates]) -> str:
-    """A small table: one row per answer step, the chosen token first, then what else the model
-    considered, each with its probability."""
-    if not steps:
-        return ""
-    k = max(len(s.ids) for s in steps)
-    head = "".join(f"<th style='padding:0 8px'>#{i + 1}</th>" for i in range(k))
-    rows = []
-    for n, step in enumerate(steps, 1):
-        cells = []
-        for i, (token, p) in enumerate(zip(step.tokens, step.probs)):
-            shown = html.escape(token_label(token))
-            style = "font-weight:bold" if step.ids[i] == step.chosen_id else "color:#555"
-            cells.append(f"<td style='padding:0 8px;{style}'><code>{shown}</code> {p:.2f}</td>")
-        step_label = f"{n}" + (" (end)" if step.end else "")
-        rows.append(f"<tr><td style='padding:0 8px;color:#777'>{step_label}</td>{''.join(cells)}</tr>")
-    return ("<table class='mmv-top-table' style='border-collapse:collapse;font-size:12px'>"
-            f"<tr><th style='padding:0 8px'>step</th>{head}</tr>{''.join(rows)}</table>")
 
 
 def _reported(callback):
@@ -167,12 +67,13 @@ def _reported(callback):
     return run
 
 
-class QAWidget:
-    """The question-and-answer panel. ``view`` is the widget tree; the instance displays itself.
+class QAWidget(PanelLayout):
+    """The question-and-answer panel: the layout (``PanelLayout``) with what its controls do.
+    ``view`` is the widget tree; the instance displays itself.
 
-    ``models``: one bundle (``inference.load_vlm``) or {label: bundle}, e.g. {"after
-    pretraining": ..., "after SFT": ...}. ``text_only``: the label of the model also offered
-    without the picture (default: the last one; None for none).
+    ``models``: one model (``inference.load_vlm``: the model and its processor) or {label: model},
+    e.g. {"after pretraining": ..., "after SFT": ...}. ``text_only``: the label of the model also
+    offered without the picture (default: the last one; None for none).
     """
 
     def __init__(
@@ -191,8 +92,10 @@ class QAWidget:
             models = {"model": models}
         if not models:
             raise ValueError("qa_widget needs at least one model")
-        # label -> (bundle, whether the picture is given)
-        self.models: dict[str, tuple[object, bool]] = {label: (b, True) for label, b in models.items()}
+        for label, vlm in models.items():
+            model_and_processor(vlm, f"qa_widget's model {label!r}")
+        # label -> ((model, processor), whether the picture is given)
+        self.models: dict[str, tuple[object, bool]] = {label: (vlm, True) for label, vlm in models.items()}
         if text_only is True:
             text_only = list(models)[-1]
         if text_only:
@@ -204,7 +107,7 @@ class QAWidget:
         self.preview_size = preview_size
         paths = [Path(p) for p in eval_images]
         # label -> a path (demo pictures, loaded when chosen) or a PIL image (uploads)
-        self.sources: dict[str, Path | Image.Image] = dict(zip(_labels_for(paths), paths))
+        self.sources: dict[str, Path | Image.Image] = dict(zip(picture_labels(paths), paths))
         self.current_image: Image.Image | None = None
         self.current_name: str | None = None
         self.last_answer: str | None = None
@@ -215,71 +118,8 @@ class QAWidget:
         self._steps: list[Candidates] = []
         self._quiet = False  # set while the attention controls are rebuilt
 
-        # --- the model
-        self.model_select = widgets.Dropdown(options=list(self.models), description="model",
-                                             layout=widgets.Layout(width="420px"))
-        self.model_select.add_class("mmv-model")
-        # --- the picture: three ways to choose one
-        self.image_select = widgets.Dropdown(options=list(self.sources), description="picture", value=None)
-        self.image_select.add_class("mmv-demo")
-        self.upload = widgets.FileUpload(accept="image/*", multiple=False, description="your picture")
-        self.upload.add_class("mmv-upload")
-        self.object_rows = [self._object_row(i, DEFAULT_OBJECTS[i % len(DEFAULT_OBJECTS)], on=i == 0)
-                            for i in range(MAX_OBJECTS)]
-        self.draw_button = widgets.Button(description="Draw it", icon="paint-brush")
-        self.draw_button.add_class("mmv-draw")
-        compose_box = widgets.VBox([
-            widgets.HTML(f"Up to {MAX_OBJECTS} objects, one per cell of the 3×3 grid, drawn by the shapes world:"),
-            *[row["box"] for row in self.object_rows], self.draw_button])
-        self.source_tabs = widgets.Tab(
-            children=[widgets.VBox([self.image_select]), widgets.VBox([self.upload]), compose_box])
-        for i, title in enumerate(("demo pictures", "upload", "compose one")):
-            self.source_tabs.set_title(i, title)
-        self.picture_label = widgets.HTML("<i>no picture yet</i>")
-        self.picture_label.add_class("mmv-picture-label")
-        self.preview = widgets.Image(format="png", width=preview_size)
-        self.preview.add_class("mmv-preview")
-        # --- the question and the answer
-        self.question = widgets.Text(placeholder="Ask about the picture, e.g. What colour is the circle?",
-                                     description="question", layout=widgets.Layout(width="480px"))
-        self.question.add_class("mmv-question")
-        self.ask_button = widgets.Button(description="Ask", button_style="primary", icon="comment")
-        self.ask_button.add_class("mmv-ask")
-        self.answer_area = widgets.HTML()
-        self.answer_area.add_class("mmv-answer")
-        self.top_view = widgets.HTML()
-        self.top_view.add_class("mmv-top")
-        # --- the attention
-        self.show_attention = widgets.Checkbox(value=show_attention, description="show attention", indent=False)
-        self.show_attention.add_class("mmv-show-attention")
-        self.layer_select = widgets.Dropdown(options=[("mean over layers", "mean")], description="layer")
-        self.layer_select.add_class("mmv-layer")
-        self.head_select = widgets.Dropdown(options=[("mean over heads", "mean")], description="head")
-        self.head_select.add_class("mmv-head")
-        self.token_select = widgets.Dropdown(options=[("whole answer", "all")], description="token")
-        self.token_select.add_class("mmv-token")
+        super().__init__(list(self.models), list(self.sources), preview_size, show_attention)
         self._wanted = {"layer": attention_layer, "head": attention_head}
-        self.share_view = widgets.HTML()
-        self.share_view.add_class("mmv-share")
-        self.attention_view = widgets.Image(format="png")
-        self.attention_view.add_class("mmv-attention")
-        self.attention_box = widgets.VBox([
-            widgets.HBox([self.layer_select, self.head_select, self.token_select]),
-            self.share_view, self.attention_view], layout=widgets.Layout(display="none"))
-        self.message = widgets.HTML()
-        self.message.add_class("mmv-message")
-
-        self.view = widgets.VBox([
-            self.model_select,
-            widgets.HBox([self.source_tabs, widgets.VBox([self.picture_label, self.preview])],
-                         layout=widgets.Layout(align_items="flex-start")),
-            widgets.HBox([self.question, self.ask_button, self.show_attention]),
-            self.message,
-            widgets.HBox([self.answer_area]),
-            self.top_view,
-            self.attention_box,
-        ])
-        self.view.add_class("mmv-panel")
 
         self.model_select.observe(self.on_model, names="value")
         self.image_select.observe(self.on_select, names="value")
@@ -291,27 +131,6 @@ class QAWidget:
             control.observe(self.on_attention_choice, names="value")
         if self.sources:
             self.image_select.value = next(iter(self.sources))  # fires on_select
-
-    # ----------------------------------------------------------------- display
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.view._repr_mimebundle_(**kwargs)
-
-    def _object_row(self, index: int, start: dict, on: bool) -> dict:
-        row = {
-            "use": widgets.Checkbox(value=on, description=f"object {index + 1}", indent=False,
-                                    layout=widgets.Layout(width="90px")),
-            "shape": widgets.Dropdown(options=SHAPES, value=start["shape"], layout=widgets.Layout(width="95px")),
-            "colour": widgets.Dropdown(options=COLOURS, value=start["colour"], layout=widgets.Layout(width="85px")),
-            "size": widgets.Dropdown(options=SIZES, value=start["size"], layout=widgets.Layout(width="75px")),
-            "position": widgets.Dropdown(options=POSITIONS, value=start["position"],
-                                         layout=widgets.Layout(width="120px")),
-        }
-        for name, control in row.items():
-            control.add_class(f"mmv-{name}")
-        row["box"] = widgets.HBox([row[k] for k in ("use", "shape", "colour", "size", "position")])
-        row["box"].add_class(f"mmv-object-{index + 1}")
-        return row
 
     # ----------------------------------------------------------------- messages
 
@@ -340,8 +159,8 @@ class QAWidget:
                                     else "<i>no picture yet</i>")
 
     @property
-    def bundle(self):
-        """The bundle of the chosen model."""
+    def chosen_model(self):
+        """The chosen model: (model, processor)."""
         return self.models[self.model_select.value][0]
 
     @property
@@ -455,11 +274,12 @@ class QAWidget:
         if not question:
             self.say("Type a question about the picture first.")
             return
-        bundle, with_image = self.models[self.model_select.value]
+        vlm, with_image = self.models[self.model_select.value]
+        _, processor = vlm
         if with_image and self.current_image is None:
             self.say("Choose a picture first: a demo picture, an upload, or compose one.")
             return
-        if not self._fits(bundle, question):
+        if not self._fits(vlm, question):
             return
 
         def show(text: str) -> None:
@@ -472,8 +292,8 @@ class QAWidget:
         self.ask_button.disabled = True
         image = self.current_image if with_image else None
         try:
-            trace = answer_with_attention(bundle, image, question, max_new_tokens=self.max_new_tokens,
-                                          streamer=CallbackStreamer(bundle.tokenizer, show),
+            trace = answer_with_attention(vlm, image, question, max_new_tokens=self.max_new_tokens,
+                                          streamer=CallbackStreamer(processor.tokenizer, show),
                                           top_k=self.top_k, on_step=step)
         except ValueError as err:  # a question the prompt cannot hold (special tokens, too long)
             self.say(f"That question cannot be asked: {err}")
@@ -489,12 +309,13 @@ class QAWidget:
         self._rebuild_attention_controls(trace)
         self.draw_attention()
 
-    def _fits(self, bundle, question: str) -> bool:
+    def _fits(self, vlm, question: str) -> bool:
         """Whether the question can be asked: no special-token text, and short enough that the
         prompt and a whole answer fit in the model's positions. Says why not."""
-        cfg = bundle.model.config
+        model, processor = vlm
+        cfg = model.config
         try:
-            n = len(bundle.processor.question_ids(question))
+            n = len(processor.question_ids(question))
         except ValueError as err:
             self.say(f"That question cannot be asked: {err}")
             return False
@@ -563,6 +384,6 @@ class QAWidget:
 
 
 def qa_widget(models, eval_images: Sequence[str | Path] = (), **options) -> QAWidget:
-    """The Q&A panel for one bundle or {label: bundle} (see :class:`QAWidget` for the options).
-    Display the result."""
+    """The Q&A panel for one model or {label: model}, each as ``inference.load_vlm`` returns it
+    (see :class:`QAWidget` for the options). Display the result."""
     return QAWidget(models, eval_images, **options)
