@@ -51,7 +51,7 @@ def load_held_out(data: str | Path | Sequence[list[dict]] | None = None, n: int 
     """Held-out pairs from a shapes-world folder's eval split, a list of scenes, or fresh scenes.
 
     data: a folder with eval_data.json + eval_data_images/ (each record's image and a caption of
-    its "scene"), a list of scenes (rendered here), or None for `n` new scenes drawn from a
+    its "scene"; two-picture records are skipped), a list of scenes (rendered here), or None for `n` new scenes drawn from a
     seed no training run uses. Captions are drawn with a per-record seed, so they repeat.
     """
     if data is None:
@@ -65,6 +65,8 @@ def load_held_out(data: str | Path | Sequence[list[dict]] | None = None, n: int 
         if not path.is_file():
             raise FileNotFoundError(f"load_held_out: {path} not found; expected a shapes-world folder (python -m minimind_v.data.shapes)")
         records = json.loads(path.read_text(encoding="utf-8"))
+        # A question about two pictures has no one caption to retrieve: it is left out.
+        records = [r for r in records if not (isinstance(r, dict) and "scenes" in r)]
         if n is not None:
             records = records[:n]
         scenes, images = [], []

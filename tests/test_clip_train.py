@@ -493,3 +493,17 @@ def test_torchrun_two_processes_match_one(alone, tmp_path):
     ddp, single = (C.CLIPModel.from_pretrained(tmp_path / name).state_dict() for name in ("ddp", "alone"))
     for name, tensor in single.items():
         torch.testing.assert_close(ddp[name], tensor, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_retrieval_leaves_out_questions_about_two_pictures(tmp_path):
+    """World 2's held-out split holds two-picture records (``scenes``, no one ``scene``): the
+    tiny CLIP's retrieval reads the single-picture ones, each with its own scene and image."""
+    config = shapes.ShapesWorldConfig(seed=1, n_pretrain=4, n_sft=4, n_eval=60, workers=1,
+                                      question_types=shapes.ANSWER_TYPES + (shapes.TWO_PICTURES,))
+    shapes.generate_world(tmp_path / "w", config, progress=False)
+    records = json.loads((tmp_path / "w/eval_data.json").read_text())
+    single = [r for r in records if "scene" in r]
+    assert 0 < len(single) < len(records)  # both kinds are there
+    held = P.load_held_out(tmp_path / "w")
+    assert held.scenes == [r["scene"] for r in single]
+    assert held.pixel_values.shape[0] == len(held.captions) == len(single)
