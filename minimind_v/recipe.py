@@ -157,14 +157,25 @@ def world_config(r: Recipe):
 def world_texts(world: Path) -> list[str]:
     """Every caption, question and answer of the world as a chat turn shows it ("user\\n..."),
     without the image tags. The role words go in too: otherwise BPE never sees "assistant" and
-    spells it letter by letter in every turn of every training sample."""
+    spells it letter by letter in every turn of every training sample. Either layout: the JSON
+    files, or the original's parquet files (pretrain_i2t.parquet, sft_i2t.parquet), in row order."""
+    from .data.layouts import resolve_data
+    from .data.parquet import CONVERSATIONS, iter_rows, parse_conversations
     from .tokenizer import SEED_ROLES
+
+    def turns(name: str):  # (role, text) of every turn, record by record
+        path, image_dir = resolve_data(world, name)
+        if image_dir is not None:  # the JSON layout
+            for record in json.loads(path.read_text(encoding="utf-8")):
+                yield from ((SEED_ROLES[t["from"]], t["value"]) for t in record["conversations"])
+            return
+        for _, _, where, rid, row in iter_rows(path, columns=[CONVERSATIONS]):  # only that column is read
+            for t in parse_conversations(row[CONVERSATIONS], where, rid):
+                yield (t["role"], t["content"]) if "role" in t else (SEED_ROLES[t["from"]], t["value"])
 
     texts = []
     for name in ("pretrain_data.json", "sft_data.json"):
-        for record in json.loads((world / name).read_text(encoding="utf-8")):
-            texts += [f"{SEED_ROLES[t['from']]}\n" + t["value"].replace("<image>", "").strip()
-                      for t in record["conversations"]]
+        texts += [f"{role}\n" + text.replace("<image>", "").strip() for role, text in turns(name)]
     return texts
 
 

@@ -16,7 +16,8 @@ import torch
 from conftest import TINY_CLIP_TOKENS
 from minimind_v.data.datasets import Batch, ChatDataset, DataError, collate, read_records
 from minimind_v.data.records import find_image
-from minimind_v.tokenizer import EOS_TOKEN, IGNORE_INDEX, IMAGE_TAG, IMAGE_TOKEN, image_placeholder, render_chat
+from minimind_v.tokenizer import (EOS_TOKEN, IGNORE_INDEX, IMAGE_TAG, IMAGE_TOKEN, encode_chat, image_placeholder,
+                                  render_chat)
 
 N = TINY_CLIP_TOKENS
 
@@ -104,8 +105,8 @@ def test_text_only_trains_every_token_without_the_picture(tiny_world, world_toke
 def test_long_samples_are_cut_after_the_prompt_never_inside_it(tiny_world, world_tokenizer, tiny_encoder):
     tok = world_tokenizer
     full = image_dataset(tiny_world, tok, tiny_encoder)
-    index = max(range(len(full)), key=lambda i: len(full.items[i][2]))
-    rid, _, ids, labels = full.items[index]
+    index = max(range(len(full)), key=lambda i: len(full[i].input_ids))
+    rid, ids, labels = full[index].id, full[index].input_ids.tolist(), full[index].labels.tolist()
     first_answer = next(i for i, l in enumerate(labels) if l != IGNORE_INDEX)
     record = read_records(tiny_world / "sft_data.json")[index]
 
@@ -114,7 +115,7 @@ def test_long_samples_are_cut_after_the_prompt_never_inside_it(tiny_world, world
     assert cut[0].labels.tolist() == labels[: first_answer + 3]
 
     with pytest.raises(DataError, match=rf"record '{rid}'.*prompt alone is {first_answer} tokens.*max_length=20"):
-        image_dataset(tiny_world, tok, tiny_encoder, max_length=20, records=[record])
+        image_dataset(tiny_world, tok, tiny_encoder, max_length=20, records=[record])[0]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -155,8 +156,10 @@ def test_corrupt_and_non_image_files_name_the_record_and_file(bad_world, world_t
         ds[3]
 
     skipping = image_dataset(bad_world, world_tokenizer, tiny_encoder, skip_bad_samples=True)
-    assert len(skipping) == 4
-    assert [s.id for s in skipping] == [r["id"] for i, r in enumerate(records) if i not in (1, 3)]
+    assert len(skipping) == 6 and not skipping.skipped  # nothing is read before a sample is drawn
+    batch = collate(list(skipping))
+    assert batch.ids == [r["id"] for i, r in enumerate(records) if i not in (1, 3)]
+    assert [s.id for s in batch.dropped] == [records[1]["id"], records[3]["id"]]
     assert len(skipping.skipped) == 2
     assert skipping.skipped[0].id == records[1]["id"] and truncated.name in skipping.skipped[0].message
     assert skipping.skipped[1].id == records[3]["id"] and not_image.name in skipping.skipped[1].message
@@ -168,7 +171,8 @@ def test_missing_image_file_names_the_record(bad_world, world_tokenizer, tiny_en
     ds = image_dataset(bad_world, world_tokenizer, tiny_encoder)
     with pytest.raises(DataError, match=rf"record '{records[2]['id']}'.*{records[2]['image']}.*no such image file"):
         ds[2]
-    assert len(image_dataset(bad_world, world_tokenizer, tiny_encoder, skip_bad_samples=True)) == 5
+    skipping = image_dataset(bad_world, world_tokenizer, tiny_encoder, skip_bad_samples=True)
+    assert len(collate(list(skipping)).ids) == 5 and [s.id for s in skipping.skipped] == [records[2]["id"]]
 
 
 BROKEN = {
@@ -200,11 +204,14 @@ def test_malformed_records_are_named_or_skipped(bad_world, world_tokenizer, tiny
     records[2] = change(records[2])
     write_records(bad_world, records)
     rid = records[2]["id"] if isinstance(records[2], dict) else None
+    strict = image_dataset(bad_world, world_tokenizer, tiny_encoder)
+    assert strict[1].id == records[1]["id"]  # the others are usable: the record fails when it is read
     with pytest.raises(DataError, match=message.format(id=rid)):
-        image_dataset(bad_world, world_tokenizer, tiny_encoder)
+        strict[2]
     skipping = image_dataset(bad_world, world_tokenizer, tiny_encoder, skip_bad_samples=True)
-    assert len(skipping) == 5 and len(skipping.skipped) == 1
-    assert [s.id for s in skipping] == [r["id"] for i, r in enumerate(records) if i != 2]
+    batch = collate(list(skipping))
+    assert len(batch.dropped) == 1 and len(skipping.skipped) == 1 and skipping.skipped[0].id == batch.dropped[0].id
+    assert batch.ids == [r["id"] for i, r in enumerate(records) if i != 2]
 
 
 def test_bad_json_files_are_clear_errors(bad_world, world_tokenizer, tiny_encoder):
@@ -224,11 +231,15 @@ def test_bad_json_files_are_clear_errors(bad_world, world_tokenizer, tiny_encode
         ChatDataset(bad_world / "sft_data.json", world_tokenizer, N)
 
 
-def test_every_record_bad_is_an_error_even_when_skipping(bad_world, world_tokenizer, tiny_encoder):
-    for r in read_records(bad_world / "sft_data.json"):
+def test_every_record_bad_is_counted_when_skipping(bad_world, world_tokenizer, tiny_encoder):
+    records = read_records(bad_world / "sft_data.json")
+    for r in records:
         (bad_world / "sft_images" / r["image"]).write_text("broken")
-    with pytest.raises(DataError, match="holds no usable record"):
-        image_dataset(bad_world, world_tokenizer, tiny_encoder, skip_bad_samples=True)
+    skipping = image_dataset(bad_world, world_tokenizer, tiny_encoder, skip_bad_samples=True)
+    batch = collate(list(skipping))
+    assert batch.input_ids.shape[0] == 0 and batch.n_targets == 0
+    assert [s.id for s in skipping.skipped] == [r["id"] for r in records]
+    assert skipping.skip_summary().startswith(f"skipped {len(records)} bad sample(s) ({len(records)} unreadable image)")
 
 
 def test_feature_cache_samples_are_the_encoders_patch_tokens(tiny_world, world_tokenizer, tiny_encoder, tmp_path):
@@ -250,4 +261,35 @@ def test_feature_cache_samples_are_the_encoders_patch_tokens(tiny_world, world_t
         ChatDataset(tiny_world / "sft_data.json", world_tokenizer, N, feature_cache=cache, records=[record])[0]
     skipping = ChatDataset(tiny_world / "sft_data.json", world_tokenizer, N, feature_cache=cache,
                            records=[record, read_records(tiny_world / "sft_data.json")[1]], skip_bad_samples=True)
-    assert len(skipping) == 1 and skipping.skipped[0].id == "stranger"
+    assert collate(list(skipping)).ids == [read_records(tiny_world / "sft_data.json")[1]["id"]]
+    assert [(s.id, s.kind) for s in skipping.skipped] == [("stranger", "image not in the feature cache")]
+
+
+class CountingTokenizer:
+    """A tokenizer that counts its encode calls (everything else goes to the real one)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_start_up_tokenises_nothing_and_samples_are_the_chat_templates_ids(tiny_world, world_tokenizer,
+                                                                          tiny_encoder):
+    """The records are tokenised when drawn, never at start-up, with the same ids and labels as the
+    chat template gives each record on its own (encode_chat: the independent truth)."""
+    records = read_records(tiny_world / "sft_data.json")
+    counting = CountingTokenizer(world_tokenizer)
+    ds = image_dataset(tiny_world, counting, tiny_encoder)
+    assert len(ds) == len(records) and counting.calls == 0
+    for i in (0, len(records) // 2, len(records) - 1):
+        sample = ds[i]
+        expected_ids, expected_labels = encode_chat(world_tokenizer, records[i]["conversations"], N)[:2]
+        assert sample.id == records[i]["id"]
+        assert (sample.input_ids.tolist(), sample.labels.tolist()) == (expected_ids, expected_labels)
+    assert counting.calls > 0

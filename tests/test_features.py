@@ -1,5 +1,6 @@
 """The frozen-feature cache: same tokens as the encoder, keyed by encoder and image files, atomic builds."""
 
+import io
 import json
 import os
 import pickle
@@ -256,3 +257,47 @@ def test_pickled_cache_does_not_carry_the_tokens(encoder, image_dir, tmp_path):
 def test_rejects_bfloat16_storage(encoder, image_dir, tmp_path):
     with pytest.raises(ValueError, match="float16 or torch.float32"):
         FeatureCache.build(encoder, image_dir, tmp_path / "cache", dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- parquet pictures
+
+
+def test_meta_lists_every_parquet_picture_it_covers(encoder, tmp_path):
+    """A cache of a parquet dataset lists, in meta.json, the name of every picture a sample shows
+    ("<file>#<row>/<k>": one per <image> tag, none for a text-only row), so that the cache can be
+    checked against the data it serves. The truth is the rows as written here."""
+    from minimind_v.data.parquet import dataset_picture_names, placeholder_picture, write_chat_parquet
+
+    def png(value):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 40), (value, 255 - value, 7)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    def row(tags, pictures):
+        question = "<image>" * tags + " what is it?"
+        return {"conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": "a"}],
+                "image_bytes": pictures}
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    # per file: the <image> tags of each row (0: text-only, with the 8x8 placeholder)
+    layout = {"a.parquet": [1, 0, 2, 1, 1], "b.parquet": [2, 1, 0]}
+    for file_name, tags in layout.items():
+        rows = [row(n, [png(10 * i + k) for k in range(n)] or [placeholder_picture()]) for i, n in enumerate(tags)]
+        write_chat_parquet(folder / file_name, rows, several_pictures=True, row_group_size=2)
+    expected = [f"{file_name}#{i}/{k}" for file_name, tags in layout.items() for i, n in enumerate(tags)
+                for k in range(n)]
+
+    names = dataset_picture_names(folder)
+    assert names == expected
+    cache = ensure_cache(encoder, folder, tmp_path / "cache", names=names, progress=False)
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text(encoding="utf-8"))
+    assert meta["names"] == expected and meta["num_images"] == len(expected) == 8
+    assert cache.uncovered(expected) == [] and all(name in cache for name in expected)
+
+    # A cache of some rows covers their pictures only, and says which others it lacks.
+    some = ensure_cache(encoder, folder, tmp_path / "some", names=dataset_picture_names(folder, rows=[0, 5, 7]),
+                        progress=False)  # global rows 5 and 7: b.parquet's rows 0 and 2 (text-only)
+    assert some.names == ["a.parquet#0/0", "b.parquet#0/0", "b.parquet#0/1"]
+    assert some.uncovered(expected) == [name for name in expected if name not in some.names]
+    assert set(some.names) | set(some.uncovered(expected)) == set(expected)

@@ -293,3 +293,18 @@ def test_two_picture_questions_in_both_layouts(tmp_path, world_tokenizer, tiny_e
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels) and torch.equal(a.image, b.image)
     # the default world has no two-picture record
     assert TWO_PICTURES not in ShapesWorldConfig().question_types
+
+
+def test_world_texts_reads_the_parquet_layout(tiny_world, parquet_world):
+    """The tokenizer's training text is the same whichever layout the world was written in (the
+    JSON world's turns are the truth), read from the parquet files through the parquet reader."""
+    from minimind_v.recipe import world_texts
+
+    assert not (parquet_world / "sft_data.json").exists()  # no JSON to fall back on
+    from_json, from_parquet = world_texts(tiny_world), world_texts(parquet_world)
+    records = [r for name in ("pretrain_data.json", "sft_data.json")
+               for r in json.loads((tiny_world / name).read_text(encoding="utf-8"))]
+    assert len(from_json) == sum(len(r["conversations"]) for r in records)
+    assert from_parquet == from_json
+    assert from_parquet[0].startswith("user\n") and from_parquet[1].startswith("assistant\n")
+    assert not any(IMAGE_TAG in text for text in from_parquet)

@@ -5,8 +5,8 @@ epoch. Encoding them once and memory-mapping the result turns the most expensive
 training step into a gather from the page cache.
 
 A cache folder holds:
-    meta.json            the commit record: encoder fingerprint, image names, per-image file
-                         stats, shape, dtype and the name of the features file
+    meta.json            the commit record: encoder fingerprint, the name of every picture it
+                         covers, per-picture file stats, shape, dtype and the features file's name
     features-<id>.npy    tokens (N, num_tokens, width), float16 by default, read with np.memmap
 
 Safety rules:
@@ -18,31 +18,23 @@ Safety rules:
   previous complete cache or no meta.json at all, never a cache that looks valid but is not.
 - Each image's file size and modification time (ns) are recorded; `open(..., image_dir=...)`
   refuses a cache whose images changed, disappeared or were replaced.
-- meta.json is data from disk, not trusted: every name in it is checked (features_file must be
-  exactly `features-<12 hex>.npy` inside the cache folder, image names relative without '..'),
-  and a meta.json that fails any check is refused as stale, so a crafted one can neither make a
-  rebuild delete nor make an open read anything outside the cache folder. The token file is
-  read with allow_pickle=False: loading it never runs code.
+- meta.json is data from disk, not trusted: a field a build would not write is refused as
+  stale (:mod:`.feature_cache_meta`); the token file is read with allow_pickle=False.
 - With skip_bad_images=True a build encodes the images it can read and records the others
   (`cache.unreadable`: name -> reason); without it the first unreadable image stops the build
   with an error naming the file.
 - Pictures stored inside parquet rows (the original's layout) are named `"<file>#<row>/<k>"`
   (picture k of that row of `<file>`, relative to the folder given as image_dir); their staleness
-  is the parquet file's size and mtime. `ParquetChatDataset.picture_names()` lists them.
+  is the parquet file's size and mtime. `ParquetChatDataset.picture_names()` lists them; meta.json
+  lists every picture a cache covers, and `cache.uncovered(names)` names those it lacks.
 
-Staleness by size + mtime_ns rather than a content hash: checking a content hash means reading
-every image again on every open (tens of GB for the real dataset), while a stat costs
-microseconds per file. An edit that keeps both size and the nanosecond mtime is not a realistic
-accident; the cost of the cheap check is a needless rebuild after copying images without
-preserving times (`cp` without -p), which is safe, only slow.
+The meta.json checks are in :mod:`.feature_cache_meta`, what a build reads (names, files, stats,
+decoding, and why staleness is a stat) in :mod:`.feature_sources`; the names other modules use are importable from here.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import signal
 import socket
 import stat
 import time
@@ -55,30 +47,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..runfiles import atomic_write_json, fsync_path, inside
-from .images import ImageError, list_image_files, load_image
-from .parquet import ParquetPictures, parse_picture_key
-from .records import relative_name_problem
-
-META_FILE = "meta.json"
-_FEATURES_NAME = re.compile(r"features-[0-9a-f]{12}\.npy")  # the only token file name a build writes
-_PARTIAL_NAME = re.compile(r"^features-[0-9a-f]{12}\.npy\.(?P<host>.+)-(?P<pid>\d+)\.partial$")
-FORMAT_VERSION = 2  # 2: adds "unreadable"; version 1 caches (no unreadable images) are still read
-_READABLE_FORMATS = (1, 2)
-_DTYPE_NAMES = ("float16", "float32")
-
-# Fault injection for tests (never set it otherwise): "batch:<n>" SIGKILLs this process after the
-# n-th encoded batch is written, "commit" after the token file is in place but before meta.json.
-FAULT_ENV = "MINIMIND_V_FAULT_KILL_CACHE_BUILD"
+from .feature_cache_meta import (FEATURES_NAME, FORMAT_VERSION, META_FILE, REBUILD, StaleCacheError,  # noqa: F401
+                                 check_meta, read_meta_or_none)
+from .feature_sources import (FAULT_ENV, DecodedImages, collate_decoded, decoding_workers, fault_point,  # noqa: F401
+                              remove_abandoned_partials, source_or_none, source_path, stat_paths, unique_names)
+from .images import ImageError, list_image_files
+from .parquet_layout import parse_picture_key
 
 # Token dtypes a cache can hold; numpy has no bfloat16.
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
-
-
-class StaleCacheError(RuntimeError):
-    """The feature cache is missing, incomplete, or was built from other weights, preprocessing or images."""
-
-
-_REBUILD = "rebuild it with FeatureCache.build(encoder, image_dir, cache_dir) or ensure_cache(...)"
 
 
 class FeatureCache:
@@ -133,7 +110,7 @@ class FeatureCache:
             raise ValueError(f"dtype must be torch.float16 or torch.float32, got {dtype}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        names = _unique_names(names) if names is not None else list_image_files(image_dir)
+        names = unique_names(names) if names is not None else list_image_files(image_dir)
         if not names:
             raise ValueError(f"no images to encode: {image_dir} holds no image files and no names were given")
         unreadable: dict[str, str] = {}
@@ -141,14 +118,14 @@ class FeatureCache:
         confined: dict[str, Path] = {}  # parquet file -> its confined path (checked once, not per picture)
         for name in names:  # confine every name before anything is stat'ed or opened
             try:
-                paths.append(_source_path(image_dir, name, confined))
+                paths.append(source_path(image_dir, name, confined))
             except ValueError as err:
                 if not skip_bad_images:
                     raise ImageError(f"cannot build the feature cache {cache_dir}: {err}") from None
                 unreadable[name] = f"refused, never opened: {err}"
                 paths.append(None)
         # Stat before reading: if a file changes during the build, open() will see it as stale.
-        stats, missing = _stat_paths(paths)
+        stats, missing = stat_paths(paths)
         if missing and not skip_bad_images:
             raise ImageError(
                 f"{len(missing)} of {len(names)} images are missing from {image_dir}, e.g. "
@@ -158,25 +135,26 @@ class FeatureCache:
             unreadable[names[row]] = f"{paths[row]}: no such image file"
             paths[row] = None
         if num_workers is None:
-            num_workers = min(8, (os.cpu_count() or 1) - 1) if len(names) >= 512 else 0
+            num_workers = decoding_workers(len(names))
         fingerprint = encoder.fingerprint()
         count, tokens, width = len(names), encoder.num_tokens, encoder.width
 
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_partials(cache_dir)
+        remove_abandoned_partials(cache_dir)
         features_file = f"features-{uuid.uuid4().hex[:12]}.npy"
         partial = cache_dir / f"{features_file}.{socket.gethostname()}-{os.getpid()}.partial"
-        previous = _read_meta_or_none(cache_dir)
+        previous = read_meta_or_none(cache_dir)
         started = time.perf_counter()
         committed = False
         try:
             # Rows of unreadable images stay zero; the index never points at them.
-            store = np.lib.format.open_memmap(partial, mode="w+", dtype=_NUMPY_DTYPES[dtype], shape=(count, tokens, width))
+            store = np.lib.format.open_memmap(partial, mode="w+", dtype=_NUMPY_DTYPES[dtype],
+                                              shape=(count, tokens, width))
             items = [None if path is None else name if parse_picture_key(name) else path
                      for name, path in zip(names, paths)]
             loader = torch.utils.data.DataLoader(
-                _DecodedImages(items, encoder.pixel_processor, image_dir), batch_size=batch_size, shuffle=False,
-                num_workers=num_workers, collate_fn=_collate_decoded, pin_memory=encoder.device.type == "cuda",
+                DecodedImages(items, encoder.pixel_processor, image_dir), batch_size=batch_size, shuffle=False,
+                num_workers=num_workers, collate_fn=collate_decoded, pin_memory=encoder.device.type == "cuda",
             )
             with tqdm(total=count, unit="img", desc="encoding images", disable=not progress) as bar:
                 start = 0
@@ -202,12 +180,12 @@ class FeatureCache:
                     size = len(good) + len(problems)
                     start += size
                     bar.update(size)
-                    _fault_point(f"batch:{batch_number}")
+                    fault_point(f"batch:{batch_number}")
             store.flush()
             del store
             fsync_path(partial)
             os.replace(partial, cache_dir / features_file)
-            _fault_point("commit")
+            fault_point("commit")
             meta = {
                 "format": FORMAT_VERSION,
                 "fingerprint": fingerprint,
@@ -233,7 +211,7 @@ class FeatureCache:
         # form this builder writes is removed, so it is a file directly in cache_dir (a link
         # there is removed itself, never what it points to).
         old_file = previous.get("features_file") if previous is not None else None
-        if isinstance(old_file, str) and _FEATURES_NAME.fullmatch(old_file) and old_file != features_file:
+        if isinstance(old_file, str) and FEATURES_NAME.fullmatch(old_file) and old_file != features_file:
             try:
                 (cache_dir / old_file).unlink(missing_ok=True)
             except OSError:
@@ -263,20 +241,20 @@ class FeatureCache:
         of the wrong kind) is refused as stale too, naming the field.
         """
         cache_dir = Path(cache_dir)
-        meta = _read_meta_or_none(cache_dir)
+        meta = read_meta_or_none(cache_dir)
         if meta is None:
             raise StaleCacheError(
                 f"no complete feature cache in {cache_dir} (missing or unreadable {META_FILE}; "
-                f"an interrupted build leaves none): {_REBUILD}"
+                f"an interrupted build leaves none): {REBUILD}"
             )
-        _check_meta(cache_dir, meta)
+        check_meta(cache_dir, meta)
         expected = (
             encoder_or_fingerprint if isinstance(encoder_or_fingerprint, str) else encoder_or_fingerprint.fingerprint()
         )
         if meta["fingerprint"] != expected:
             raise StaleCacheError(
                 f"feature cache {cache_dir} was built by encoder {meta['fingerprint']} ({meta.get('encoder')!r}), "
-                f"not by this encoder ({expected}): other weights or preprocessing give other tokens; {_REBUILD}"
+                f"not by this encoder ({expected}): other weights or preprocessing give other tokens; {REBUILD}"
             )
         cache = cls(cache_dir, meta)
         cache._check_features_file()
@@ -288,18 +266,18 @@ class FeatureCache:
         """Raise StaleCacheError if any cached image under image_dir changed (size or mtime) or is gone."""
         image_dir = Path(image_dir)
         recorded = np.asarray(self.meta["image_stats"], dtype=np.int64).reshape(-1, 2)
-        # Names were checked by _check_meta (relative, no '..'); one refused at build time (a link
+        # Names were checked by check_meta (relative, no '..'); one refused at build time (a link
         # out) stays unstated, as then, so that it does not look changed on every open.
         confined: dict[str, Path] = {}
-        paths = [_source_or_none(image_dir, name, confined) for name in self.names]
-        current, _ = _stat_paths(paths)  # (N, 2), -1 where missing
+        paths = [source_or_none(image_dir, name, confined) for name in self.names]
+        current, _ = stat_paths(paths)  # (N, 2), -1 where missing
         changed = np.flatnonzero((current != recorded).any(axis=1))
         if len(changed):
             gone = [self.names[i] for i in changed if current[i, 0] < 0]
             examples = ", ".join(repr(self.names[i]) for i in changed[:3])
             raise StaleCacheError(
                 f"feature cache {self.cache_dir} is stale: {len(changed)} of {len(self.names)} images in "
-                f"{image_dir} changed since it was built ({len(gone)} missing), e.g. {examples}; {_REBUILD}"
+                f"{image_dir} changed since it was built ({len(gone)} missing), e.g. {examples}; {REBUILD}"
             )
 
     # ----------------------------------------------------------------- reading
@@ -338,6 +316,12 @@ class FeatureCache:
         """Tokens of one image -> (num_tokens, width)."""
         return self.get([name])[0]
 
+    def uncovered(self, names: Sequence[str]) -> list[str]:
+        """The names among ``names`` that meta.json does not list (never encoded, not even tried),
+        each once: checks a cache against the data it serves, e.g. a parquet dataset's picture_names()."""
+        listed = set(self.names)
+        return [name for name in unique_names(names) if name not in listed]
+
     def __contains__(self, name: str) -> bool:
         """Whether the cache holds tokens for image `name` (False for unreadable ones)."""
         return name in self.index
@@ -357,12 +341,12 @@ class FeatureCache:
         return state
 
     def _check_features_file(self) -> np.ndarray:
-        name = self.meta["features_file"]  # checked by _check_meta: features-<12 hex>.npy
+        name = self.meta["features_file"]  # checked by check_meta: features-<12 hex>.npy
         try:
             path = inside(self.cache_dir, name, "features_file")
         except ValueError as err:
             raise StaleCacheError(f"feature cache {self.cache_dir}: meta.json field 'features_file': {err}; "
-                                  f"refused, {_REBUILD}") from None
+                                  f"refused, {REBUILD}") from None
         expected = (len(self.names), self.num_tokens, self.width)
         try:
             if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or lie
@@ -398,11 +382,10 @@ def ensure_cache(
     In multi-process training, call it on one process first (the build is not shared), then open.
     """
     fingerprint = encoder.fingerprint()
-    wanted = _unique_names(names) if names is not None else list_image_files(image_dir)
+    wanted = unique_names(names) if names is not None else list_image_files(image_dir)
     try:
         cache = FeatureCache.open(cache_dir, fingerprint, image_dir=image_dir)
-        tried = set(cache.names)
-        missing = [name for name in wanted if name not in tried]
+        missing = cache.uncovered(wanted)
         unreadable = [] if skip_bad_images else [name for name in wanted if name in cache.unreadable]
         if not missing and not unreadable and cache.dtype == dtype:
             return cache
@@ -422,165 +405,3 @@ def ensure_cache(
     )
 
 
-# --------------------------------------------------------------------- decoding for a build
-
-
-class _DecodedImages(torch.utils.data.Dataset):
-    """Item i: (pixel_values (3, S, S) or None, problem or None); None items were refused earlier.
-
-    An item is an image file's path or a parquet picture's name "<file>#<row>/<k>" (under root).
-    A bad file is reported, not raised, so that the build can decide (skip it or stop) in the
-    main process with a message naming it, also when decoding runs in worker processes.
-    """
-
-    def __init__(self, items: Sequence, preprocessor, root: Path):
-        self.items, self.preprocessor = items, preprocessor
-        self.pictures = ParquetPictures(root)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        item = self.items[index]
-        if item is None:
-            return None, "refused or missing"
-        try:
-            # the same steps as VisionEncoder.pixel_batches
-            image = self.pictures.load(item) if isinstance(item, str) else load_image(item)
-            return self.preprocessor([image])[0], None
-        except (ImageError, OSError, ValueError) as err:
-            return None, str(err) if isinstance(err, ImageError) else f"{item}: cannot preprocess the image ({err})"
-
-
-def _collate_decoded(items):
-    """[(pixels | None, problem | None)] -> (pixels of the good ones (g, 3, S, S) | None,
-    their positions in the batch, [(position, problem)])."""
-    good = [i for i, (pixels, _) in enumerate(items) if pixels is not None]
-    problems = [(i, problem) for i, (pixels, problem) in enumerate(items) if pixels is None]
-    pixels = torch.stack([items[i][0] for i in good]) if good else None
-    return pixels, good, problems
-
-
-def _fault_point(point: str) -> None:
-    """Die here, as `kill -9` would, when the FAULT_ENV test hook names this point."""
-    if os.environ.get(FAULT_ENV) == point:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-# --------------------------------------------------------------------- file helpers
-
-
-def _unique_names(names: Sequence) -> list[str]:
-    """Names as '/'-separated strings, each once, in first-seen order."""
-    return list(dict.fromkeys(Path(name).as_posix() if isinstance(name, os.PathLike) else str(name) for name in names))
-
-
-def _source_path(image_dir: Path, name: str, confined: dict | None = None) -> Path:
-    """The file that holds picture ``name``: image_dir / name, or for a parquet picture
-    "<file>#<row>/<k>" the parquet file; ValueError when it leads outside image_dir.
-    ``confined`` remembers the parquet files already checked (a file holds many pictures)."""
-    parsed = parse_picture_key(name)
-    if parsed is None:
-        return inside(image_dir, name, "image")
-    if confined is not None and parsed[0] in confined:
-        return confined[parsed[0]]
-    path = inside(image_dir, parsed[0], "parquet file")
-    if confined is not None:
-        confined[parsed[0]] = path
-    return path
-
-
-def _source_or_none(image_dir: Path, name: str, confined: dict | None = None) -> Path | None:
-    """_source_path, or None (never stat'ed: it reads as missing, so changed) when it leads out."""
-    try:
-        return _source_path(image_dir, name, confined)
-    except ValueError:
-        return None
-
-
-def _stat_paths(paths: Sequence[Path | None]) -> tuple[np.ndarray, list[int]]:
-    """(N, 2) int64 [size_bytes, mtime_ns] per path (-1 for None or a missing file), and the rows missing.
-    (A file named many times, like a parquet file's pictures, is stat'ed once.)"""
-    stats = np.full((len(paths), 2), -1, dtype=np.int64)
-    missing = []
-    seen: dict[Path, tuple | None] = {}
-    for row, path in enumerate(paths):  # one stat() system call per file; I/O, not tensor work
-        if path is None:
-            continue
-        if path not in seen:
-            try:
-                status = os.stat(path)
-                seen[path] = (status.st_size, status.st_mtime_ns)
-            except (FileNotFoundError, NotADirectoryError):
-                seen[path] = None
-        if seen[path] is None:
-            missing.append(row)
-        else:
-            stats[row] = seen[path]
-    return stats, missing
-
-
-def _read_meta_or_none(cache_dir: Path) -> dict | None:
-    try:
-        meta = json.loads((cache_dir / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("format") in _READABLE_FORMATS else None
-
-
-def _check_meta(cache_dir: Path, meta: dict) -> None:
-    """Refuse (StaleCacheError naming the field) a meta.json that a build would not have written."""
-
-    def refuse(field: str, problem: str):
-        raise StaleCacheError(f"feature cache {cache_dir}: meta.json field {field!r} {problem}; "
-                              f"refused as stale, {_REBUILD}")
-
-    def is_int(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    if not isinstance(meta.get("fingerprint"), str):
-        refuse("fingerprint", "is not a string")
-    features_file = meta.get("features_file")
-    if not isinstance(features_file, str) or not _FEATURES_NAME.fullmatch(features_file):
-        refuse("features_file", f"is {features_file!r}, not a name of the form features-<12 hex digits>.npy")
-    for field in ("num_images", "num_tokens", "width"):
-        if not is_int(meta.get(field)) or meta[field] < (0 if field == "num_images" else 1):
-            refuse(field, f"is {meta.get(field)!r}, not a positive integer")
-    if meta.get("dtype") not in _DTYPE_NAMES:
-        refuse("dtype", f"is {meta.get('dtype')!r}, not one of {_DTYPE_NAMES}")
-    names = meta.get("names")
-    if not isinstance(names, list) or len(names) != meta["num_images"]:
-        refuse("names", f"is not a list of num_images={meta['num_images']} image names")
-    for name in names:
-        problem = relative_name_problem(name)
-        if problem:
-            refuse("names", f"holds {name!r}, which {problem}")
-    if len(set(names)) != len(names):
-        refuse("names", "holds the same name twice")
-    try:
-        stats = np.asarray(meta.get("image_stats"))
-    except (ValueError, TypeError):
-        stats = None
-    if stats is None or stats.shape != (len(names), 2) or (stats.size and stats.dtype.kind != "i"):
-        refuse("image_stats", f"is not one [size, mtime_ns] pair of integers per name ({len(names)})")
-    unreadable = meta.get("unreadable", {})
-    if not isinstance(unreadable, dict) or not all(isinstance(v, str) for v in unreadable.values()) \
-            or not set(unreadable) <= set(names):
-        refuse("unreadable", "is not a mapping from cached image names to reasons")
-
-
-def _remove_abandoned_partials(cache_dir: Path) -> None:
-    """Delete .partial token files left by killed builds on this machine (their process is gone)."""
-    if os.name != "posix":
-        return
-    host = socket.gethostname()
-    for partial in cache_dir.glob("*.partial"):
-        owner = _PARTIAL_NAME.match(partial.name)  # features-<id>.npy.<host>-<pid>.partial
-        if owner is None or owner["host"] != host:
-            continue
-        try:
-            os.kill(int(owner["pid"]), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            partial.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # alive, owned by someone else

@@ -9,87 +9,40 @@
   differing flag; ``allow_inexact_resume`` continues anyway, with a warning). `restore_run` loads
   the checkpoint into the model and the optimizer.
 * ``metrics.jsonl``: `prepare_out_dir` starts it afresh or cuts it back to the step resumed at
-  (`kept_metrics`); `append_metrics` adds a line.
+  (`kept_metrics`); `append_metrics` adds a line (:mod:`.run_folder`).
 * `StepGuard`: a step that raises (a bad image, anything) first saves the last completed step, so
   ``--resume`` continues from there once the cause is fixed; under DDP a rank that stops answering
-  becomes an error naming it.
-* `fault_point`: where the crash tests (tests/test_faults_training.py) kill a run.
+  becomes an error naming it (:mod:`.step_guard`).
+* `fault_point`: where the crash tests (tests/test_faults_training.py) kill a run (:mod:`.fault_injection`).
+* The errors a run refuses to start with are in :mod:`.run_errors`.
+
+All of these are importable from here.
 
 The loop that uses all this is `trainer.fit` (and `clip._train`, the tiny CLIP's).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
-import signal
 import sys
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from ..runfiles import COMPLETE, atomic_torch_save, atomic_write_text, clear_complete
-from .distributed import (DistInfo, check_in_wait_s, explain_communication_failure, is_communication_error,
-                          is_distributed, ranks_not_answering, unwrap)
+from ..runfiles import atomic_torch_save
+from .distributed import DistInfo, is_distributed, unwrap
+# Re-exported: the entry points and tests import the whole run-folder story from here.
+from .fault_injection import KILL_AT_ENV, KILL_SIGNAL_ENV, fault_point  # noqa: F401
+from .run_errors import (START_AGAIN, CheckpointError, MetricsError, ResumeMismatchError,  # noqa: F401
+                         RunFolderError, TrainSetupError)
+from .run_folder import (CHECKPOINT, METRICS, append_metrics, earlier_run_files, kept_metrics,  # noqa: F401
+                         prepare_out_dir, refuse_earlier_run)
+from .step_guard import StepGuard  # noqa: F401
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
 CHECKPOINT_FORMAT = 2  # 1: the pickled checkpoints before settings were stored (no "format" key)
 CHECKPOINT_KEYS = ("format", "step", "model", "optimizer", "settings")
-START_AGAIN = "start again with --overwrite"
-
-
-# ----------------------------------------------------------------------------- fault injection
-
-KILL_AT_ENV = "MINIMIND_V_TEST_KILL_AT"
-KILL_SIGNAL_ENV = "MINIMIND_V_TEST_KILL_SIGNAL"
-
-
-def fault_point(where: str) -> None:
-    """Fault-injection point for the crash tests (tests/test_faults_training.py); a no-op unless
-    ``MINIMIND_V_TEST_KILL_AT`` names it.
-
-    ``MINIMIND_V_TEST_KILL_AT=<where>`` or ``<where>@<rank>``; ``MINIMIND_V_TEST_KILL_SIGNAL``:
-    SIGKILL (default: the process dies on the spot, as in a power cut or the OOM killer) or e.g.
-    SIGSTOP (it freezes). The points: ``step-<n>`` (in optimizer step n, after its backward, before
-    the update) and ``final-save`` (after the model's weights are saved, before its tokenizer).
-    """
-    target = os.environ.get(KILL_AT_ENV)
-    if not target:
-        return
-    name, _, rank = target.partition("@")
-    if name != where or (rank and rank != os.environ.get("RANK", "0")):
-        return
-    sig = getattr(signal, os.environ.get(KILL_SIGNAL_ENV, "SIGKILL"))
-    print(f"fault injection: rank {os.environ.get('RANK', '0')} (pid {os.getpid()}) sends itself "
-          f"{sig.name} at {where}", flush=True)
-    os.kill(os.getpid(), sig)
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-class TrainSetupError(ValueError):
-    """A run refused before its first step; the message says what is wrong and what to do."""
-
-
-class CheckpointError(TrainSetupError):
-    """A checkpoint file that cannot be used (unreadable, refused, incomplete, or not this model's)."""
-
-
-class ResumeMismatchError(TrainSetupError):
-    """``--resume`` with settings other than the checkpoint's: it would no longer be the same run."""
-
-
-class RunFolderError(TrainSetupError):
-    """The output folder holds an earlier run and neither --resume nor --overwrite was given."""
-
-
-class MetricsError(TrainSetupError):
-    """``metrics.jsonl`` is damaged before its last line."""
 
 
 # ----------------------------------------------------------------------------- settings
@@ -234,19 +187,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: Pa
         raise CheckpointError(f"the optimizer state in {path} does not fit this run ({err}); {START_AGAIN}") from err
 
 
-def earlier_run_files(out_dir: Path) -> list[str]:
-    return [name for name in (CHECKPOINT, METRICS, COMPLETE) if (out_dir / name).exists()]
-
-
-def refuse_earlier_run(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Raise :class:`RunFolderError` when ``out_dir`` holds an earlier run and neither ``resume`` nor
-    ``overwrite`` says what to do with it (entry points call it first, before any slow loading)."""
-    if not resume and not overwrite:
-        found = earlier_run_files(Path(out_dir))
-        if found:
-            raise RunFolderError(f"{out_dir} already holds {', '.join(found)} from an earlier run: pass --resume "
-                                 "to continue or --overwrite to start again")
-
 
 def start_state(out_dir: Path, settings: dict, info: DistInfo, *, resume: bool, overwrite: bool,
                 allow_inexact_resume: bool, steps: int) -> tuple[dict | None, dict]:
@@ -304,57 +244,6 @@ def restore_run(state: dict | None, differences: dict, model: torch.nn.Module, o
     return start_step, loss, inexact
 
 
-def kept_metrics(path: Path, step: int) -> list[str]:
-    """The lines of ``metrics.jsonl`` a run resumed at ``step`` keeps: records of steps up to
-    ``step`` and records without a step (the header), not the summaries of earlier runs.
-
-    A torn last line (a write cut short by a kill) is dropped; damage before it raises
-    :class:`MetricsError` naming the file and line.
-    """
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
-    body, last = lines[:-1], lines[-1]  # last is "" when the file ends with a newline, as it should
-    kept = []
-    for number, line in enumerate(body + ([last] if last else []), 1):
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError(f"a JSON {type(record).__name__}, not an object")
-        except ValueError as err:
-            if number == len(body) + 1:  # the unterminated last line: torn by a kill
-                print(f"note: dropped the torn last line of {path} (line {number})", file=sys.stderr, flush=True)
-                break
-            raise MetricsError(f"{path} line {number} is not a JSON record ({err}): {line[:80]!r}; the file is "
-                               f"damaged before its end: repair or delete that line, or {START_AGAIN}") from None
-        if "summary" in record or record.get("step", 0) > step:
-            continue
-        kept.append(line)
-    return kept
-
-
-def prepare_out_dir(out_dir: Path, start_step: int, header: dict) -> None:
-    """Before a run writes anything (rank 0): withdraw the completion mark, drop temporary files of
-    killed writes, and start ``metrics.jsonl`` afresh (step 0, with the old checkpoint deleted, so
-    the folder holds this run only) or cut it back to ``start_step``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clear_complete(out_dir)
-    for stale in out_dir.glob(f"{CHECKPOINT}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    metrics = out_dir / METRICS
-    if start_step == 0:
-        (out_dir / CHECKPOINT).unlink(missing_ok=True)
-        atomic_write_text(metrics, json.dumps(header) + "\n")
-    else:
-        lines = kept_metrics(metrics, start_step) + [json.dumps({"resumed_at_step": start_step, **header})]
-        atomic_write_text(metrics, "".join(line + "\n" for line in lines))
-
-
-def append_metrics(out_dir: Path, record: dict) -> None:
-    with open(out_dir / METRICS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def same_on_every_rank(value: int, what: str, device) -> None:
     """Check that every rank found the same ``value`` (e.g. the step it resumes at)."""
     if not is_distributed():
@@ -365,60 +254,3 @@ def same_on_every_rank(value: int, what: str, device) -> None:
         raise TrainSetupError(f"the ranks disagree on {what} ({-int(t[1])} to {int(t[0])}): the output folder "
                               "must be one folder every rank sees (a shared filesystem)")
 
-
-class StepGuard:
-    """Tracks the last completed optimizer step, and on a failed step saves it before the error goes on.
-
-    ``save(step)`` writes the checkpoint. A failed collective (a rank gone or frozen) becomes a
-    `RankTimeoutError` naming the ranks that stopped answering; then only rank 0 saves (the ranks
-    hold the same weights). Any other error saves on the rank that raised it.
-    """
-
-    def __init__(self, save: Callable[[int], None], start_step: int, info: DistInfo, checkpoint: Path):
-        self.save, self.start, self.info, self.checkpoint = save, start_step, info, checkpoint
-        self.done, self.saved, self.updating = start_step, None, False
-
-    def completed(self, step: int) -> None:
-        self.done, self.updating = step, False
-
-    def fail(self, err: Exception, step: int) -> BaseException:
-        """The exception to raise for ``err`` raised in ``step`` (1-based), after saving what can be saved."""
-        communication = is_distributed() and is_communication_error(err)
-        if self.done >= step:  # it failed after the update (logging, saving): that step is complete
-            step_words = f"after step {step} (in its {'collective' if communication else 'logging or saving'})"
-        else:
-            step_words = f"in step {step}"
-        missing, saves = None, True
-        if communication and not self.info.is_main:
-            # Rank 0 saves (first thing, before torchrun may stop the job); if rank 0 is the one
-            # gone, the first rank still answering does (the ranks hold the same weights).
-            missing = ranks_not_answering(check_in_wait_s())
-            live = [r for r in range(self.info.world_size) if r not in missing]
-            saves = 0 in missing and self.info.rank == min(live)
-        if self.done == self.start:
-            note = (f"training stopped {step_words} ({type(err).__name__}) before any step of this run "
-                    f"completed: no new checkpoint was written")
-            if self.checkpoint.exists():
-                note += f"; {self.checkpoint} holds the earlier one: --resume continues from it"
-        elif self.updating:
-            note = (f"training stopped {step_words} during the optimizer update: the weights are half "
-                    f"updated, so no checkpoint was written")
-        elif not saves:
-            saver = "rank 0" if 0 not in missing else "another rank"
-            note = f"training stopped {step_words}; {saver} saves the checkpoint"
-        else:
-            try:
-                if self.saved != self.done:
-                    self.save(self.done)
-                note = (f"training stopped {step_words} ({type(err).__name__}); the last completed step, "
-                        f"{self.done}, is saved in {self.checkpoint}: once the cause is fixed (e.g. the data), "
-                        f"--resume continues from it")
-            except Exception as save_err:
-                note = f"training stopped {step_words}, and saving step {self.done} failed too: {save_err}"
-        if communication:
-            return explain_communication_failure(err, step_words, note, missing)
-        if hasattr(err, "add_note"):
-            err.add_note(note)
-        else:  # Python 3.10
-            print(note, file=sys.stderr, flush=True)
-        return err

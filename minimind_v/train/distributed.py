@@ -25,41 +25,29 @@ A typical loop:
     cleanup_distributed()
 
 A rank that stops answering (crashed, killed, frozen, its machine gone) must not hang the job:
-
-* Joining the job and the set-up before training (loading models, data) may take each rank a
-  different time; collectives there wait up to ``MINIMIND_V_DDP_SETUP_TIMEOUT_S`` seconds
-  (default 1800).
-* Once training starts (`use_step_timeout`), a collective that gets no answer within
-  ``MINIMIND_V_DDP_TIMEOUT_S`` seconds (default 300) fails. The ranks that still run then check in
-  through the rendezvous store (`ranks_not_answering`, at most min(T, 30) s more), and the error
-  (`RankTimeoutError`) names the ranks that did not. So with gloo (CPU) a rank that stops answering
-  ends the job within T + min(T, 30) seconds of its last answer (default 330 s); torchrun then
-  stops the other processes (it waits 30 s before it SIGKILLs one that ignores SIGTERM, e.g. a
-  stopped one). With NCCL the watchdog aborts the job within T (its log names the collective).
-  One rank's save of a checkpoint during training must fit in T.
-* Work that only rank 0 does while the others wait (building the feature cache, an evaluation)
-  goes through `run_on_main`: the others poll the store for its result and for its heartbeat
-  instead of sitting in a collective, so the work may take hours; if rank 0 stops beating for T
-  seconds they fail naming it.
+the time limits, the check-in that names the ranks that went quiet and `run_on_main` are in
+:mod:`minimind_v.train.rank_failures`; the collectives in :mod:`minimind_v.train.collectives`
+(both re-exported here, where the entry points import them from).
 """
 
 from __future__ import annotations
 
 import gc
-import itertools
-import math
 import os
 import random
-import threading
-import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .collectives import all_gather_with_grad, all_reduce_mean, barrier, is_distributed, print0
+from .rank_failures import (DDP_SETUP_TIMEOUT_ENV, DDP_TIMEOUT_ENV, DEFAULT_DDP_SETUP_TIMEOUT_S,  # noqa: F401
+                            DEFAULT_DDP_TIMEOUT_S, STORE_PREFIX, RankTimeoutError, check_in_wait_s,
+                            collective_timeout_s, explain_communication_failure, is_communication_error,
+                            ranks_not_answering, run_on_main, setup_timeout_s, use_step_timeout)
 
 __all__ = [
     "DistInfo",
@@ -109,52 +97,17 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from err
 
 
-DDP_TIMEOUT_ENV = "MINIMIND_V_DDP_TIMEOUT_S"
-DDP_SETUP_TIMEOUT_ENV = "MINIMIND_V_DDP_SETUP_TIMEOUT_S"
-DEFAULT_DDP_TIMEOUT_S = 300.0
-DEFAULT_DDP_SETUP_TIMEOUT_S = 1800.0
-STORE_PREFIX = "minimind_v"
-
-
-class RankTimeoutError(RuntimeError):
-    """A rank of the job stopped answering; the message names it and the time limit."""
-
-
-def _env_seconds(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    if value is None or value.strip() == "":
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"environment variable {name}={value!r} must be a positive number of seconds")
-    return seconds
-
-
-def collective_timeout_s() -> float:
-    """Seconds a collective waits for the other ranks during training (``MINIMIND_V_DDP_TIMEOUT_S``)."""
-    return _env_seconds(DDP_TIMEOUT_ENV, DEFAULT_DDP_TIMEOUT_S)
-
-
-def setup_timeout_s() -> float:
-    """Seconds a collective waits while the job starts (``MINIMIND_V_DDP_SETUP_TIMEOUT_S``), never
-    less than the training timeout."""
-    return max(_env_seconds(DDP_SETUP_TIMEOUT_ENV, DEFAULT_DDP_SETUP_TIMEOUT_S), collective_timeout_s())
-
-
-def is_distributed() -> bool:
-    """True when a process group is running (so collectives must be called on every rank)."""
-    return dist.is_available() and dist.is_initialized()
-
 
 def available_cores() -> int:
-    """CPU cores this process may use (respects taskset/cgroup affinity where the OS reports it)."""
+    """CPU cores this process may use: :func:`minimind_v.machine.usable_cores` (affinity and quota)."""
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        from ..machine import usable_cores
+    except ImportError:  # a machine module without it: count the cores the affinity mask allows
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # macOS, Windows
+            return os.cpu_count() or 1
+    return usable_cores()
 
 
 def threads_per_process(local_world_size: int) -> int:
@@ -215,207 +168,6 @@ def cleanup_distributed() -> None:
         gc.collect()  # free DDP wrappers that are only kept alive by reference cycles
         dist.destroy_process_group()
 
-
-def use_step_timeout() -> float:
-    """From now on a collective fails when a rank does not answer within `collective_timeout_s`.
-
-    Call it when the ranks are in step (right before the training loop). Returns the limit in seconds.
-    """
-    seconds = collective_timeout_s()
-    if is_distributed():
-        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
-        if set_timeout is None:  # an older torch: the set-up limit stays in force
-            print(f"warning: this torch cannot change a process group's timeout; collectives wait up to "
-                  f"{setup_timeout_s():g} s ({DDP_SETUP_TIMEOUT_ENV})", flush=True)
-            return setup_timeout_s()
-        set_timeout(timedelta(seconds=seconds))
-    return seconds
-
-
-def _store():
-    """The job's rendezvous key-value store (torchrun's agent hosts it, so it answers even when a
-    rank does not)."""
-    return dist.distributed_c10d._get_default_store()
-
-
-def _store_key(*parts) -> str:
-    # torchrun restarts a failed job in the same store: keep each attempt's keys apart
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return "/".join([STORE_PREFIX, restart, *map(str, parts)])
-
-
-def ranks_not_answering(wait_s: float) -> list[int]:
-    """After a collective failed: check in through the store and wait up to ``wait_s`` seconds for
-    every other rank to do the same (each does so when its own collective fails). Returns the ranks
-    that never did, sorted. Without a process group: []."""
-    if not is_distributed():
-        return []
-    rank, world = dist.get_rank(), dist.get_world_size()
-    try:
-        store = _store()
-        store.set(_store_key("alive", rank), "1")
-        waiting = [r for r in range(world) if r != rank]
-        deadline = time.monotonic() + wait_s
-        while waiting:
-            waiting = [r for r in waiting if not store.check([_store_key("alive", r)])]
-            if not waiting or time.monotonic() >= deadline:
-                break
-            time.sleep(0.1)
-        return waiting
-    except Exception:  # the store itself is unreachable (it lives in a rank that stopped): no one can be vouched for
-        return [r for r in range(world) if r != rank]
-
-
-def is_communication_error(err: BaseException) -> bool:
-    """True for a failed or timed-out collective (a peer gone, frozen or unreachable), as opposed to
-    an error of this rank's own work. Gloo reports these as plain RuntimeErrors, hence the text."""
-    if isinstance(err, dist.DistError):
-        return True
-    text = str(err)
-    return isinstance(err, RuntimeError) and any(mark in text for mark in (
-        "Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "gloo/transport",
-        "NCCL", "ProcessGroup"))
-
-
-def check_in_wait_s() -> float:
-    """How long a rank whose collective failed waits for the others to check in: min(T, 30) s."""
-    return min(collective_timeout_s(), 30.0)
-
-
-def explain_communication_failure(err: BaseException, what: str = "", note: str = "",
-                                  missing: list[int] | None = None) -> RankTimeoutError:
-    """Find which ranks stopped answering after ``err`` and say so (call it on every rank whose
-    collective failed; it waits at most `check_in_wait_s` for the others to check in, unless
-    ``missing`` already says who did not)."""
-    limit, wait_s = collective_timeout_s(), check_in_wait_s()
-    if missing is None:
-        missing = ranks_not_answering(wait_s)
-    rank = dist.get_rank() if is_distributed() else 0
-    where = f" {what}" if what else ""
-    if missing:
-        names = ", ".join(map(str, missing))
-        message = (f"rank{'s' if len(missing) > 1 else ''} {names} stopped answering{where}: rank {rank}'s "
-                   f"collective got no reply within {limit:g} s ({DDP_TIMEOUT_ENV}) and "
-                   f"{'they' if len(missing) > 1 else 'it'} did not check in within {wait_s:g} s after that "
-                   f"(crashed, killed, frozen or unreachable: see {'their' if len(missing) > 1 else 'its'} log)")
-    else:
-        message = (f"a collective failed on rank {rank}{where} although every rank still answers: the ranks "
-                   f"ran different collectives (a bug), or the network is slower than {DDP_TIMEOUT_ENV}="
-                   f"{limit:g} s allows")
-    detail = str(err).splitlines()[0] if str(err) else ""
-    return RankTimeoutError(f"{message}. {note + '. ' if note else ''}({type(err).__name__}: {detail})")
-
-
-_main_work_counter = itertools.count()
-_T = TypeVar("_T")
-
-
-def run_on_main(work: Callable[[], _T], what: str) -> _T | None:
-    """Run ``work()`` on rank 0 while the other ranks wait for it (they get None).
-
-    The others do not sit in a collective (which would time out on long work such as encoding a
-    dataset): they poll the store for rank 0's result, and for a heartbeat rank 0 sends every
-    second. If rank 0 fails they fail with its error; if it stops beating for `collective_timeout_s`
-    seconds they fail naming it. Alone it simply runs ``work()``.
-    """
-    if not is_distributed():
-        return work()
-    store, key = _store(), _store_key("main-work", next(_main_work_counter))
-    if dist.get_rank() == 0:
-        stop = threading.Event()
-
-        def beat():
-            while not stop.wait(1.0):
-                try:
-                    store.add(key + "/beat", 1)
-                except Exception:
-                    return
-
-        thread = threading.Thread(target=beat, name="minimind-v-heartbeat", daemon=True)
-        thread.start()
-        try:
-            result = work()
-        except BaseException as err:
-            store.set(key + "/done", f"failed: {type(err).__name__}: {err}"[:4000])
-            raise
-        finally:
-            stop.set()
-            thread.join()
-        store.set(key + "/done", "ok")
-        return result
-    limit = collective_timeout_s()
-    last_beat, last_change = None, time.monotonic()
-    while True:
-        if store.check([key + "/done"]):
-            outcome = store.get(key + "/done").decode("utf-8", "replace")
-            if outcome == "ok":
-                return None
-            raise RuntimeError(f"rank 0 {outcome.replace('failed: ', 'failed while ' + what + ': ', 1)}")
-        beat_count = store.add(key + "/beat", 0)
-        now = time.monotonic()
-        if beat_count != last_beat:
-            last_beat, last_change = beat_count, now
-        elif now - last_change > limit:
-            raise RankTimeoutError(f"rank 0 stopped answering while {what}: no heartbeat for {limit:g} s "
-                                   f"({DDP_TIMEOUT_ENV})")
-        time.sleep(0.5)
-
-
-def barrier() -> None:
-    """Wait until every rank gets here (a no-op when running alone)."""
-    if is_distributed():
-        dist.barrier()
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of `tensor` over all ranks, as a new tensor (the input is left unchanged).
-
-    Use it for logging (loss, accuracy) so rank 0 reports the whole job, not its own shard.
-    """
-    out = tensor.detach().clone()
-    if is_distributed():
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        out /= dist.get_world_size()
-    return out
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sends each rank the gradient of its own slice, summed over ranks.
-
-    Works on every backend (Gloo has no reduce_scatter): the backward all-reduces the full gradient
-    and keeps this rank's rows.
-    """
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        ctx.rank, ctx.world_size, ctx.rows = dist.get_rank(), dist.get_world_size(), tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts, dim=0)  # (world_size * rows, ...)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
-
-
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate `tensor` (rows, ...) from all ranks in rank order -> (world_size*rows, ...).
-
-    Gradients flow back to every rank's own rows. Every rank must pass the same number of rows.
-    If every rank computes the same loss on the gathered tensor, the DDP-averaged gradient equals
-    the gradient of that loss in a single process holding the whole batch.
-    """
-    if not is_distributed():
-        return tensor
-    return _AllGatherWithGrad.apply(tensor)
-
-
-def print0(*args, **kwargs) -> None:
-    """print() on rank 0 only."""
-    if not is_distributed() or dist.get_rank() == 0:
-        print(*args, **kwargs)
 
 
 def seed_everything(seed: int) -> None:
