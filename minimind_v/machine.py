@@ -36,3 +36,22 @@ def matmul_gflops(n: int | None = None, repeats: int = 3, device: str | torch.de
 def describe_speed() -> str:
     """'fp32 matmul 131 GFLOP/s (2048², 2 threads)': the figure to print beside a timing."""
     return f"fp32 matmul {matmul_gflops():.0f} GFLOP/s (2048², {torch.get_num_threads()} threads)"
+
+
+def read_gbytes_per_second(megabytes: int = 256, repeats: int = 3, device: str | torch.device = "cpu") -> float:
+    """GB/s at which this machine reads memory: the fastest of ``repeats`` sums over a float32
+    tensor of ``megabytes`` (far larger than any cache), after one warm-up. Batch-1 decoding
+    reads every weight once per token, so this bounds its tokens/s."""
+    device = torch.device(device)
+    x = torch.ones(megabytes * 2**20 // 4, device=device)
+    best = float("inf")
+    for attempt in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        x.sum()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if attempt:
+            best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9

@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import IGNORE_INDEX, MiniMindConfig, check_attn_implementation
 from ..runfiles import COMPLETE, is_complete
+from .decoding import GrowingCache, RowLinear, row_decoding, same_input
+
 TRAINING_CHECKPOINT = "checkpoint.pt"  # the trainer's resume file (train/checkpoint.py)
 
 # What a folder is, by the model_type in its config.json.
@@ -153,18 +155,19 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
         self.head_dim = config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        self.wq = RowLinear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.wk = RowLinear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = RowLinear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = RowLinear(config.n_heads * self.head_dim, config.dim, bias=False)
         self.dropout = config.dropout
 
     def forward(self, x, cos, sin, mask, cache=None, eager=False):
         B, T, _ = x.shape
         # (B, T, dim) -> (B, heads, T, head_dim)
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = same_input(x, self.wq, self.wk, self.wv)  # one product when decoding one row
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # append this step's keys/values, get the whole history
             k, v = cache.update(k, v, self.layer_idx)
@@ -182,7 +185,7 @@ class Attention(nn.Module):
         else:
             weights = None
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1,
                 enable_gqa=n_rep > 1,
             )
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, H, T, hd) -> (B, T, dim)
@@ -194,13 +197,14 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: MiniMindConfig):
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
-        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
-        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.w1 = RowLinear(config.dim, config.hidden_dim, bias=False)
+        self.w2 = RowLinear(config.hidden_dim, config.dim, bias=False)
+        self.w3 = RowLinear(config.dim, config.hidden_dim, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        gate, up = same_input(x, self.w1, self.w3)  # one product when decoding one row
+        return self.dropout(self.w2(F.silu(gate) * up))
 
 
 class MoEGate(nn.Module):
@@ -291,7 +295,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = RowLinear(config.dim, config.vocab_size, bias=False)
         cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
         # Derived from the config, so not saved with the weights.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -400,7 +404,10 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
                     )
                 kwargs.pop("max_length", None)
                 kwargs["max_new_tokens"] = room
-        return super().generate(inputs, generation_config, **kwargs)
+        if kwargs.get("use_cache", True) and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+            kwargs["cache"] = GrowingCache(self.config.n_layers)  # appends in place (decoding.py)
+        with row_decoding(self):  # batch-1 steps read the weights on every core (decoding.py)
+            return super().generate(inputs, generation_config, **kwargs)
 
     def get_input_embeddings(self):
         return self.tok_embeddings
@@ -415,9 +422,12 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         self.output = value
 
     def _attention_mask(self, attention_mask, T, S, past_len, device):
-        """Boolean (B, 1, T, S) mask, or None when plain causal attention from position 0 suffices."""
+        """Boolean (B, 1, T, S) mask, or None when none is needed: plain causal attention from position 0,
+        or one new token (it sees every key) without padding."""
         if attention_mask is None and past_len == 0:
             return None  # lets the fused kernel use its own causal path
+        if T == 1 and (attention_mask is None or bool(attention_mask[:, :S].all())):
+            return None  # one new token sees every key: nothing to mask (decoding without padding)
         q_pos = torch.arange(past_len, past_len + T, device=device)
         causal = torch.arange(S, device=device)[None, :] <= q_pos[:, None]  # (T, S)
         mask = causal[None, None]
@@ -457,7 +467,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         B, T, _ = inputs_embeds.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None and not self.training:
-            cache = DynamicCache(config=self.config)
+            cache = GrowingCache(self.config.n_layers)
         past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=inputs_embeds.device)[None]

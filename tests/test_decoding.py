@@ -1,0 +1,133 @@
+"""Row decoding and the growing cache: the fast batch-1 path computes what F.linear and
+transformers' DynamicCache compute, and never runs where it must not."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GenerationMixin
+from transformers.cache_utils import DynamicCache
+
+from minimind_v.config import MiniMindConfig
+from minimind_v.model.decoding import GrowingCache, RowLinear, column_blocks, row_decoding, same_input
+from minimind_v.model.llm import MiniMindForCausalLM
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_position_embeddings=128)
+    model = MiniMindForCausalLM(MiniMindConfig(**{**kw, **overrides})).eval()
+    with torch.no_grad():  # larger than training's init, so greedy tokens are far from ties
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_column_blocks_hold_the_transposed_weight_in_order(threads):
+    w = torch.arange(6 * 4, dtype=torch.float32).reshape(6, 4)  # (out 6, in 4)
+    blocks = column_blocks([w], threads)
+    # As many blocks as divide 6 and do not exceed the threads; put back side by side, they are w.T.
+    assert blocks.shape[0] == {1: 1, 2: 2, 3: 3}[threads]
+    assert torch.equal(torch.cat(list(blocks), dim=1), w.T)
+    stacked = column_blocks([w[:2], w[2:]], threads)  # two weights read as one
+    assert torch.equal(torch.cat(list(stacked), dim=1), w.T)
+
+
+def test_row_linear_fast_path_only_for_one_row_without_gradients():
+    torch.manual_seed(0)
+    layer = RowLinear(16, 12, bias=True)
+    row, rows = torch.randn(1, 1, 16), torch.randn(3, 16)
+    with row_decoding(layer), torch.no_grad():
+        assert layer.takes_row_path(row) and not layer.takes_row_path(rows)
+        torch.testing.assert_close(layer(row), F.linear(row, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
+        assert torch.equal(layer(rows), F.linear(rows, layer.weight, layer.bias))  # a batch: F.linear itself
+    with row_decoding(layer):
+        assert not layer.takes_row_path(row)  # gradients on: the ordinary path, so backward works
+    with torch.no_grad():
+        assert not layer.takes_row_path(row)  # outside the block
+        assert torch.equal(layer(row), F.linear(row, layer.weight, layer.bias))
+
+
+def test_same_input_equals_each_linear():
+    torch.manual_seed(0)
+    a, b, c = RowLinear(8, 6, bias=False), RowLinear(8, 2, bias=False), RowLinear(8, 4, bias=False)
+    x = torch.randn(1, 1, 8)
+    with row_decoding(torch.nn.ModuleList([a, b, c])), torch.no_grad():
+        fused = same_input(x, a, b, c)
+    assert [t.shape[-1] for t in fused] == [6, 2, 4]
+    for got, layer in zip(fused, (a, b, c)):
+        torch.testing.assert_close(got, F.linear(x, layer.weight), rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_follow_a_changed_weight():
+    torch.manual_seed(0)
+    layer = RowLinear(8, 4, bias=False)
+    x = torch.randn(1, 8)
+    with torch.no_grad():
+        with row_decoding(layer):
+            layer(x)  # blocks made
+        layer.weight.mul_(-2.0)  # an in-place update, as an optimizer step makes
+        with row_decoding(layer):
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-6)
+        layer.weight = torch.nn.Parameter(torch.randn(4, 8))  # a new tensor altogether
+        with row_decoding(layer):
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-6)
+
+
+def test_growing_cache_equals_dynamic_cache_step_by_step():
+    model = make_model()
+    ids = torch.randint(0, 97, (2, 70))  # more than the first buffer (64 positions): it must grow
+    growing, dynamic = GrowingCache(model.config.n_layers), DynamicCache(config=model.config)
+    with torch.no_grad():
+        a = model(ids[:, :40], cache=growing, use_cache=True).logits
+        b = model(ids[:, :40], cache=dynamic, use_cache=True).logits
+        assert torch.equal(a, b)
+        for t in range(40, 70):
+            a = model(ids[:, t:t + 1], cache=growing, use_cache=True).logits
+            b = model(ids[:, t:t + 1], cache=dynamic, use_cache=True).logits
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert growing.get_seq_length() == dynamic.get_seq_length() == 70
+    for g, d in zip(growing.layers, dynamic.layers):
+        assert torch.equal(g.keys, d.keys) and torch.equal(g.values, d.values)
+
+
+def test_growing_cache_survives_a_crop():
+    # transformers' crop replaces the keys; the next update must start from them, not from the old buffer.
+    model = make_model()
+    ids = torch.randint(0, 97, (1, 20))
+    cache = GrowingCache(model.config.n_layers)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+        cache.crop(-8)  # drop the last 8 of 20
+        again = model(ids[:, 12:13], cache=cache, use_cache=True).logits
+        reference = model(ids[:, :13]).logits[:, -1:]
+    torch.testing.assert_close(again, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_shipped_generate_makes_the_same_tokens_as_the_transformers_loop(use_moe):
+    model = make_model(use_moe=use_moe)
+    greedy = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=1)
+    for seed in range(3):
+        ids = torch.randint(2, 97, (1, 5 + seed), generator=torch.Generator().manual_seed(seed))
+        shipped = model.generate(ids, attention_mask=torch.ones_like(ids), **greedy)
+        reference = GenerationMixin.generate(model, ids, attention_mask=torch.ones_like(ids), **greedy)
+        assert torch.equal(shipped, reference)
+    # A left-padded batch (F.linear, an explicit mask) through the same override.
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    mask = (ids != 0).long()
+    assert torch.equal(model.generate(ids, attention_mask=mask, **greedy),
+                       GenerationMixin.generate(model, ids, attention_mask=mask, **greedy))
+
+
+def test_one_new_token_without_padding_needs_no_mask_and_matches_the_written_out_attention():
+    model = make_model()
+    ids = torch.randint(0, 97, (1, 30))
+    with torch.no_grad():
+        cache = GrowingCache(model.config.n_layers)
+        model(ids[:, :29], cache=cache, use_cache=True)
+        assert model._attention_mask(torch.ones(1, 30), 1, 30, 29, ids.device) is None
+        fused = model(ids[:, 29:], attention_mask=torch.ones(1, 30), cache=cache, use_cache=True).logits
+        eager = model(ids, output_attentions=True).logits[:, -1:]  # the written-out attention, full causal mask
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
