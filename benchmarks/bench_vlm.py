@@ -51,7 +51,7 @@ from minimind_v.data.datasets import Batch, Sample, collate  # noqa: E402
 from minimind_v.data.features import FeatureCache  # noqa: E402
 from minimind_v.data.images import load_image  # noqa: E402
 from minimind_v.inference import left_pad  # noqa: E402
-from minimind_v.model.llm import IGNORE_INDEX  # noqa: E402
+from minimind_v.config import IGNORE_INDEX  # noqa: E402
 from minimind_v.model.vision import VisionEncoder  # noqa: E402
 from minimind_v.testing import make_random_clip  # noqa: E402
 from minimind_v.model.vlm import MiniMindVLM, VLMConfig  # noqa: E402

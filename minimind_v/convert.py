@@ -34,7 +34,8 @@ from typing import Mapping
 import torch
 
 from .config import MiniMindConfig
-from .model.llm import MiniMindForCausalLM, describe_model_type, read_folder_config
+from .model.folders import describe_model_type, read_folder_config
+from .model.llm import MiniMindForCausalLM
 from .model.vlm import MiniMindVLM, VLMConfig
 from .runfiles import atomic_torch_save
 

@@ -14,7 +14,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from .model.vision import quiet_transformers
+from .model.folders import quiet_transformers
 
 
 def make_random_clip(

@@ -154,7 +154,7 @@ def load_tokenizer(path_or_name: str | Path, keep_chat_template: bool = True) ->
     `encode_chat` trains on); so does every folder with ``keep_chat_template=False``.
     A missing pad token becomes <unk> (or </s> where there is no <unk>).
     """
-    from .model.vision import _looks_like_local_path, load_hub_id
+    from .model.folders import load_hub_id, looks_like_local_path
 
     source = str(path_or_name)
     try:
@@ -162,7 +162,7 @@ def load_tokenizer(path_or_name: str | Path, keep_chat_template: bool = True) ->
             tokenizer = PreTrainedTokenizerFast.from_pretrained(str(Path(source).expanduser()), local_files_only=True)
         elif Path(source).exists():
             raise FileNotFoundError(f"{source} is a file, not a tokenizer folder")
-        elif _looks_like_local_path(source):
+        elif looks_like_local_path(source):
             raise FileNotFoundError(f"no tokenizer folder at {source}")
         else:  # a hub name: from the cache, or from the hub only when it answers (no long retries)
             tokenizer = load_hub_id(source, lambda **hub: PreTrainedTokenizerFast.from_pretrained(source, **hub),

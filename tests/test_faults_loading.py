@@ -24,8 +24,9 @@ from minimind_v.config import MiniMindConfig
 from minimind_v.convert import load_v1_state_dict
 from minimind_v.convert import main as convert_main
 from minimind_v.inference import LoadedVLM, answer, load_vlm
-from minimind_v.model.llm import IncompleteModelWarning, MiniMindForCausalLM, ModelFolderError
-from minimind_v.model.vision import HubUnreachableError, VisionEncoder, VisionModelNotFoundError
+from minimind_v.model.folders import HubUnreachableError, IncompleteModelWarning, ModelFolderError
+from minimind_v.model.llm import MiniMindForCausalLM
+from minimind_v.model.vision import VisionEncoder, VisionModelNotFoundError
 from minimind_v.model.processing import MiniMindVProcessor
 from minimind_v.model.vlm import MiniMindVLM
 from minimind_v.runfiles import mark_complete

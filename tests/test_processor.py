@@ -175,8 +175,6 @@ def test_paths_and_the_original_placeholder(tmp_path, tiny_encoder):
 def test_the_encoders_preprocessing_mode_is_followed_and_saved(tiny_clip_dir, world_tokenizer, old_folder, tmp_path):
     from minimind_v.model import vision
 
-    if not hasattr(vision, "Preprocessor"):
-        pytest.skip("this vision encoder has one preprocessing mode only")
     encoder = vision.VisionEncoder.from_pretrained(tiny_clip_dir, preprocessing="resize")
     proc = MiniMindVProcessor.from_encoder(world_tokenizer, encoder)
     wide = [picture(40), picture(41, "L")]

@@ -13,10 +13,8 @@ Importing ``minimind_v`` registers it with ``AutoConfig`` / ``AutoModelForCausal
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,85 +26,8 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import IGNORE_INDEX, MiniMindConfig, check_attn_implementation
-from ..runfiles import COMPLETE, is_complete
 from .decoding import GrowingCache, RowLinear, row_decoding, same_input
-
-TRAINING_CHECKPOINT = "checkpoint.pt"  # the trainer's resume file (train/checkpoint.py)
-
-# What a folder is, by the model_type in its config.json.
-FOLDER_KINDS = {
-    "minimind": "a MiniMind text LM folder",
-    "minimind_v": "a MiniMind-V folder",
-    "clip": "a CLIP folder (a vision encoder)",
-    "clip_vision_model": "a CLIP folder (a vision encoder)",
-}
-
-
-class ModelFolderError(ValueError):
-    """A folder that is not the model asked for: another kind of model, or a damaged config.json."""
-
-
-class IncompleteModelWarning(UserWarning):
-    """A model folder whose training started but never finished (checkpoint.pt, no complete.json)."""
-
-
-def read_folder_config(folder: str | os.PathLike, what: str = "model folder") -> dict:
-    """The parsed config.json of a local model folder, or an error saying what is missing or damaged."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"no {what} at {folder}: the folder does not exist")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is a file, not a {what}")
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        why = (f" (it holds {TRAINING_CHECKPOINT}: training started but never saved the model; resume it "
-               "with --resume)" if (folder / TRAINING_CHECKPOINT).is_file() else "")
-        raise FileNotFoundError(f"{folder} is not a saved {what} (no config.json){why}")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ModelFolderError(f"{config_file} is not readable JSON ({err}): the folder's configuration is damaged") from None
-    if not isinstance(config, dict):
-        raise ModelFolderError(f"{config_file} holds a JSON {type(config).__name__}, not the object of a model config")
-    return config
-
-
-def describe_model_type(model_type) -> str:
-    if model_type in FOLDER_KINDS:
-        return FOLDER_KINDS[model_type]
-    return f"a folder of model_type {model_type!r}" if model_type else "a folder whose config.json names no model_type"
-
-
-def check_model_folder(
-    folder: str | os.PathLike,
-    expected: Sequence[str],
-    hints: Mapping[str, str] | None = None,
-    require_complete: bool = False,
-) -> dict:
-    """Check a local folder before anything in it is loaded; return its config.json.
-
-    The folder must name one of the ``expected`` model types (``hints[found]`` says what to do
-    instead), hold its weights as safetensors (a pickle could run code), and, when it holds a
-    training checkpoint, be marked complete: otherwise :class:`IncompleteModelWarning`, or an
-    error with ``require_complete``.
-    """
-    from .vision import check_safe_weights
-
-    folder = Path(folder)
-    want = " or ".join(describe_model_type(t) for t in expected)
-    config = read_folder_config(folder, want.removeprefix("a ").removeprefix("an "))
-    model_type = config.get("model_type")
-    if model_type not in expected:
-        hint = (hints or {}).get(model_type)
-        raise ModelFolderError(f"{folder} is {describe_model_type(model_type)}, not {want}" + (f": {hint}" if hint else ""))
-    if (folder / TRAINING_CHECKPOINT).is_file() and not is_complete(folder):
-        message = (f"{folder} holds {TRAINING_CHECKPOINT} but no {COMPLETE}: its training never finished "
-                   "(interrupted, or still running), so its weights are an intermediate save")
-        if require_complete:
-            raise ModelFolderError(message + "; finish the training (--resume) first")
-        warnings.warn(message, IncompleteModelWarning, stacklevel=3)
-    check_safe_weights(folder)
-    return config
+from .folders import check_model_folder, load_hub_id, looks_like_local_path
 
 
 class RMSNorm(nn.Module):
@@ -351,12 +272,11 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         :class:`IncompleteModelWarning` (an error with ``require_complete=True``). A hub id is
         read from the cache, or from the hub when it answers; never ~20 s of retries offline.
         """
-        from .vision import _looks_like_local_path, load_hub_id
 
         source = os.fspath(pretrained_model_name_or_path)
         local = Path(source).expanduser()
         load = super().from_pretrained
-        if local.exists() or _looks_like_local_path(source):
+        if local.exists() or looks_like_local_path(source):
             check_model_folder(local, (cls.config_class.model_type,), cls.folder_hints(source), require_complete)
             if kwargs.get("use_safetensors") is False:
                 raise ValueError("this package loads model folders from safetensors only (use_safetensors=False refused)")

@@ -40,20 +40,18 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
 from ..config import MiniMindConfig
 from ..data.images import load_image, to_rgb
 from ..tokenizer import (CHAT_TEMPLATE, IMAGE_TAG, IMAGE_TOKEN, conversations_to_messages, has_image_token,
                          image_placeholder, load_tokenizer)
+from .image_processing import (PREPROCESSING_MODES, Preprocessor, encoder_preprocessing, image_processor_from_dict,
+                               load_image_processor, saved_preprocessing)
 from .llm import MiniMindForCausalLM
 from .vlm import MiniMindVLM, VLMConfig, resolve_vision_model
 
 PROCESSOR_CONFIG = "processor_config.json"
-# How a picture that is not square becomes S x S (the vision encoder's preprocessing mode):
-# CLIP's shorter-side resize + centre crop, or v1's whole-picture resize.
-PREPROCESSING_MODES = ("center_crop", "resize")
 
 
 class MiniMindVProcessor(ProcessorMixin):
@@ -272,12 +270,7 @@ class MiniMindVProcessor(ProcessorMixin):
         if not rgb:
             return torch.empty(0, 3, size["height"], size["width"])
         if self.preprocessing == "resize":  # the encoder's own whole-picture resize
-            from . import vision
-
-            if not hasattr(vision, "Preprocessor"):
-                raise ValueError("preprocessing 'resize' needs the vision encoder's Preprocessor "
-                                 "(minimind_v.model.vision)")
-            return vision.Preprocessor(self.image_processor, "resize", size["height"])(rgb)
+            return Preprocessor(self.image_processor, "resize", size["height"])(rgb)
         # resize shortest side -> centre crop S x S -> scale to [0, 1] -> normalise per channel
         return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
 
@@ -371,46 +364,14 @@ def _match_pictures(texts: Sequence[str], images) -> list:
     return flat
 
 
-def image_processor_from_dict(settings, where) -> CLIPImageProcessorPil:
-    """The image processor saved in a processor_config.json: CLIP's PIL pipeline, as the vision
-    encoder uses (whatever class name the file records)."""
-    if not isinstance(settings, dict):
-        raise ValueError(f"{where} holds no image_processor settings")
-    names = ("image_processor_type", "processor_class", "_processor_class", "auto_map")
-    return CLIPImageProcessorPil(**{k: v for k, v in settings.items() if k not in names})
-
-
-def load_image_processor(name_or_path: str) -> CLIPImageProcessorPil:
-    """The image processor of a vision encoder folder (or of a cached hub id: never a long wait offline)."""
-    from .vision import _looks_like_local_path, load_hub_id, quiet_transformers
-
-    local = Path(name_or_path).expanduser()
-    with quiet_transformers():
-        if local.is_dir():
-            return CLIPImageProcessorPil.from_pretrained(str(local), local_files_only=True)
-        if _looks_like_local_path(name_or_path) or not name_or_path:
-            raise FileNotFoundError(f"no vision encoder folder at {name_or_path!r} (named by the model's config.json): "
-                                    "its image processor settings are needed to build the processor")
-        return load_hub_id(name_or_path, lambda **hub: CLIPImageProcessorPil.from_pretrained(name_or_path, **hub),
-                           "image processor")
-
-
-def encoder_preprocessing(encoder) -> str:
-    """A ``VisionEncoder``'s preprocessing mode ("center_crop" for encoders that have none)."""
-    return getattr(encoder, "preprocessing", "center_crop")
-
-
 def _saved_encoder_preprocessing(name_or_path: str) -> str | None:
-    """The mode a local encoder folder records (vision_preprocessing.json), if the encoder module reads one."""
-    from . import vision
-
-    read = getattr(vision, "saved_preprocessing", None)
-    return read(name_or_path) if read is not None and Path(name_or_path).is_dir() else None
+    """The mode a local encoder folder records (vision_preprocessing.json), if it records one."""
+    return saved_preprocessing(name_or_path) if Path(name_or_path).is_dir() else None
 
 
 def _folder_config(folder: Path) -> dict:
     """config.json of a MiniMind-V folder; ModelFolderError saying what the folder is otherwise."""
-    from .llm import ModelFolderError, describe_model_type, read_folder_config
+    from .folders import ModelFolderError, describe_model_type, read_folder_config
 
     config = read_folder_config(folder, "MiniMind-V folder")
     if config.get("model_type") != VLMConfig.model_type:

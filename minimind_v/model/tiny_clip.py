@@ -37,7 +37,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from ..data import shapes
 from ..data.clip_examples import ATTRIBUTES, COUNTED, MAX_COUNT
-from .vision import quiet_transformers
+from .folders import quiet_transformers
 
 # ----------------------------------------------------------------------------- tokenizer
 

@@ -23,14 +23,11 @@ CLIP folder for tests and quick experiments.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import socket
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TypeVar
-from urllib.parse import urlparse
+from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -38,9 +35,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPVisionModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-from transformers.utils import logging as hf_logging
 
 from ..data.images import load_image, to_rgb
+from .folders import HubUnreachableError, check_safe_weights, load_hub_id, looks_like_local_path, quiet_transformers
+from .image_processing import (DEFAULT_PREPROCESSING, PREPROCESSING_FILE, Preprocessor, check_preprocessing,
+                               has_image_processor_config, saved_preprocessing)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
@@ -52,13 +51,6 @@ _ARCHITECTURE_KEYS = (
     "image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size",
     "num_hidden_layers", "num_attention_heads", "hidden_act", "layer_norm_eps",
 )
-# How a picture becomes S x S: CLIP's resize-shorter-side + centre crop, or v1's whole-picture resize.
-PREPROCESSING_MODES = ("center_crop", "resize")
-DEFAULT_PREPROCESSING = "center_crop"
-PREPROCESSING_FILE = "vision_preprocessing.json"  # {"mode": ...}, beside preprocessor_config.json
-# Where transformers keeps an image processor's settings: its own file, or (transformers 5's
-# ProcessorMixin.save_pretrained) the "image_processor" entry of processor_config.json.
-IMAGE_PROCESSOR_FILE, PROCESSOR_FILE = "preprocessor_config.json", "processor_config.json"
 
 # Preprocessor fields that only name classes, not pixels.
 _PROCESSOR_NAME_KEYS = ("image_processor_type", "feature_extractor_type", "processor_class", "_processor_class", "auto_map")
@@ -75,131 +67,11 @@ HOW_TO_GET_CLIP = (
 )
 
 
-# The weights files this package reads from a local folder: safetensors only. A pickled
-# pytorch_model.bin can run code when it is unpickled, so a folder holding only one is refused.
-SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
 class VisionModelNotFoundError(OSError):
     """The CLIP encoder could not be found locally nor downloaded."""
 
 
-class HubUnreachableError(OSError):
-    """A hub id that is neither a local folder nor in the Hugging Face cache, while the hub cannot be reached."""
-
-
 # ----------------------------------------------------------------- hub ids: cache first, fail fast
-
-_T = TypeVar("_T")
-
-
-def hub_offline() -> bool:
-    """Whether HF_HUB_OFFLINE is set (in the environment now, or as huggingface_hub read it at import)."""
-    from huggingface_hub import constants
-
-    value = os.environ.get("HF_HUB_OFFLINE", "")
-    return value.strip().upper() in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
-
-
-def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
-    """Why the hub cannot be reached, or None when it may be. huggingface_hub retries a failed
-    request for ~20 s before giving up; one TCP connection answers the question in milliseconds
-    (or ``timeout`` seconds). Behind a proxy the direct connection says nothing, so it is skipped."""
-    from huggingface_hub import constants
-
-    if hub_offline():
-        return "HF_HUB_OFFLINE is set"
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    if not host:
-        return None
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as err:
-        return f"{constants.ENDPOINT} cannot be reached ({err})"
-    return None
-
-
-def load_hub_id(name: str, load: Callable[..., _T], what: str) -> _T:
-    """``load(local_files_only=...)`` for a hub id: from the Hugging Face cache when it is there,
-    else from the hub, but only after checking the hub answers: no 20 s of retries to learn that
-    a machine is offline. Raises :class:`HubUnreachableError` saying there is no such local folder."""
-    try:
-        return load(local_files_only=True)
-    except (OSError, ValueError):  # not cached, or only partly (tokenizers say so with a ValueError)
-        pass
-    reason = hub_unreachable_reason()
-    if reason is not None:
-        raise HubUnreachableError(
-            f"{what} {name!r}: there is no local folder of that name, it is not in the Hugging Face cache, "
-            f"and the hub cannot be reached: {reason}"
-        )
-    return load(local_files_only=False)
-
-
-def check_safe_weights(folder: str | os.PathLike, what: str = "model folder") -> Path:
-    """The safetensors weights file of a local model folder; refuses a folder whose only weights
-    are a pickle (pytorch_model.bin), which could run code when loaded."""
-    folder = Path(folder)
-    for name in SAFE_WEIGHT_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    pickles = [name for name in PICKLE_WEIGHT_FILES if (folder / name).is_file()]
-    if pickles:
-        raise ValueError(
-            f"{folder} holds {pickles[0]} and no model.safetensors: a .bin file is a pickle, which can run "
-            f"code when it is loaded, so this {what} is refused. Convert it with a tool you trust "
-            "(e.g. load it yourself and call save_pretrained, which writes model.safetensors)."
-        )
-    raise FileNotFoundError(f"{folder} holds no model.safetensors: this {what} has no weights")
-
-
-def check_preprocessing(mode: str) -> str:
-    if mode not in PREPROCESSING_MODES:
-        raise ValueError(f"preprocessing mode must be one of {PREPROCESSING_MODES}, got {mode!r}")
-    return mode
-
-
-def saved_preprocessing(folder: str | os.PathLike) -> str | None:
-    """The preprocessing mode a local encoder folder records (None: it records none)."""
-    path = Path(folder) / PREPROCESSING_FILE
-    if not path.is_file():
-        return None
-    try:
-        mode = json.loads(path.read_text(encoding="utf-8")).get("mode")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise ValueError(f"{path}: not a JSON object with a 'mode' ({err})") from None
-    try:
-        return check_preprocessing(mode)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
-
-
-class Preprocessor:
-    """PIL images -> pixel_values (n, 3, S, S) by an image processor and a preprocessing mode.
-
-    "center_crop": the processor's own steps (resize the shorter side, centre crop, rescale,
-    normalise). "resize": the whole picture resized to S x S (bicubic, as PIL's default in v1's
-    ``image.resize((224, 224))``), then only rescaled and normalised. Picklable, for DataLoader workers.
-    """
-
-    def __init__(self, processor: CLIPImageProcessorPil, mode: str = DEFAULT_PREPROCESSING, image_size: int = 224):
-        self.processor, self.mode, self.image_size = processor, check_preprocessing(mode), int(image_size)
-
-    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        images = [to_rgb(image) for image in images]
-        if not images:
-            return torch.empty(0, 3, self.image_size, self.image_size)
-        if self.mode == "resize":
-            size = (self.image_size, self.image_size)
-            images = [image.resize(size, Image.Resampling.BICUBIC) for image in images]
-            return self.processor(images=images, do_resize=False, do_center_crop=False,
-                                  return_tensors="pt")["pixel_values"]
-        # resize shortest side -> centre crop S x S -> scale to [0, 1] -> normalise per channel
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
 
 class VisionEncoder(nn.Module):
@@ -266,7 +138,7 @@ class VisionEncoder(nn.Module):
             load_from = str(local)
         elif local.exists():
             raise VisionModelNotFoundError(f"{source} is a file; expected a CLIP model folder.\n{HOW_TO_GET_CLIP}")
-        elif _looks_like_local_path(source):
+        elif looks_like_local_path(source):
             raise VisionModelNotFoundError(f"No CLIP model folder at {source}.\n{HOW_TO_GET_CLIP}")
         else:
             load_from, hub = source, True  # a hub id such as openai/clip-vit-base-patch32
@@ -465,25 +337,6 @@ class _PixelDataset(torch.utils.data.Dataset):
 # --------------------------------------------------------------------- helpers
 
 
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' load reports and weight-loading bars for the duration (restored after).
-
-    Loading a vision tower from a full CLIPModel folder prints a long table of unused text
-    weights; we check for missing weights ourselves instead.
-    """
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _check_clip_folder(folder: Path) -> None:
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -507,27 +360,3 @@ def _check_clip_folder(folder: Path) -> None:
     except FileNotFoundError as err:
         raise VisionModelNotFoundError(f"{err}.\n{HOW_TO_GET_CLIP}") from None
 
-
-def has_image_processor_config(folder: str | os.PathLike) -> bool:
-    """Whether transformers finds image processor settings in a local folder: processor_config.json
-    with an "image_processor" entry (what transformers 5's CLIPProcessor.save_pretrained writes,
-    read first), or preprocessor_config.json."""
-    folder = Path(folder)
-    processor_file = folder / PROCESSOR_FILE
-    if processor_file.is_file():
-        try:
-            if isinstance(json.loads(processor_file.read_text(encoding="utf-8")).get("image_processor"), dict):
-                return True
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            pass  # transformers would fail on it too, unless preprocessor_config.json is there
-    return (folder / IMAGE_PROCESSOR_FILE).is_file()
-
-
-def _looks_like_local_path(source: str) -> bool:
-    """A hub id is 'name' or 'owner/name'; anything else (absolute, ./, ~, deeper) is meant as a folder."""
-    return (
-        os.path.isabs(source)
-        or source.startswith((".", "~"))
-        or source.count("/") > 1
-        or (os.sep != "/" and os.sep in source)
-    )

@@ -18,7 +18,8 @@ import torch
 
 from ..config import MiniMindConfig
 from ..tokenizer import image_placeholder
-from .llm import MiniMindForCausalLM, read_folder_config
+from .folders import read_folder_config
+from .llm import MiniMindForCausalLM
 from .projector import VisionProjector
 
 

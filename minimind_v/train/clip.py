@@ -57,7 +57,7 @@ from ..defaults import TRAINING
 from ..model.tiny_clip import (ContrastiveCLIP, TinyClipConfig, build_tokenizer, contrastive_loss, count_loss,
                                init_vision_embeddings, make_clip_config, make_image_processor, object_loss,
                                pixels_from_images, tokenize)
-from ..model.vision import quiet_transformers
+from ..model.folders import quiet_transformers
 from ..probes import describe_shape_probe, load_held_out, probe_trained_vs_random, retrieval_accuracy
 from ..runfiles import atomic_write_text, mark_complete
 from . import distributed as D
