@@ -50,8 +50,8 @@ from minimind_v.config import PRESETS as LM_PRESETS  # noqa: E402
 from minimind_v.data.datasets import Batch, Sample, collate  # noqa: E402
 from minimind_v.data.features import FeatureCache  # noqa: E402
 from minimind_v.data.images import load_image  # noqa: E402
-from minimind_v.inference import left_pad  # noqa: E402
 from minimind_v.config import IGNORE_INDEX  # noqa: E402
+from minimind_v.model.processing import pad_rows  # noqa: E402
 from minimind_v.model.vision import VisionEncoder  # noqa: E402
 from minimind_v.testing import make_random_clip  # noqa: E402
 from minimind_v.model.vlm import MiniMindVLM, VLMConfig  # noqa: E402
@@ -498,7 +498,7 @@ def decode_benchmarks(world: World, args) -> dict[str, float]:
 
     # --- answers: one left-padded batch (as inference.answer does) vs one prompt at a time
     M = args.answer_tokens
-    ids, mask = left_pad([c.prompt for c in chats], PAD)
+    ids, mask = (torch.tensor(rows) for rows in pad_rows([c.prompt for c in chats], PAD, "left"))
     ids, mask = ids.to(device), mask.to(device)
 
     def batched():

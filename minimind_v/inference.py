@@ -199,11 +199,3 @@ def answer(
     )
     return [s.strip() for s in tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
 
-
-def __getattr__(name):
-    # The names this module had before the processor, for callers not yet moved (each warns).
-    from . import inference_legacy
-
-    if name in inference_legacy.__all__:
-        return getattr(inference_legacy, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

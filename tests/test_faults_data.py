@@ -30,7 +30,7 @@ from minimind_v.data.records import find_image
 from minimind_v.data.datasets import ChatDataset, DataError, collate, read_records
 from minimind_v.data.features import FAULT_ENV, META_FILE, FeatureCache, StaleCacheError, ensure_cache
 from minimind_v.data.images import ImageError
-from minimind_v.inference import VLMBundle
+from minimind_v.inference import LoadedVLM
 
 N = TINY_CLIP_TOKENS
 
@@ -355,10 +355,10 @@ def test_kill_9_mid_build_then_ensure_cache_equals_an_uninterrupted_build(
 
 
 @pytest.fixture(scope="module")
-def bundle(make_tiny_vlm, world_tokenizer, tiny_encoder) -> VLMBundle:
+def bundle(make_tiny_vlm, world_tokenizer, tiny_encoder) -> LoadedVLM:
     model = make_tiny_vlm(seed=0).eval()
     model.attach_vision_encoder(tiny_encoder)
-    return VLMBundle(model, world_tokenizer, tiny_encoder)
+    return LoadedVLM.from_parts(model, world_tokenizer, tiny_encoder)
 
 
 EVAL_FAULTS = {

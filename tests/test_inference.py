@@ -119,22 +119,6 @@ def test_what_is_not_a_model_and_its_processor_is_refused(vlm, world_tokenizer):
         qa_widget({"fine": vlm, "broken": (vlm.model, world_tokenizer)})
 
 
-def test_the_retired_names_warn_and_still_give_what_they_gave(vlm, model, world_tokenizer, tiny_encoder):
-    n = tiny_encoder.num_tokens
-    with pytest.warns(DeprecationWarning, match="LoadedVLM.from_parts"):
-        bundle = inference.VLMBundle(model, world_tokenizer, tiny_encoder)
-    assert isinstance(bundle, LoadedVLM) and bundle.model is model and bundle.encoder is tiny_encoder
-    assert bundle.tokenizer is bundle.processor.tokenizer is world_tokenizer
-    assert answer(bundle, [picture(6)], QUESTIONS[:1], max_new_tokens=6) == \
-        answer(vlm, [picture(6)], QUESTIONS[:1], max_new_tokens=6)
-    with pytest.warns(DeprecationWarning, match="question_ids"):
-        rows = [inference.prompt_ids(world_tokenizer, q, n) for q in QUESTIONS]
-    assert rows == [chat_ids(world_tokenizer, q, n) for q in QUESTIONS]
-    with pytest.warns(DeprecationWarning, match="padding=True"):
-        ids, mask = inference.left_pad(rows, world_tokenizer.pad_token_id)
-    assert all(torch.equal(a, b) for a, b in zip((ids, mask), padded_on_the_left(rows, world_tokenizer.pad_token_id)))
-    with pytest.warns(DeprecationWarning, match="pixel_values"):
-        images = inference.as_images([picture(0, "L")])
-    assert images[0].mode == "RGB"
-    with pytest.raises(AttributeError, match="no attribute 'Bundle'"):
-        inference.Bundle  # noqa: B018
+def test_unknown_names_are_attribute_errors():
+    with pytest.raises(AttributeError, match="no attribute 'VLMBundle'"):
+        inference.VLMBundle  # noqa: B018  (retired: LoadedVLM.from_parts)

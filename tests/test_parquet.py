@@ -148,7 +148,7 @@ def test_start_up_reads_no_row_and_the_dataset_travels_to_workers(original, worl
 def test_a_few_training_steps_and_an_evaluation(original, parquet_world, world_tokenizer, tiny_encoder,
                                                 make_tiny_vlm):
     from minimind_v.evaluate import evaluate_vqa
-    from minimind_v.inference import VLMBundle
+    from minimind_v.inference import LoadedVLM
 
     ds = ParquetChatDataset(original, world_tokenizer, N, preprocess=tiny_encoder.preprocess)
     model = make_tiny_vlm(seed=1).attach_vision_encoder(tiny_encoder)
@@ -165,7 +165,7 @@ def test_a_few_training_steps_and_an_evaluation(original, parquet_world, world_t
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert model.vision_proj.layers[0].weight.grad.abs().sum() > 0  # the pictures reached the loss
 
-    bundle = VLMBundle(model.eval(), world_tokenizer, tiny_encoder)
+    bundle = LoadedVLM.from_parts(model.eval(), world_tokenizer, tiny_encoder)
     result = evaluate_vqa(bundle, parquet_world, progress=False, max_new_tokens=2)
     assert result["n"] == 16 and set(result["per_type"]) == set(ANSWER_TYPES)
     single = original / "a_single.parquet"  # no answer types; the text-only row is refused and counted

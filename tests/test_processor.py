@@ -1,7 +1,7 @@
 """MiniMindVProcessor and the Auto classes: the same ids, pixels and answers as the path they replace.
 
 The reference for every check is the old path, built here from its parts: ``encode_chat`` for the
-prompt ids, the vision encoder's ``preprocess`` for the pixels, ``left_pad`` for the batch, and
+prompt ids, the vision encoder's ``preprocess`` for the pixels, padding on the left by hand, and
 ``model.generate`` with the encoder's tokens. A saved folder must load through transformers'
 Auto classes (no remote code) and answer exactly as the direct classes do, and a folder saved
 before processors existed must load unchanged.
@@ -20,7 +20,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 
 import minimind_v  # noqa: F401  (registers the Auto classes)
 from minimind_v.config import IGNORE_INDEX, MiniMindConfig
-from minimind_v.inference import VLMBundle, answer, as_images, left_pad, load_vlm, prompt_ids, suppressed_ids
+from minimind_v.data.images import load_image, to_rgb
+from minimind_v.inference import LoadedVLM, answer, load_vlm, suppressed_ids
 from minimind_v.model import llm as llm_module
 from minimind_v.model.processing import PROCESSOR_CONFIG, MiniMindVProcessor, save_processor
 from minimind_v.model.vlm import MiniMindVLM, VLMConfig
@@ -61,9 +62,22 @@ def old_prompt(tokenizer, question: str, n_tokens: int, n_pictures: int = 1) -> 
     return ids
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask): each row right-aligned after pad_id, the old path's batch."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def as_images(pictures) -> list[Image.Image]:
+    """Paths read, PIL images converted to RGB: what the old path gave the encoder's preprocess."""
+    return [load_image(p) if isinstance(p, (str, Path)) else to_rgb(p) for p in pictures]
+
+
 def old_answers(bundle, pictures, questions, n_pictures=None, max_new_tokens=10) -> list[str]:
     """answer() as it was: encode_chat prompts, left_pad, the encoder's tokens, generate."""
-    tok, model, enc = bundle.tokenizer, bundle.model, bundle.encoder
+    tok, model, enc = bundle.processor.tokenizer, bundle.model, bundle.encoder
     n_pictures = n_pictures or [1] * len(questions)
     rows = [old_prompt(tok, q, model.config.num_image_tokens, k) for q, k in zip(questions, n_pictures)]
     ids, mask = left_pad(rows, tok.pad_token_id or 0)
@@ -87,7 +101,7 @@ def model(make_tiny_vlm):
 @pytest.fixture(scope="module")
 def bundle(model, world_tokenizer, tiny_encoder):
     model.attach_vision_encoder(tiny_encoder)
-    return VLMBundle(model, world_tokenizer, tiny_encoder)
+    return LoadedVLM.from_parts(model, world_tokenizer, tiny_encoder)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +141,7 @@ def test_processor_gives_the_old_ids_and_pixels(bundle, world_tokenizer, tiny_en
     assert torch.equal(batch["input_ids"], ids) and torch.equal(batch["attention_mask"], mask)
     assert torch.equal(batch["pixel_values"], tiny_encoder.preprocess(as_images(pictures)))
     # Unpadded: exactly each prompt's ids; paths read as the old path read them.
-    assert proc(text=prompts)["input_ids"] == rows == [prompt_ids(world_tokenizer, q, N) for q in QUESTIONS]
+    assert proc(text=prompts)["input_ids"] == rows == [old_prompt(world_tokenizer, q, N) for q in QUESTIONS]
     assert [proc.question_ids(q) for q in QUESTIONS] == rows
     assert proc.question_ids("Same?", 2) == old_prompt(world_tokenizer, "Same?", N, 2)
     with pytest.raises(ValueError, match="special token"):
