@@ -51,6 +51,7 @@ from minimind_v.data.datasets import Batch, Sample, collate  # noqa: E402
 from minimind_v.data.features import FeatureCache  # noqa: E402
 from minimind_v.data.images import load_image  # noqa: E402
 from minimind_v.config import IGNORE_INDEX  # noqa: E402
+from minimind_v.machine import usable_cores  # noqa: E402
 from minimind_v.model.processing import pad_rows  # noqa: E402
 from minimind_v.model.vision import VisionEncoder  # noqa: E402
 from minimind_v.testing import make_random_clip  # noqa: E402
@@ -565,8 +566,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per row first (default 2)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, few steps: a smoke run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else os.cpu_count(), help="CPU threads for torch (default: every core this process may use)")
+    p.add_argument("--threads", type=int, default=usable_cores(), help="CPU threads for torch (default: every core this process may use)")
     p.add_argument("--clip-width", type=int, default=None, help="random CLIP width (default 768, ViT-B/32)")
     p.add_argument("--clip-layers", type=int, default=None, help="random CLIP layers (default 12)")
     p.add_argument("--clip-heads", type=int, default=None, help="random CLIP heads (default width/64)")

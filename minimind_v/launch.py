@@ -37,6 +37,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .machine import usable_cores
 from .live_plot import MetricsWatch
 
 __all__ = ["LaunchError", "LaunchResult", "run_torchrun"]
@@ -103,7 +104,7 @@ def run_torchrun(module: str, args=None, nproc: int = 1, *, use_torchrun: bool =
     log_path.parent.mkdir(parents=True, exist_ok=True)
 
     child_env = {**os.environ, **(env or {})}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     child_env.setdefault("OMP_NUM_THREADS", str(max(1, cores // max(1, nproc))))  # processes x threads <= cores
     child_env.setdefault("PYTHONUNBUFFERED", "1")  # lines arrive as they are printed
     if child_env.get("MPLBACKEND", "").startswith("module://matplotlib_inline"):

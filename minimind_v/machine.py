@@ -7,7 +7,10 @@ matrix product runs at here: a reader divides by it to compare their machine wit
 
 from __future__ import annotations
 
+import math
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -55,3 +58,20 @@ def read_gbytes_per_second(megabytes: int = 256, repeats: int = 3, device: str |
         if attempt:
             best = min(best, time.perf_counter() - start)
     return x.numel() * 4 / best / 1e9
+
+
+def usable_cores(cgroup: str | os.PathLike = "/sys/fs/cgroup") -> int:
+    """CPU cores this process may really use: those its affinity mask allows, fewer when a cgroup
+    quota (``cpu.max``, containers and CI runners) grants less CPU time than that. ``os.cpu_count``
+    counts the machine's cores, which a container may be far from owning."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = (Path(cgroup) / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file, or one that says something else
+        pass
+    return max(1, cores)

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..machine import usable_cores
 from ..runfiles import inside
 from .feature_cache_meta import PARTIAL_NAME
 from .images import ImageError, load_image
@@ -148,8 +149,4 @@ def decoding_workers(count: int) -> int:
     them costs more than they save), else one per usable core but one (the encoder's), at most 8."""
     if count < 512:
         return 0
-    try:
-        from ..machine import usable_cores
-    except ImportError:  # a machine module without it: every core the system has
-        return min(8, (os.cpu_count() or 1) - 1)
     return min(8, usable_cores() - 1)

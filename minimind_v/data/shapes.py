@@ -37,6 +37,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 # The world's public names, importable from here as well as from where they live.
+from ..machine import usable_cores
 from .shapes_answers import answer, answer_two_pictures, parse_question, question_form
 from .shapes_questions import (CAPTION_REQUESTS, CAPTION_TEMPLATES, QUESTION_TEMPLATES, TWO_PICTURE_TEMPLATES,
                                absent_answer, caption, questions, related, single_picture_types,
@@ -196,7 +197,7 @@ def generate_world(out_dir, config: ShapesWorldConfig | None = None, progress: b
     n_pictures = len(jobs) + (0 if format == "json" else sum(
         len(record_scenes(r)) for records in by_split.values() for r in records))
 
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or usable_cores()
     bar = tqdm(total=n_pictures, desc="shapes world: rendering", unit="img", disable=not progress)
     serial = workers == 1 or n_pictures < 256
     with (contextlib.nullcontext() if serial else multiprocessing.get_context().Pool(workers)) as pool:

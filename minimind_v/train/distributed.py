@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..machine import usable_cores
 from .collectives import all_gather_with_grad, all_reduce_mean, barrier, is_distributed, print0
 from .rank_failures import (DDP_SETUP_TIMEOUT_ENV, DDP_TIMEOUT_ENV, DEFAULT_DDP_SETUP_TIMEOUT_S,  # noqa: F401
                             DEFAULT_DDP_TIMEOUT_S, STORE_PREFIX, RankTimeoutError, check_in_wait_s,
@@ -100,13 +101,6 @@ def _env_int(name: str, default: int) -> int:
 
 def available_cores() -> int:
     """CPU cores this process may use: :func:`minimind_v.machine.usable_cores` (affinity and quota)."""
-    try:
-        from ..machine import usable_cores
-    except ImportError:  # a machine module without it: count the cores the affinity mask allows
-        try:
-            return len(os.sched_getaffinity(0))
-        except AttributeError:  # macOS, Windows
-            return os.cpu_count() or 1
     return usable_cores()
 
 
