@@ -566,7 +566,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per row first (default 2)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, few steps: a smoke run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=usable_cores(), help="CPU threads for torch (default: every core this process may use)")
+    p.add_argument("--threads", type=int, default=usable_cores(),
+                   help="CPU threads for torch (default: every core this process may use)")
     p.add_argument("--clip-width", type=int, default=None, help="random CLIP width (default 768, ViT-B/32)")
     p.add_argument("--clip-layers", type=int, default=None, help="random CLIP layers (default 12)")
     p.add_argument("--clip-heads", type=int, default=None, help="random CLIP heads (default width/64)")

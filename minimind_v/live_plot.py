@@ -4,19 +4,15 @@ over the steps and, in Jupyter, a loss curve redrawn in place every few seconds.
 from __future__ import annotations
 
 import io
-import json
-import math
 import os
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .metrics import draw_loss_curves, is_number, loss_curves, parse_record
+
 PLOT_EVERY_S = 2.0  # the live loss curve is redrawn at most this often
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class MetricsWatch:
@@ -57,31 +53,27 @@ class MetricsWatch:
             self.offset += len(data)
             *complete, self.rest = (self.rest + data).split(b"\n")
             for line in complete:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict):
+                record = parse_record(line)
+                if record is not None:
                     self.records.append(record)
                     self._add(record)
         if self.plot and self.dirty and (final or time.monotonic() - self.drawn_at >= PLOT_EVERY_S):
             self._draw()
 
     def _add(self, record: dict) -> None:
-        if _is_number(record.get("total_steps")):
+        if is_number(record.get("total_steps")):
             self.total = int(record["total_steps"])
         step = record.get("step")
-        if not _is_number(step):
+        if not is_number(step):
             return
         if self.bar is None:
             self.bar = tqdm(total=self.total, initial=step, desc=self.name, unit="step", dynamic_ncols=True)
-        if _is_number(record.get("loss")):
+        if is_number(record.get("loss")):
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         self.bar.update(step - self.bar.n)
-        for key, value in record.items():
-            if key.endswith("loss") and _is_number(value):
-                self.losses.setdefault(key, []).append((step, value))
-                self.dirty = True
+        for key, points in loss_curves([record]).items():
+            self.losses.setdefault(key, []).extend(points)
+            self.dirty = True
 
     def _draw(self) -> None:
         """Loss against step, drawn off-screen (no pyplot: no window, nothing shown behind our
@@ -90,13 +82,7 @@ class MetricsWatch:
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=(6.4, 3.2), dpi=100, layout="constrained")
-        ax = fig.subplots()
-        for key, points in self.losses.items():
-            ax.plot(*zip(*points), label=key)
-        ax.set(xlabel="step", ylabel="loss", title=self.name, xlim=(0, self.total) if self.total else None)
-        ax.grid(alpha=0.3)
-        if len(self.losses) > 1:
-            ax.legend()
+        draw_loss_curves(fig.subplots(), self.losses, self.name, total_steps=self.total)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")
         image = Image(data=buffer.getvalue(), format="png")

@@ -47,7 +47,7 @@
 QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow MINIMIND_V_QUICK
 NPROC = None  # training processes per stage; None: one per GPU, else 1 (see chapter 1)
 
-from minimind_v.book import default_nproc, run_folder, save_figure, use_quick_mode
+from minimind_v.chapters import default_nproc, run_folder, save_figure, use_quick_mode
 from minimind_v.recipe import default_recipe, run_stage, stage_dir
 
 quick = use_quick_mode(QUICK)
@@ -209,6 +209,6 @@ print("answers of the count questions:", dict(Counter(r["conversations"][1]["val
 
 
 # %%
-from minimind_v.book import close_chapter
+from minimind_v.chapters import close_chapter
 
 close_chapter()

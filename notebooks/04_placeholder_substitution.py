@@ -27,7 +27,7 @@
 QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow MINIMIND_V_QUICK
 NPROC = None  # training processes per stage; None: one per GPU, else 1 (see chapter 1)
 
-from minimind_v.book import open_chapter, save_figure
+from minimind_v.chapters import open_chapter, save_figure
 from minimind_v.recipe import stage_dir
 
 R, RUN, NPROC = open_chapter(QUICK, NPROC, needs=['world', 'clip', 'tokenizer', 'llm'])
@@ -289,6 +289,6 @@ for name, logits in (("with the picture", with_picture), ("text only       ", wi
 
 
 # %%
-from minimind_v.book import close_chapter
+from minimind_v.chapters import close_chapter
 
 close_chapter()

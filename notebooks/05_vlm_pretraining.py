@@ -34,7 +34,7 @@
 QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow MINIMIND_V_QUICK
 NPROC = None  # training processes per stage; None: one per GPU, else 1 (see chapter 1)
 
-from minimind_v.book import open_chapter, read_metrics, plot_loss, save_figure
+from minimind_v.chapters import open_chapter, read_metrics, plot_loss, save_figure
 from minimind_v.recipe import run_stage, stage_commands, stage_dir
 
 R, RUN, NPROC = open_chapter(QUICK, NPROC, needs=['world', 'clip', 'tokenizer', 'llm'])
@@ -220,6 +220,6 @@ print(f"word embeddings:        median length {bundle.model.tok_embeddings.weigh
 
 
 # %%
-from minimind_v.book import close_chapter
+from minimind_v.chapters import close_chapter
 
 close_chapter()

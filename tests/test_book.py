@@ -19,7 +19,7 @@ import jupytext
 import nbformat
 import pytest
 
-from minimind_v import book
+from minimind_v import book, chapters
 from dataclasses import replace
 
 from minimind_v.recipe import QUICK, STAGE_DIRS, Recipe, is_done
@@ -113,19 +113,19 @@ def test_cli_rejects_an_unknown_chapter_and_a_bad_timeout(capsys):
 
 
 def test_run_folder_follows_quick_mode_and_the_environment(clean_env, tmp_path):
-    assert book.use_quick_mode(None) is False and book.run_folder() == REPO / "runs/default"
-    assert book.use_quick_mode(True) is True and book.run_folder() == REPO / "runs/quick"
+    assert chapters.use_quick_mode(None) is False and chapters.run_folder() == REPO / "runs/default"
+    assert chapters.use_quick_mode(True) is True and chapters.run_folder() == REPO / "runs/quick"
     assert os.environ["MINIMIND_V_QUICK"] == "1"  # what the recipe and launched stages read
     clean_env.setenv("MINIMIND_V_RUN", "elsewhere/run")
-    assert book.run_folder() == REPO / "elsewhere/run"
+    assert chapters.run_folder() == REPO / "elsewhere/run"
     clean_env.setenv("MINIMIND_V_HOME", str(tmp_path))
-    assert book.run_folder() == tmp_path / "elsewhere/run" and book.figures_dir() == tmp_path / "figures"
-    assert book.use_quick_mode(False) is False and os.environ["MINIMIND_V_QUICK"] == "0"
+    assert chapters.run_folder() == tmp_path / "elsewhere/run" and chapters.figures_dir() == tmp_path / "figures"
+    assert chapters.use_quick_mode(False) is False and os.environ["MINIMIND_V_QUICK"] == "0"
 
 
 def test_run_folder_and_figures_do_not_follow_the_working_directory(clean_env):
     """JupyterLab starts a chapter's kernel in notebooks/; `python -m` may run from anywhere."""
-    code = "from minimind_v import book; print(book.run_folder()); print(book.figures_dir())"
+    code = "from minimind_v import chapters; print(chapters.run_folder()); print(chapters.figures_dir())"
     env = {k: v for k, v in os.environ.items() if k not in BOOK_ENV_VARS}
     env["PYTHONPATH"] = str(REPO)
     seen = {subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
@@ -162,12 +162,12 @@ def test_save_figure_writes_a_png_where_the_environment_says(clean_env, tmp_path
     clean_env.setenv("MINIMIND_V_FIGURES", str(tmp_path / "figs"))
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
-    path = book.save_figure(fig, "03_line.png")
+    path = chapters.save_figure(fig, "03_line.png")
     assert path == tmp_path / "figs" / "03_line.png"
     assert path.read_bytes()[:8] == PNG_MAGIC
     for bad in ("line.png", "03_line.svg", "3_line.png"):
         with pytest.raises(ValueError, match="NN_what.png"):
-            book.save_figure(fig, bad)
+            chapters.save_figure(fig, bad)
     plt.close(fig)
 
 
@@ -175,12 +175,12 @@ def test_default_nproc_reads_the_environment(clean_env):
     import torch
 
     expected = max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
-    assert book.default_nproc() == expected
+    assert chapters.default_nproc() == expected
     clean_env.setenv("MINIMIND_V_NPROC", "3")
-    assert book.default_nproc() == 3
+    assert chapters.default_nproc() == 3
     clean_env.setenv("MINIMIND_V_NPROC", "two")
     with pytest.raises(ValueError, match="MINIMIND_V_NPROC"):
-        book.default_nproc()
+        chapters.default_nproc()
 
 
 def test_read_metrics_and_plot_loss(tmp_path):
@@ -189,18 +189,18 @@ def test_read_metrics_and_plot_loss(tmp_path):
     matplotlib.use("Agg")
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"total_steps": 2}\n{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5}\n')
-    records = book.read_metrics(metrics)
+    records = chapters.read_metrics(metrics)
     assert records == [{"total_steps": 2}, {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
-    fig = book.plot_loss(records, "a stage")
+    fig = chapters.plot_loss(records, "a stage")
     line = fig.axes[0].lines[0]
     assert list(line.get_xdata()) == [1, 2] and list(line.get_ydata()) == [2.0, 1.5]
     with pytest.raises(ValueError, match="no \\(step, loss\\)"):
-        book.plot_loss([{"total_steps": 2}], "empty")
+        chapters.plot_loss([{"total_steps": 2}], "empty")
     metrics.write_text('{"step": 1}\nnot json\n')
     with pytest.raises(ValueError, match="line 2"):
-        book.read_metrics(metrics)
+        chapters.read_metrics(metrics)
     with pytest.raises(FileNotFoundError, match="has the stage run"):
-        book.read_metrics(tmp_path / "missing.jsonl")
+        chapters.read_metrics(tmp_path / "missing.jsonl")
 
 
 # ----------------------------------------------------------------------------- the runner
