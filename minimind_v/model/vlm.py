@@ -169,12 +169,14 @@ class MiniMindVLM(MiniMindForCausalLM):
         pixel_values: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ):
         """Like the decoder's forward, plus the picture: ``pixel_values`` (n_images, 3, S, S)
         through the attached encoder, or ready ``image_tokens`` (n_images, N, vision_width)
         from the feature cache. With neither, the placeholders keep their own embeddings
-        (the text-only baseline)."""
+        (the text-only baseline). ``logits_to_keep`` is named here so that ``generate`` sees it
+        and asks for the last position's logits only when it reads the prompt."""
         if pixel_values is not None and image_tokens is not None:
             raise ValueError("pass pixel_values or image_tokens, not both")
         if inputs_embeds is None:
@@ -186,7 +188,8 @@ class MiniMindVLM(MiniMindForCausalLM):
                     image_tokens = self.encode_images(pixel_values)
             if image_tokens is not None:
                 inputs_embeds = self.substitute_image_tokens(input_ids, inputs_embeds, image_tokens)
-        return super().forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        return super().forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                               logits_to_keep=logits_to_keep, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, pixel_values=None,
                                       image_tokens=None, **kwargs):
