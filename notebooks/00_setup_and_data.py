@@ -206,6 +206,22 @@ print("answers of the count questions:", dict(Counter(r["conversations"][1]["val
 # * Every stage writes into one run folder and is skipped once done.
 #
 # Next: how CLIP turns one of these pictures into 50 tokens.
+#
+# ## Exercises
+#
+# Worked solutions: `notebooks/solutions/00_solutions.py`, one function per exercise.
+#
+# 1. **Predict, then run.** How many different one-object descriptions (shape, colour, size,
+#    position) can the world draw? Draw many one-object scenes with `shapes.random_scene` and count.
+# 2. **Check the data.** Generate a small world and re-derive every SFT answer with
+#    `shapes.answer(scene, question)`. Why does the book rely on this rather than on reading a
+#    sample of the data by eye?
+# 3. **Change the settings.** Generate a world with `held_out_pairs=(("red", "triangle"),)`. Show
+#    that no training picture holds a red triangle and no training text names one, and count the
+#    held-out records marked "seen" and "unseen".
+# 4. **Predict, then run.** What does a uniform guess score on each answer type? And guessing, for
+#    each question form, the answer the training set gives it most often
+#    (`minimind_v.baselines.majority`)? Which type does the wording give away most, and why?
 
 
 # %%

@@ -225,6 +225,22 @@ for step, top in enumerate(panel.last_top_tokens, 1):
 # * Everything here runs unchanged on the real parts (chapter 0): the original data, OpenAI's CLIP
 #   and the `small` or `base` decoder. In quick mode the models trained for seconds, so expect them
 #   to lean on the question; the full recipe trains each stage for many times more steps.
+#
+# ## Exercises
+#
+# Worked solutions: `notebooks/solutions/07_solutions.py`, one function per exercise.
+#
+# 1. **Predict, then run.** Which of "Top left.", "top  left", "TOP LEFT!", "top-left" and "left"
+#    count as right for the answer "top left"? Check with `minimind_v.evaluate.normalise`. When
+#    would exact match be unfair to a model?
+# 2. **By hand.** Five colour questions: two about one-object pictures (both right), two about
+#    two-object pictures (one right), one about a three-object picture (wrong). Write down what
+#    `accuracy_by_objects` returns, then build the rows and records and check.
+# 3. **Read a baseline critically.** In a world with questions about absent objects
+#    (`question_types=("colour", "absent")`), uniform chance on "absent" is a few percent. Show that
+#    every such answer is spelled out by its own question (`shapes.parse_question`,
+#    `shapes.absent_answer`). What, then, must the picture tell the model, and what does that say
+#    about chance as a yardstick for this type?
 
 
 # %%
