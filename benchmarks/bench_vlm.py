@@ -52,7 +52,7 @@ from minimind_v.data.features import FeatureCache  # noqa: E402
 from minimind_v.data.images import load_image  # noqa: E402
 from minimind_v.config import IGNORE_INDEX  # noqa: E402
 from minimind_v.machine import usable_cores  # noqa: E402
-from minimind_v.model.processing import pad_rows  # noqa: E402
+from minimind_v.model.chat_inputs import pad_rows  # noqa: E402
 from minimind_v.model.vision import VisionEncoder  # noqa: E402
 from minimind_v.testing import make_random_clip  # noqa: E402
 from minimind_v.model.vlm import MiniMindVLM, VLMConfig  # noqa: E402

@@ -21,7 +21,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .model.processing import PROCESSOR_CONFIG, MiniMindVProcessor, encoder_preprocessing, with_image_tags
+from .model.chat_inputs import with_image_tags
+from .model.image_processing import encoder_preprocessing
+from .model.processing import PROCESSOR_CONFIG, MiniMindVProcessor
 from .model.vision import VisionEncoder
 from .model.vlm import MiniMindVLM, resolve_vision_model
 from .tokenizer import IMAGE_TAG, IMAGE_TOKEN, has_image_token

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from ..model.processing import as_rgb
+from ..model.chat_inputs import as_rgb
 from .tokens import escape, font_family, token_label
 from .trace import AttentionTrace
 
