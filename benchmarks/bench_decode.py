@@ -1,4 +1,5 @@
-"""Batch-1 answers: tokens/s against the memory-bandwidth limit, beside the original v1 code.
+"""Answers: batch-1 tokens/s against the memory-bandwidth limit, beside the original v1 code; and
+a left-padded batch of prompts against one prompt at a time.
 
 One answer at a time (the chat, the panel) multiplies one token's vector by every weight per
 step: its speed limit is how fast the machine reads the weights. This script measures that
@@ -11,6 +12,11 @@ image tokens given) and greedy decoding of the same number of tokens:
   - with ``--original FOLDER`` (a checkout of jingyaogong/minimind-v at v1, commit 6982ced): the
     original's own ``Transformer.generate`` (temperature 0, its KV cache), given our weights
     through ``minimind_v.convert.model_to_v1``.
+
+It then answers ``--batch`` prompts of different lengths (text around a picture) in one
+left-padded batch (``minimind_v.model.chat_inputs.pad_rows``, as inference pads them) and one at a
+time, both by ``model.generate``, greedy: answers/s, and how many batched answers equal the
+one-at-a-time ones token for token.
 
     python benchmarks/bench_decode.py                            # small preset, 100 new tokens
     python benchmarks/bench_decode.py --original ~/minimind-v    # plus the original code
@@ -37,6 +43,7 @@ from transformers import GenerationMixin
 from minimind_v.config import PRESETS
 from minimind_v.convert import model_to_v1
 from minimind_v.machine import matmul_gflops, read_gbytes_per_second
+from minimind_v.model.chat_inputs import pad_rows
 from minimind_v.model.vlm import MiniMindVLM, VLMConfig
 
 V1_IMAGE_IDS = [30] * 25 + [32] * 25  # v1's placeholder: '<' * 25 + '>' * 25
@@ -50,11 +57,11 @@ def make_model(preset: str, seed: int) -> MiniMindVLM:
     return MiniMindVLM(config).eval()
 
 
-def make_prompt(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, 80) ids: 10 text tokens, the picture's 50 placeholders, 20 text tokens; and (1, 50, 768)
-    image tokens."""
+def make_prompt(seed: int, text_tokens: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, text_tokens + 50) ids: 10 text tokens, the picture's 50 placeholders, the rest of the text;
+    and (1, 50, 768) image tokens."""
     g = torch.Generator().manual_seed(seed)
-    text = torch.randint(100, 6400, (30,), generator=g)
+    text = torch.randint(100, 6400, (text_tokens,), generator=g)
     ids = torch.cat([text[:10], torch.tensor(V1_IMAGE_IDS), text[10:]])[None]
     return ids, torch.randn(1, len(V1_IMAGE_IDS), 768, generator=g)
 
@@ -86,6 +93,45 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total + (0 if head.data_ptr() in seen else head.numel() * head.element_size())
 
 
+def answers_table(model: MiniMindVLM, args) -> None:
+    """Print answers/s for one left-padded batch of prompts vs the same prompts one at a time."""
+    K, n = args.new_tokens, args.batch
+    g = torch.Generator().manual_seed(args.seed + 1)
+    prompts = [make_prompt(args.seed + 1 + i, int(torch.randint(20, 31, (), generator=g))) for i in range(n)]
+    ids, mask = (torch.tensor(rows) for rows in pad_rows([p[0].tolist() for p, _ in prompts], 0, "left"))
+    image_tokens = torch.cat([tokens for _, tokens in prompts])
+    greedy = dict(do_sample=False, max_new_tokens=K, min_new_tokens=K, eos_token_id=EOS, pad_token_id=0)
+
+    def one_at_a_time():
+        return torch.cat([model.generate(p, attention_mask=torch.ones_like(p), image_tokens=tokens, **greedy)
+                          [:, p.shape[1]:] for p, tokens in prompts])
+
+    def batched():
+        return model.generate(ids, attention_mask=mask, image_tokens=image_tokens, **greedy)[:, ids.shape[1]:]
+
+    rows = {"one prompt at a time (batch 1)": one_at_a_time, f"one left-padded batch of {n}": batched}
+    with torch.no_grad():
+        outputs = {name: run() for name, run in rows.items()}  # also the warm-up
+        times = {name: [] for name in rows}
+        for _ in range(args.repeats):
+            for name, run in rows.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    agree = int((outputs[f"one left-padded batch of {n}"] == outputs["one prompt at a time (batch 1)"]).all(1).sum())
+    print(f"\nAnswers: {n} prompts of {int(mask.sum(1).min())}-{int(mask.sum(1).max())} tokens (50 image tokens), "
+          f"left-padded to {ids.shape[1]}, {K} new tokens each, greedy; median of {args.repeats}")
+    header = f"{'mode':<42} {'s/answer':>9} {'answers/s':>10} {'tokens/s':>9} {'vs first':>9}"
+    print(header)
+    print("-" * len(header))
+    first = None
+    for name in rows:
+        rate = n / statistics.median(times[name])
+        first = first or rate
+        print(f"{name:<42} {1 / rate:>9.3f} {rate:>10.2f} {K * rate:>9.1f} {rate / first:>8.2f}x")
+    print(f"(the batched answers equal the one-at-a-time answers for {agree} of {n} prompts)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -93,6 +139,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--original", type=Path, default=None, help="a checkout of jingyaogong/minimind-v at v1")
+    p.add_argument("--batch", type=int, default=8, help="prompts of the batched-answers table (0: no such table)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:
@@ -156,6 +203,8 @@ def main(argv=None) -> None:
         same = int((outputs[name][0, :K] == reference[0, :K]).sum())
         print(f"{name:<42} {t_k:>9.3f} {rate:>9.1f} {1e3 * per_token:>9.2f} {nbytes / per_token / 1e9:>6.1f} "
               f"{rate / limit:>8.0%} {same:>6}/{K:<5} {rate / first:>8.2f}x")
+    if args.batch > 0:
+        answers_table(model, args)
 
 
 if __name__ == "__main__":
