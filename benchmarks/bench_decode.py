@@ -9,6 +9,7 @@ image tokens given) and greedy decoding of the same number of tokens:
 
   - transformers' ``generate`` loop with ``F.linear`` everywhere (this package before row decoding),
   - ``model.generate`` as the package ships it (``minimind_v.model.decoding.row_decoding``),
+  - the same without a KV cache (``use_cache=False``: every step recomputes the whole sequence),
   - with ``--original FOLDER`` (a checkout of jingyaogong/minimind-v at v1, commit 6982ced): the
     original's own ``Transformer.generate`` (temperature 0, its KV cache), given our weights
     through ``minimind_v.convert.model_to_v1``.
@@ -159,7 +160,12 @@ def main(argv=None) -> None:
         return model.generate(ids, attention_mask=ones, image_tokens=image_tokens, max_new_tokens=k,
                               **{**greedy, "min_new_tokens": k})[:, ids.shape[1]:]
 
-    rows = {"transformers generate, F.linear (before)": transformers_loop, "model.generate (shipped)": shipped}
+    def recomputing(k):  # no KV cache: every step runs the whole sequence again
+        return model.generate(ids, attention_mask=ones, image_tokens=image_tokens, max_new_tokens=k, use_cache=False,
+                              **{**greedy, "min_new_tokens": k})[:, ids.shape[1]:]
+
+    rows = {"transformers generate, F.linear (before)": transformers_loop, "model.generate (shipped)": shipped,
+            "model.generate, no KV cache (use_cache=False)": recomputing}
     if args.original is not None:
         original = load_original(args.original.expanduser(), model)
 
