@@ -165,7 +165,7 @@ def main(argv=None) -> None:
                               **{**greedy, "min_new_tokens": k})[:, ids.shape[1]:]
 
     rows = {"transformers generate, F.linear (before)": transformers_loop, "model.generate (shipped)": shipped,
-            "model.generate, no KV cache (use_cache=False)": recomputing}
+            "model.generate, use_cache=False": recomputing}
     if args.original is not None:
         original = load_original(args.original.expanduser(), model)
 

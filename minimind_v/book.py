@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from .chapters import CHAPTER_NAME
-from .recipe import ROOT
+from .recipe import ROOT, quick_mode
 
 NOTEBOOKS = ROOT / "notebooks"
 DEFAULT_OUT = "build/notebooks"
@@ -159,7 +159,7 @@ def run_book(chapters: list[Path], out_dir: str | os.PathLike = DEFAULT_OUT, cwd
     env = dict(os.environ)
     if quick is not None:
         env["MINIMIND_V_QUICK"] = "1" if quick else "0"
-    mode = "quick" if env.get("MINIMIND_V_QUICK", "0") not in ("", "0", "false", "False") else "full"
+    mode = "quick" if quick_mode(env) else "full"
     print(f"book: {len(chapters)} chapter(s), {mode} mode, executed notebooks -> {out_dir}", flush=True)
     timings: dict[str, float] = {}
     start = time.perf_counter()

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -106,9 +107,9 @@ def default_run_folder() -> Path:
     return home() / (chosen or ("runs/quick" if quick_mode() else "runs/default"))
 
 
-def quick_mode() -> bool:
-    """The book's switch for tiny sizes: MINIMIND_V_QUICK=1."""
-    return os.environ.get("MINIMIND_V_QUICK", "0") not in ("", "0", "false", "False")
+def quick_mode(environ: Mapping[str, str] | None = None) -> bool:
+    """The book's switch for tiny sizes: MINIMIND_V_QUICK=1 (in ``environ``, default this process's)."""
+    return (os.environ if environ is None else environ).get("MINIMIND_V_QUICK", "0") not in ("", "0", "false", "False")
 
 
 # World 2: the five question types plus yes/no existence, questions about absent objects, grid

@@ -16,6 +16,8 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 COMPLETE = "complete.json"
@@ -41,19 +43,26 @@ def temporary_name(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+@contextmanager
+def replaced_atomically(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to. When the block ends without error, the file
+    there is synced and renamed over ``path`` (then the folder is synced); otherwise it is removed
+    and ``path`` is left as it was."""
     path = Path(path)
     temporary = temporary_name(path)
     try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield temporary
+        fsync_path(temporary)
         os.replace(temporary, path)
+        fsync_path(path.parent)  # make the rename itself durable
     finally:
         temporary.unlink(missing_ok=True)
-    fsync_path(path.parent)  # make the rename itself durable
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with replaced_atomically(path) as temporary:
+        temporary.write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -68,18 +77,9 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` through a temporary file: a kill mid-write leaves the previous checkpoint."""
     import torch
 
-    path = Path(path)
-    temporary = temporary_name(path)
-    try:
-        with open(temporary, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    fsync_path(path.parent)
-    return path
+    with replaced_atomically(path) as temporary, open(temporary, "wb") as handle:
+        torch.save(obj, handle)
+    return Path(path)
 
 
 def mark_complete(folder: str | os.PathLike, record: dict | None = None) -> Path:

@@ -260,6 +260,23 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT], "a failed save must not leave its .tmp behind"
 
 
+def test_a_file_replaced_atomically_is_whole_or_untouched(tmp_path):
+    from minimind_v.runfiles import replaced_atomically
+
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(ValueError, match="writer failed"):
+        with replaced_atomically(path) as temporary:
+            temporary.write_bytes(b"half of the new")
+            raise ValueError("writer failed")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["data.bin"]
+    with replaced_atomically(path) as temporary:
+        assert temporary.parent == path.parent and temporary != path
+        temporary.write_bytes(b"new")
+        assert path.read_bytes() == b"old"  # nothing changes until the block ends
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["data.bin"]
+
+
 # ----------------------------------------------------------------------------- the stage entry points
 
 

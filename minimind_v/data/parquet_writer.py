@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
+from ..runfiles import replaced_atomically
 from .parquet_layout import CONVERSATIONS, DEFAULT_ROW_GROUP_SIZE, IMAGE_BYTES, as_pictures, pyarrow_modules
 from .records import check_turns
 
@@ -36,7 +37,6 @@ def write_chat_parquet(
     image_type = pa.list_(pa.binary()) if several_pictures else pa.binary()
     schema = pa.schema([(CONVERSATIONS, pa.string()), (IMAGE_BYTES, image_type)]
                        + [(name, pa.string()) for name in extra_columns])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     count = 0
     columns = {name: [] for name in schema.names}
 
@@ -46,7 +46,7 @@ def write_chat_parquet(
             writer.write_table(pa.table(columns, schema=schema), row_group_size=row_group_size)
             columns = {name: [] for name in schema.names}
 
-    try:
+    with replaced_atomically(path) as tmp:
         # Pictures are compressed already: no dictionary, no compression for them. No min/max
         # statistics: nothing filters on these columns, and a picture's bytes as a row group's
         # "minimum" would make the footer (read at every start-up) grow with the data.
@@ -74,9 +74,6 @@ def write_chat_parquet(
                 if len(columns[CONVERSATIONS]) >= row_group_size:
                     flush(writer)
             flush(writer)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return count
 
 

@@ -29,15 +29,14 @@ import argparse
 import contextlib
 import json
 import multiprocessing
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 # The world's public names, importable from here as well as from where they live.
 from ..machine import usable_cores
+from ..runfiles import atomic_write_text
 from .shapes_answers import answer, answer_two_pictures, parse_question, question_form
 from .shapes_questions import (CAPTION_REQUESTS, CAPTION_TEMPLATES, QUESTION_TEMPLATES, TWO_PICTURE_TEMPLATES,
                                absent_answer, caption, questions, related, single_picture_types,
@@ -96,15 +95,7 @@ def _write_json_atomic(path: Path, obj) -> None:
         text = "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in obj) + "\n]\n"
     else:
         text = json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_text(path, text)
 
 
 SPLITS = (("pretrain_data.json", "pretrain_images", "pretrain_i2t.parquet"),
