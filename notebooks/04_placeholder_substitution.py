@@ -164,8 +164,8 @@ limit = float(before.abs().flatten().quantile(0.99))
 fig, axes = plt.subplots(3, 1, figsize=(11, 7.2), sharex=True, gridspec_kw={"height_ratios": [1, 1, 0.8]})
 for ax, values, title in ((axes[0], before, "token embeddings"),
                           (axes[1], after, "after substitution (same colour scale)")):
-    ax.imshow(values[0].T.numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit,
-              interpolation="nearest", extent=(-0.5, T - 0.5, cfg.dim, 0))
+    heat = ax.imshow(values[0].T.numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit,
+                     interpolation="nearest", extent=(-0.5, T - 0.5, cfg.dim, 0))
     ax.set_ylabel(f"feature (dim {cfg.dim})")
     ax.set_title(title, fontsize=10, loc="left")
 axes[2].semilogy(np.arange(T), before[0].norm(dim=-1).numpy(), ".-", label="before")
@@ -178,6 +178,10 @@ for ax in axes:
 axes[2].text((int(positions[0]) + int(positions[-1])) / 2, axes[2].get_ylim()[1], "the 50 image positions",
              ha="center", va="top", fontsize=9, color="#2b5d8f")
 fig.tight_layout()
+fig.subplots_adjust(right=0.9)  # room for the colour bar beside the two heat maps
+top, bottom = axes[0].get_position().y1, axes[1].get_position().y0
+bar = fig.colorbar(heat, cax=fig.add_axes([0.915, bottom, 0.012, top - bottom]))
+bar.set_label("feature value (both maps; the scale stops at the\n99th percentile of the token embeddings)", fontsize=8)
 save_figure(fig, "04_substitution.png")
 plt.show()
 

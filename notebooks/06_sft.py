@@ -176,7 +176,11 @@ print(f"what trains: --freeze {R.sft_freeze}: {FREEZE_STRATEGIES[R.sft_freeze]}"
 # %% [markdown]
 # ## Training
 #
-# The stage starts from the stage-1 model and runs under `torchrun`, launched from this cell.
+# The stage starts from the stage-1 model and runs under `torchrun`, launched from this cell. Its
+# loss curve is drawn on a log axis, next to ln(vocab), the loss of a uniform guess over the
+# vocabulary: the first steps sit above that line (the answers are new text, confidently
+# mispredicted), and the part of training that matters is the slow tenfold fall at the end, which
+# a linear axis squashes flat.
 
 # %%
 module, args = stage_commands(RUN, R)["sft"]
@@ -186,8 +190,16 @@ SFT_DIR = stage_dir(RUN, "sft")
 result = run_stage(RUN, R, "sft", nproc=NPROC)
 
 # %%
+import math
+
 records = read_metrics(SFT_DIR / "metrics.jsonl")
 fig = plot_loss(records, "stage 2: answer loss")
+ax = fig.axes[0]
+ax.set_yscale("log")  # the last tenfold drop is the one that matters: on a linear axis it is a flat line
+vocab = len(tokenizer)
+ax.axhline(math.log(vocab), color="grey", linestyle="--", linewidth=1)
+ax.annotate(f"ln(vocab) = {math.log(vocab):.2f}: a uniform guess over {vocab} tokens",
+            (0, math.log(vocab)), xytext=(4, -12), textcoords="offset points", fontsize=8, color="grey")
 save_figure(fig, "06_sft_loss.png")
 plt.show()
 print(next(r["summary"] for r in reversed(records) if "summary" in r))
