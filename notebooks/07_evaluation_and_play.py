@@ -107,32 +107,52 @@ display(Markdown(format_objects_table(accuracy_by_objects(answers, read_records(
 #
 # The original project shows its models side by side on a few pictures; here is the same table
 # for ours. The stage-1 model is asked for a caption; the SFT model for a caption and two
-# questions.
+# questions, whose answers are checked against the scene (`shapes.answer`).
+#
+# Look at the centre question. Where nothing is in the centre, the model still names a shape, and
+# confidently: this is hallucination, the failure VLM papers warn about most, and here it has an
+# exact cause. Every question of the default world's SFT data names something that is in the
+# picture, so "nothing" is an answer the model has never seen; it answers with the shape it finds
+# nearest. Captions drift too: the SFT model, trained mostly on short answers, now and then writes
+# a caption worse than stage 1's (a purple triangle where a cross is). World 2 (`--world 2`,
+# chapter 0) adds the questions that teach "no" and "nothing": existence, absent objects and
+# relations.
 
 # %%
-import textwrap
-
 from minimind_v.data.images import load_image
-from minimind_v.evaluate import CAPTION_PROMPT, DEMO_IMAGES, format_demo_table
+from minimind_v.evaluate import CAPTION_PROMPT, DEMO_IMAGES, format_demo_table, normalise
 
 display(Markdown(format_demo_table(results["demo"])))
 
+from minimind_v.data import shapes
+
 demo = results["demo"]
-columns = [c for c in demo[0] if c != "image"]
-cols = 4
-rows = (len(demo) + cols - 1) // cols
-fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 4.6 * rows), layout="constrained")
-for ax, row in zip(axes.flat, demo):
-    ax.imshow(load_image(WORLD / DEMO_IMAGES / row["image"]))
-    ax.set_xticks([])
-    ax.set_yticks([])
-    # "sft: How many objects are there?" -> "sft · How many objects are there? → one"
-    lines = [textwrap.fill(c.replace(": ", " · ", 1).replace(CAPTION_PROMPT, "caption") + " → " + row[c], 44)
-             for c in columns]
-    ax.set_xlabel("\n".join(lines), fontsize=7.5, loc="left")
-for ax in axes.flat[len(demo):]:
-    ax.axis("off")
-fig.suptitle("The demo pictures: stage-1 (pretrain) and stage-2 (sft) answers")
+truth = {d["file"]: d for d in json.loads((WORLD / "world.json").read_text())["eval_images"]}
+fig, axes = plt.subplots(len(demo), 2, figsize=(12, 1.45 * len(demo)), width_ratios=[1, 9], layout="constrained")
+for (picture_ax, text_ax), row in zip(axes, demo):
+    picture_ax.imshow(load_image(WORLD / DEMO_IMAGES / row["image"]))
+    picture_ax.set_xticks([])
+    picture_ax.set_yticks([])
+    text_ax.axis("off")
+    scene = truth[row["image"]]["scene"]
+    lines = [("true caption", truth[row["image"]]["caption"], "black")]
+    for column, reply in row.items():
+        if column == "image":
+            continue
+        model, question = column.split(": ", 1)
+        if question == CAPTION_PROMPT:
+            lines.append((f"{model} caption", reply, "#333333"))
+        else:  # a question with one right answer: derived from the scene, marked right or wrong
+            expected = shapes.answer(scene, question, absent_ok=True)
+            right = normalise(reply) == normalise(expected)  # exact match, as the evaluation scores
+            mark = "right" if right else f"wrong: {expected}"
+            lines.append((f"{model} · {question}", f"{reply}   ({mark})", "#1a7f37" if right else "#c0392b"))
+    for i, (label, text, colour) in enumerate(lines):
+        y = 1 - (i + 0.5) / len(lines)
+        text_ax.text(0, y, label, fontsize=8, color="grey", va="center", transform=text_ax.transAxes)
+        text_ax.text(0.3, y, text, fontsize=8.5, color=colour, va="center", transform=text_ax.transAxes)
+fig.suptitle("The demo pictures: the true caption, stage 1's and the SFT model's, and two questions checked against the scene",
+             fontsize=10)
 save_figure(fig, "07_demo_table.png")
 plt.show()
 
