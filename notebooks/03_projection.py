@@ -60,6 +60,17 @@ print(f"vision_width={cfg.vision_width}, dim={cfg.dim}, num_image_tokens={cfg.nu
       f"image_token_ids={cfg.image_token_ids[:3]}... ({len(cfg.image_token_ids)} ids)")
 
 # %% [markdown]
+# The whole model, drawn from this config: the picture's path on top, the prompt's below, the two
+# meeting where the placeholders were.
+
+# %%
+from minimind_v.viz import plot_architecture
+
+fig = plot_architecture(cfg, vision_layers=encoder.model.config.num_hidden_layers)
+save_figure(fig, "03_architecture.png")
+fig
+
+# %% [markdown]
 # ## Shapes before and after
 #
 # A batch of pictures through the frozen encoder, then through the projection. Only the last

@@ -563,3 +563,16 @@ def test_token_strip_summarises_past_max_tokens(vlm, chat):
     assert len(boxes) == 11 and boxes[-1][0] == "more"
     assert boxes[-1][1] == boxes[-2][1] + boxes[-2][2]  # the first token not drawn
     assert boxes[-1][2] == len(ids) - sum(b[2] for b in boxes[:-1])
+
+
+def test_the_architecture_figure_states_the_configs_sizes():
+    from minimind_v.model.vlm import VLMConfig
+    from minimind_v.viz import plot_architecture
+
+    config = VLMConfig(vocab_size=321, dim=96, n_layers=3, n_heads=6, n_kv_heads=2, vision_width=80,
+                       num_image_tokens=50, image_token_ids=[5] * 50)
+    fig = plot_architecture(config, vision_layers=7)
+    text = "\n".join(t.get_text() for t in fig.axes[0].texts)
+    for expected in ("(50, 80)", "linear: 80 → 96", "decoder × 3", "6 heads, 2 KV heads", f"96 → {config.hidden_dim} → 96",
+                     "vocab 321", "frozen, 7 layers", "7×7 patches + CLS"):
+        assert expected in text, expected

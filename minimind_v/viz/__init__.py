@@ -3,6 +3,7 @@
 The Q&A panel needs ipywidgets (installed with the ``dev`` extras); it is imported on first use.
 """
 
+from .architecture import plot_architecture
 from .attention import (
     encoder_view,
     image_share,
@@ -23,6 +24,7 @@ __all__ = [
     "encoder_view",
     "image_share",
     "patch_grid",
+    "plot_architecture",
     "plot_attention_overlay",
     "plot_attention_panel",
     "plot_image_share",
