@@ -233,6 +233,59 @@ for step, top in enumerate(panel.last_top_tokens, 1):
     print(f"  step {step}: " + ", ".join(f"{token.strip() or repr(token)} {p:.2f}" for token, p in top))
 
 # %% [markdown]
+# ## Design choices and their limits
+#
+# Every choice below is MiniMind-V's (and the book keeps it), but each has a price worth knowing.
+#
+# * **All 50 patch tokens, not one pooled vector.** CLIP's pooled vector is what it compares with
+#   text; the patch tokens keep *where* things are, which position and relation questions need
+#   (chapter 1's probe reads positions off them). The price is prompt length: 50 tokens per picture
+#   here, 257 for ViT-L/14 at 224 px (16×16 patches + CLS), 577 at 336 px. The decoder's attention
+#   grows with the square of the prompt, and the KV cache with its length.
+# * **A linear projection, not cross-attention or a Q-Former.** The projection maps each patch on
+#   its own (chapter 3) and leaves all mixing to the decoder's attention: the fewest new weights and
+#   nothing to tune. Flamingo's cross-attention layers or BLIP-2's Q-Former instead compress a
+#   picture into a few learned queries (32 for BLIP-2): shorter prompts, more to train.
+# * **Where the picture sits under the causal mask.** The picture comes before the question, so
+#   every question token can look at every patch, but no patch can look at the question: the
+#   picture is read the same way whatever is asked, and what to look for is decided only in the
+#   question's and the answer's positions (the attention maps above).
+# * **Several questions per SFT record.** The original asks one question per picture; the book asks
+#   6 to 8 (chapter 6 shows the share of loss tokens grow fivefold). The picture's 50 tokens are
+#   paid once for many answers.
+# * **The language model bounds the VLM.** Everything the model says is written by the decoder of
+#   chapter 2; the picture only steers it. A decoder that cannot count to three in text will not
+#   count objects either, and a bigger encoder cannot fix that.
+# * **Resolution.** 224×224 pixels in 32-pixel patches: an object smaller than a patch is one blurred
+#   token; the shapes world draws every object larger than a patch for this reason.
+# * **Two pictures in one prompt.** Nothing in the substitution assumes one picture: each `<image>`
+#   tag becomes 50 placeholders, filled in order. The default world never trains on it (world 2
+#   does, with questions about two pictures), but the mechanics already work:
+
+# %%
+import torch
+
+from minimind_v.model.vlm import placeholder_mask
+
+two = [load_image(WORLD / DEMO_IMAGES / p.name) for p in sorted((WORLD / DEMO_IMAGES).glob("*.png"))[:2]]
+prompt = bundle.processor.apply_chat_template(
+    [{"role": "user", "content": "<image>\n<image>\nWhich picture has more circles?"}], add_generation_prompt=True)
+batch = bundle.processor(text=[prompt], images=[two], return_tensors="pt")
+ids = batch["input_ids"]
+cfg = bundle.model.config
+mask = placeholder_mask(ids, torch.tensor(cfg.image_token_ids))
+starts = [int(i) for i in mask[0].nonzero()[:, 0] if i == 0 or not mask[0, i - 1]]
+print(f"prompt of {ids.shape[1]} tokens: {int(mask.sum())} placeholders in {len(starts)} runs starting at {starts}; "
+      f"pixel_values {tuple(batch['pixel_values'].shape)}")
+with torch.no_grad():
+    image_tokens = bundle.model.encode_images(batch["pixel_values"])  # (2, 50, vision_width)
+    embeds = bundle.model.substitute_image_tokens(ids, bundle.model.tok_embeddings(ids), image_tokens)
+    projected = bundle.model.vision_proj(image_tokens)
+for k, start in enumerate(starts):  # picture k fills the k-th run of placeholders
+    assert torch.equal(embeds[0, start:start + cfg.num_image_tokens], projected[k])
+print("picture 1 and picture 2 each fill their own 50 positions, in order")
+
+# %% [markdown]
 # ## Summary
 #
 # * Exact-match accuracy per answer type, next to four baselines (no picture, the wrong picture,
