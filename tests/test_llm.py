@@ -267,3 +267,19 @@ def test_tiny_decoder_memorises_repeated_text():
     prompt = ids[:, :9]
     out = model.generate(prompt, max_new_tokens=ids.shape[1] - 9, do_sample=False, eos_token_id=None)
     assert bytes(out[0, 1:].tolist()).decode() == text * 2
+
+
+def test_rope_equals_the_written_out_rotation_bit_for_bit():
+    # The package's form ((x1, x2) * cos + (x2, x1) * (-sin, sin)) against the textbook one,
+    # pair by pair: the same products and sums, so the same bits (training numbers cannot move).
+    cos, sin = rope_tables(16, 64)
+    x = torch.randn(3, 4, 64, 16, generator=torch.Generator().manual_seed(0))
+    c, s = cos[None, None], sin[None, None]
+
+    def written_out(x):
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+
+    assert torch.equal(apply_rope(x, c, s), written_out(x))
+    # Half precision in, rotation in fp32, half out: the same as rotating the rounded input.
+    assert torch.equal(apply_rope(x.half(), c, s), written_out(x.half().float()).half())
