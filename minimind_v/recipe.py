@@ -64,6 +64,8 @@ class Recipe:
     n_eval: int = 1000
     question_types: tuple | None = None  # None: the world's own (shapes.ANSWER_TYPES)
     held_out_pairs: tuple = ()  # colour-shape pairs kept out of training (the seen/unseen split)
+    caption_order: str = "random"  # or "reading" (the ablation of chapter 08)
+    sft_turns: tuple = (6, 8)  # questions per SFT record, fewest and most
     # tiny CLIP
     clip_steps: int = TRAINING["clip"]["steps"]  # ~3.6 min on 2 CPU cores
     clip_batch: int = TRAINING["clip"]["batch_size"]
@@ -148,7 +150,9 @@ def world_config(r: Recipe):
     from .data.shapes import ShapesWorldConfig
 
     config = ShapesWorldConfig(seed=r.seed, n_pretrain=r.n_pretrain, n_sft=r.n_sft, n_eval=r.n_eval,
-                               held_out_pairs=tuple(tuple(p) for p in r.held_out_pairs))
+                               held_out_pairs=tuple(tuple(p) for p in r.held_out_pairs),
+                               caption_order=r.caption_order, min_sft_turns=r.sft_turns[0],
+                               max_sft_turns=r.sft_turns[1])
     if r.question_types is not None:
         config = replace(config, question_types=tuple(r.question_types))
     config.validate()
@@ -210,7 +214,13 @@ def stage_settings(r: Recipe, stage: str, nproc: int = 1) -> dict:
     """What decides a stage's result, with the run folder written as ``<run>`` so that a moved
     run folder keeps its fingerprints."""
     if stage == "world":
-        return {"config": asdict(world_config(r))}
+        config = asdict(world_config(r))
+        # Settings added after run folders existed leave their fingerprints as they were while
+        # they hold their default.
+        for name, default in _WORLD_SETTINGS_ADDED_LATER.items():
+            if config[name] == default:
+                del config[name]
+        return {"config": config}
     if stage == "tokenizer":
         return {"vocab_size": r.vocab_size}
     if stage == "eval":
@@ -220,6 +230,9 @@ def stage_settings(r: Recipe, stage: str, nproc: int = 1) -> dict:
     # Processes split the global batch: 2 processes of batch B learn like one of batch 2B.
     return {"module": module, "processes": nproc,
             "flags": {k: v for k, v in flags.items() if k not in _NOT_IN_FINGERPRINT}}
+
+
+_WORLD_SETTINGS_ADDED_LATER = {"caption_order": "random"}
 
 
 def _flags_dict(argv: list[str]) -> dict[str, str | bool]:

@@ -54,6 +54,8 @@ def test_a_changed_setting_changes_its_stage_and_every_stage_built_from_it():
     assert changed_stages(base, replace(base, seed=1)) == set(recipe_module.STAGE_DIRS)
     assert changed_stages(base, replace(base, held_out_pairs=(("red", "circle"),))) == set(recipe_module.STAGE_DIRS)
     assert changed_stages(base, replace(base, extra={"sft": ["--projector", "mlp"]})) == {"sft", "eval"}
+    assert changed_stages(base, replace(base, caption_order="reading")) == set(recipe_module.STAGE_DIRS)
+    assert changed_stages(base, replace(base, sft_turns=(1, 1))) == set(recipe_module.STAGE_DIRS)
     # How often a stage saves does not change what it learns; how many processes share a batch does.
     assert changed_stages(base, replace(base, save_every=7)) == set()
     two = stage_fingerprints(base, nproc=2)
@@ -208,3 +210,13 @@ def test_a_stage_run_alone_trains_what_the_recipe_trains():
     ns = llm.build_parser().parse_args(["--data", "d", "--tokenizer", "t", "--out", "o"])
     assert (ns.steps, ns.batch_size) == (r.llm_steps, r.batch_size)
     assert (clip.TrainConfig().steps, clip.TrainConfig().batch_size) == (r.clip_steps, r.clip_batch)
+
+
+def test_world_settings_reach_the_world_and_a_default_leaves_old_fingerprints_alone():
+    r = replace(Recipe(**SMALL), caption_order="reading", sft_turns=(1, 2))
+    config = world_config(r)
+    assert (config.caption_order, config.min_sft_turns, config.max_sft_turns) == ("reading", 1, 2)
+    # caption_order came after run folders existed: at its default it is not in the settings, so
+    # those folders' worlds (and every stage built on them) are still reused.
+    assert "caption_order" not in stage_fingerprints(Recipe(**SMALL))["world"]["settings"]["config"]
+    assert stage_fingerprints(r)["world"]["settings"]["config"]["caption_order"] == "reading"

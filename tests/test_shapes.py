@@ -386,3 +386,26 @@ def test_scene_key_is_equal_exactly_when_the_pictures_are():
         s, t = random_scene(rng), random_scene(rng)
         pictures_equal = np.array_equal(np.asarray(render_scene(s)), np.asarray(render_scene(t)))
         assert pictures_equal == (shapes.scene_key(s) == shapes.scene_key(t))
+
+
+def test_reading_order_captions_the_same_pictures_top_left_first():
+    """The ablation's world: the same scenes and caption templates as the recipe's, the objects
+    listed in grid order instead of a random one."""
+    from minimind_v.data.shapes import pretrain_records
+
+    base = ShapesWorldConfig(**SMALL_WORLD)
+    reading = ShapesWorldConfig(**SMALL_WORLD, caption_order="reading")
+    shuffled_somewhere = False
+    for a, b in zip(pretrain_records(base, set()), pretrain_records(reading, set()), strict=True):
+        assert a["scene"] == b["scene"] and a["image"] == b["image"]
+        said_random, said_reading = a["conversations"][1]["value"], b["conversations"][1]["value"]
+        # Where each object is first named, read off the caption text.
+        at = lambda text, o: text.index(f"{o['size']} {o['colour']} {o['shape']}")  # noqa: E731
+        grid = sorted(a["scene"], key=lambda o: POSITIONS.index(o["position"]))
+        assert sorted(grid, key=lambda o: at(said_reading, o)) == grid
+        words = lambda text: sorted(re.findall(r"\w+", text.lower()))  # noqa: E731
+        assert words(said_random) == words(said_reading)  # the same words, reordered
+        shuffled_somewhere |= sorted(grid, key=lambda o: at(said_random, o)) != grid
+    assert shuffled_somewhere
+    with pytest.raises(ValueError, match="caption_order"):
+        ShapesWorldConfig(caption_order="alphabetical").validate()

@@ -315,3 +315,26 @@ def test_batched_left_padded_generation_matches_one_by_one():
     alone_long = model.generate(torch.tensor([long]), image_tokens=images[1:], **kw)
     assert torch.equal(together[0, width:], alone_short[0, len(short):])
     assert torch.equal(together[1, width:], alone_long[0, len(long):])
+
+
+def test_cls_only_fills_every_placeholder_with_the_cls_token():
+    """vision_tokens="cls" (chapter 08's ablation) is the full substitution fed a picture whose
+    every token is its CLS token (index 0), and it survives save and load."""
+    pattern = PATTERNS["repeated token"]
+    model = make_vlm(pattern)
+    cls_model = make_vlm(pattern)
+    cls_model.config.vision_tokens = "cls"
+    ids, mask = right_pad([words(5) + pattern + words(6, 7), pattern + words(8)])
+    image_tokens = torch.randn(2, len(pattern), WIDTH, generator=torch.Generator().manual_seed(1))
+    only_cls = image_tokens[:, :1].repeat(1, len(pattern), 1)
+    got, _ = decoder_inputs(cls_model, input_ids=ids, attention_mask=mask, image_tokens=image_tokens)
+    torch.testing.assert_close(got, expected_embeddings(model, ids, only_cls), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="vision_tokens"):
+        VLMConfig(vision_tokens="pooled")
+
+
+def test_vision_tokens_is_kept_in_the_saved_config(tmp_path):
+    model = make_vlm(PATTERNS["repeated token"])
+    model.config.vision_tokens = "cls"
+    model.save_pretrained(tmp_path)
+    assert VLMConfig.from_pretrained(tmp_path).vision_tokens == "cls"

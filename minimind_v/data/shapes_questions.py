@@ -94,13 +94,20 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def caption(scene: list[dict], rng: random.Random) -> str:
+CAPTION_ORDERS = ("random", "reading")
+
+
+def caption(scene: list[dict], rng: random.Random, order: str = "random") -> str:
     """One sentence naming every object's size, colour, shape and position, objects in random order.
 
     Not in reading order: then the decoder learns to describe a picture by scanning the patches
     from top left to bottom right, and never to look an object up by what it is. In random order,
-    saying where "a small red circle" is means finding that circle among the patches."""
-    parts = [f"a {describe_object(o)} {position_phrase(o['position'])}" for o in rng.sample(scene, len(scene))]
+    saying where "a small red circle" is means finding that circle among the patches.
+    ``order="reading"`` (the scene's own order, top left to bottom right) is kept for the ablation
+    that shows this; it draws the same random numbers, so both orders caption the same pictures."""
+    shuffled = rng.sample(scene, len(scene))
+    parts = [f"a {describe_object(o)} {position_phrase(o['position'])}"
+             for o in (scene if order == "reading" else shuffled)]
     listing = _join(parts)
     n = len(scene)
     count = f"{NUMBER_WORDS[n].capitalize()} object{'s' if n > 1 else ''}"

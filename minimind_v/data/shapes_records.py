@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .shapes_questions import CAPTION_REQUESTS, caption, questions, single_picture_types, two_picture_question
+from .shapes_questions import CAPTION_ORDERS, CAPTION_REQUESTS, caption, questions, single_picture_types, two_picture_question
 from .shapes_scenes import (ANSWER_TYPES, COLOURS, EXTRA_ANSWER_TYPES, POSITIONS, SHAPES, SINGULAR, TWO_PICTURES,
                             describe_object, random_scene, scene_key)
 
@@ -39,6 +39,9 @@ class ShapesWorldConfig:
     # the held-out set then mixes pictures with them ("unseen") and without ("seen").
     held_out_pairs: tuple = ()
     unseen_eval_fraction: float = 0.5  # of the held-out questions, when held_out_pairs is set
+    # The order captions list their objects in: "random" (the recipe's), or "reading" (top left to
+    # bottom right, for the ablation that shows why not).
+    caption_order: str = "random"
 
     def validate(self) -> None:
         for name in ("n_pretrain", "n_sft", "n_eval", "n_eval_images", "workers"):
@@ -70,6 +73,9 @@ class ShapesWorldConfig:
                                  f"with a colour in {COLOURS} and a shape in {SHAPES}")
         if len({tuple(p) for p in self.held_out_pairs}) == len(COLOURS) * len(SHAPES):
             raise ValueError("ShapesWorldConfig.held_out_pairs holds every colour-shape pair: nothing is left to train on")
+        if self.caption_order not in CAPTION_ORDERS:
+            raise ValueError(f"ShapesWorldConfig.caption_order must be one of {CAPTION_ORDERS}, "
+                             f"got {self.caption_order!r}")
         if not 0 < self.unseen_eval_fraction < 1:
             raise ValueError(f"ShapesWorldConfig.unseen_eval_fraction must be in (0, 1), got {self.unseen_eval_fraction}")
 
@@ -123,7 +129,7 @@ def pretrain_records(cfg: ShapesWorldConfig, held_out: set) -> list[dict]:
         scene = _fresh_scene(rng, cfg, held_out)
         conv = [
             {"from": "human", "value": _human_turn(rng.choice(CAPTION_REQUESTS), rng)},
-            {"from": "gpt", "value": caption(scene, rng)},
+            {"from": "gpt", "value": caption(scene, rng, cfg.caption_order)},
         ]
         records.append(_record("pretrain", i, scene, conv))
     return records

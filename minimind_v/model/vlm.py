@@ -23,6 +23,9 @@ from .llm import MiniMindForCausalLM
 from .projector import VisionProjector
 
 
+VISION_TOKENS = ("all", "cls")
+
+
 class VLMConfig(MiniMindConfig):
     """The decoder's configuration plus what joins it to a vision encoder."""
 
@@ -35,8 +38,11 @@ class VLMConfig(MiniMindConfig):
         num_image_tokens: int = 50,
         projector: str = "linear",
         image_token_ids: list[int] | None = None,
+        vision_tokens: str = "all",
         **kwargs,
     ):
+        if vision_tokens not in VISION_TOKENS:
+            raise ValueError(f"vision_tokens must be one of {VISION_TOKENS}, got {vision_tokens!r}")
         self.vision_model = vision_model
         self.vision_width = vision_width
         self.num_image_tokens = num_image_tokens
@@ -44,6 +50,9 @@ class VLMConfig(MiniMindConfig):
         # The token ids that stand for one image, in order (ours: N copies of <|image|>;
         # the original tokenizer: '<' * 25 + '>' * 25).
         self.image_token_ids = list(image_token_ids or [])
+        # "all": each placeholder gets its own patch token; "cls": every placeholder gets the CLS
+        # token, so the decoder sees only the pooled picture (the ablation of chapter 08).
+        self.vision_tokens = vision_tokens
         super().__init__(**kwargs)
 
 
@@ -159,6 +168,8 @@ class MiniMindVLM(MiniMindForCausalLM):
                 f"image tokens of shape {tuple(image_tokens.shape)} were given "
                 f"(expected ({n_images}, {N}, {self.config.vision_width}))"
             )
+        if self.config.vision_tokens == "cls":  # the encoder's CLS token (index 0) in every place
+            image_tokens = image_tokens[:, :1].expand(-1, N, -1)
         projected = self.vision_proj(image_tokens.to(inputs_embeds.dtype))  # (n, N, W) -> (n, N, dim)
         return inputs_embeds.masked_scatter(mask[..., None], projected)
 
@@ -205,7 +216,8 @@ def is_vlm_folder(folder: str | Path) -> bool:
     return read_folder_config(folder).get("model_type") == VLMConfig.model_type
 
 
-def load_start_model(init: str | Path, tokenizer, encoder, projector: str = "linear") -> "MiniMindVLM":
+def load_start_model(init: str | Path, tokenizer, encoder, projector: str = "linear",
+                     vision_tokens: str = "all") -> "MiniMindVLM":
     """Where a VLM stage starts: a VLM folder continues as it is; a text LM folder gets a fresh
     projection from the encoder's width to the decoder's, and the tokenizer's image placeholder."""
     if is_vlm_folder(init):
@@ -214,7 +226,7 @@ def load_start_model(init: str | Path, tokenizer, encoder, projector: str = "lin
     _, ids = image_placeholder(tokenizer, encoder.num_tokens)
     return MiniMindVLM.from_language_model(
         lm, vision_width=encoder.width, num_image_tokens=encoder.num_tokens, projector=projector,
-        image_token_ids=ids,
+        image_token_ids=ids, vision_tokens=vision_tokens,
     )
 
 

@@ -19,7 +19,7 @@ from ..data.parquet import ParquetIndex, dataset_picture_names, parquet_files
 from ..defaults import FREEZE, TRAINING
 from ..model.projector import PROJECTORS
 from ..model.vision import DEFAULT_CLIP, VisionEncoder
-from ..model.vlm import VLMConfig, is_vlm_folder, load_start_model, resolve_vision_model
+from ..model.vlm import VISION_TOKENS, VLMConfig, is_vlm_folder, load_start_model, resolve_vision_model
 from ..tokenizer import load_tokenizer
 from .checkpoint import TrainSetupError
 from .common import (FREEZE_STRATEGIES, add_train_flags, checked, lm_step_loss, path_setting,
@@ -53,6 +53,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     p.add_argument("--freeze", default=spec["freeze"], choices=sorted(FREEZE_STRATEGIES),
                    help="what trains: " + "; ".join(f"{k}: {v}" for k, v in FREEZE_STRATEGIES.items()))
     p.add_argument("--projector", default="linear", choices=PROJECTORS)
+    p.add_argument("--vision-tokens", default="all", choices=VISION_TOKENS,
+                   help="what fills a picture's placeholders: all its patch tokens, or its CLS token in "
+                        "every place (a new model only; a VLM --init keeps its own)")
     p.add_argument("--feature-cache", action="store_true",
                    help="read frozen patch tokens from a cache (built on first use) instead of encoding")
     p.add_argument("--cache-dir", default=None, help="where caches live (default: <data>/feature_cache)")
@@ -143,7 +146,7 @@ def prepare_stage(stage: str, argv=None) -> dict:
     if ns.max_length < encoder.num_tokens + MIN_TEXT_TOKENS:
         parser.error(f"argument --max-length: must be >= {encoder.num_tokens + MIN_TEXT_TOKENS} "
                      f"({encoder.num_tokens} image tokens + {MIN_TEXT_TOKENS} of text), got {ns.max_length}")
-    model = load_start_model(str(init), tokenizer, encoder, ns.projector).to(info.device)
+    model = load_start_model(str(init), tokenizer, encoder, ns.projector, ns.vision_tokens).to(info.device)
     model.attach_vision_encoder(encoder)
     model.config.vision_preprocessing = encoder.preprocessing  # saved with the model (config.json)
     trainable, total = set_trainable(model, ns.freeze)
@@ -158,6 +161,8 @@ def prepare_stage(stage: str, argv=None) -> dict:
                 "vision": vision, "json": ns.json, "images": ns.images, "freeze": ns.freeze, "projector": ns.projector,
                 "feature_cache": ns.feature_cache, "mix_captions": ns.mix_captions, "max_length": ns.max_length,
                 "skip_bad_samples": ns.skip_bad_samples}
+    if ns.vision_tokens != "all":  # (absent at the default: checkpoints from before the flag still resume)
+        settings["vision_tokens"] = ns.vision_tokens
     return dict(parser=parser, ns=ns, args=args, info=info, model=model, dataset=dataset, settings=settings,
                 collate=functools.partial(collate, pad_id=tokenizer.pad_token_id or 0),
                 save=lambda m, out: save_with_tokenizer(m, tokenizer, out, vision_source))
