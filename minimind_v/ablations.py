@@ -107,8 +107,13 @@ def borrow_stages(source: Path, run: Path, r: Recipe) -> list[str]:
 
 
 def _accuracy(run: Path) -> dict:
+    """The held-out figures of a finished run, and what its tiny CLIP's probes read from the token
+    under each object's centre."""
     results = json.loads((stage_dir(run, "eval") / "results.json").read_text(encoding="utf-8"))
-    return {"overall": results["overall"], "per_type": results["per_type"], "n": results["n"]}
+    clip = json.loads((stage_dir(run, "clip") / "complete.json").read_text(encoding="utf-8"))["summary"]
+    probe = clip.get("probe", {}).get("trained", {}).get("centre")
+    return {"overall": results["overall"], "per_type": results["per_type"], "n": results["n"],
+            "clip": {"retrieval_top1": clip.get("retrieval_top1"), "probe_centre": probe}}
 
 
 def _train(run: Path, r: Recipe, sources: list[Path], nproc: int) -> dict:

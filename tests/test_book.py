@@ -67,7 +67,7 @@ def error_outputs(nb) -> list[str]:
 def test_chapters_are_numbered_in_order_without_gaps():
     chapters = book.chapter_files()
     numbers = [int(p.name[:2]) for p in chapters]
-    assert numbers == list(range(len(chapters))) and len(chapters) == 8, [p.name for p in chapters]
+    assert numbers == list(range(len(chapters))) and len(chapters) == 9, [p.name for p in chapters]
 
 
 @pytest.mark.parametrize("chapter", book.chapter_files(), ids=lambda p: p.stem)
