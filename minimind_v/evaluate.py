@@ -172,11 +172,18 @@ def evaluate_vqa(
 
 
 def _swap_pictures(questions: list[tuple], seed: int) -> list[tuple]:
-    """Give each question the picture of the next one in a seeded random cycle: no picture stays."""
+    """Give each question the picture(s) of the next question with as many pictures, in a seeded
+    random cycle per picture count: no picture stays (unless a question is the only one with its
+    count), and a one-picture question never gets two."""
     order = torch.randperm(len(questions), generator=torch.Generator().manual_seed(seed)).tolist()
+    cycles = defaultdict(list)  # picture count -> question indices, in the shuffled order
+    for i in order:
+        item = questions[i][1]
+        cycles[len(item) if isinstance(item, list) else 1].append(i)
     swapped = list(questions)
-    for here, there in zip(order, order[1:] + order[:1]):
-        swapped[here] = (*questions[here][:1], questions[there][1], *questions[here][2:])
+    for cycle in cycles.values():
+        for here, there in zip(cycle, cycle[1:] + cycle[:1]):
+            swapped[here] = (*questions[here][:1], questions[there][1], *questions[here][2:])
     return swapped
 
 

@@ -84,3 +84,22 @@ def test_the_table_reports_each_difference_and_whether_it_exceeds_twice_its_stan
     text = table_markdown(results)
     assert "90.0 → **60.0** (-30.0)" in text and "90.0 → **89.0** (-1.0) (within noise)" in text
     assert "85.0 → 50.0" in text
+
+
+def test_the_chart_draws_one_arrow_and_one_heat_map_row_per_finished_ablation():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from minimind_v.viz.ablations import plot_ablations
+
+    recipe = {"overall": 0.9, "n": 1000, "per_type": {"colour": 0.95, "count": 0.85}}
+    variant = {"overall": 0.6, "n": 1000, "per_type": {"colour": 0.7, "count": 0.5}, "minutes": 1.0}
+    results = {"recipe": recipe, "ablations": {name: {"choice": name, "recipe_value": "a", "variant_value": "b",
+                                                      "variant": variant} for name in ("cls_only", "mlp_projector")}}
+    fig = plot_ablations(results)
+    left, right = fig.axes[:2]
+    assert len(left.get_yticks()) == 2
+    assert right.images[0].get_array().shape == (2, 2)
+    assert right.images[0].get_array()[0, 1] == pytest.approx(-35.0)  # count: 85 -> 50
+    with pytest.raises(ValueError, match="no ablation"):
+        plot_ablations({"recipe": recipe, "ablations": {}})

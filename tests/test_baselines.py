@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from minimind_v import baselines
 from minimind_v.evaluate import _swap_pictures, accuracy_by_combination, format_baselines_table
@@ -53,6 +54,23 @@ def test_shuffled_pictures_leave_no_picture_in_place_and_keep_each_once():
     assert all(s[1] != q[1] for s, q in zip(swapped, questions))  # no picture stays
     assert sorted(s[1] for s in swapped) == sorted(q[1] for q in questions)
     assert swapped == _swap_pictures(questions, seed=3) and swapped != _swap_pictures(questions, seed=4)
+
+
+def test_shuffled_pictures_swap_two_picture_questions_among_themselves():
+    # World 2 asks some questions about two pictures: each keeps two, from another such question.
+    questions = [(f"r{i}", [f"a{i}.png", f"b{i}.png"] if i % 3 == 0 else f"p{i}.png", f"q{i}", "x", "t")
+                 for i in range(12)]
+    swapped = _swap_pictures(questions, seed=1)
+    for s, q in zip(swapped, questions):
+        assert type(s[1]) is type(q[1]) and s[1] != q[1]
+    assert sorted(map(str, (s[1] for s in swapped))) == sorted(map(str, (q[1] for q in questions)))
+    # With one picture each, the cycle is the same as before two-picture questions existed.
+    single = [(f"r{i}", f"p{i}.png", f"q{i}", "a", "colour") for i in range(9)]
+    order = torch.randperm(9, generator=torch.Generator().manual_seed(3)).tolist()
+    expected = list(single)
+    for here, there in zip(order, order[1:] + order[:1]):
+        expected[here] = (single[here][0], single[there][1], *single[here][2:])
+    assert _swap_pictures(single, seed=3) == expected
 
 
 def test_accuracy_on_seen_and_unseen_combinations():
