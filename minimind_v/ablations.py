@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -58,6 +59,8 @@ ABLATIONS = (
              extra={"pretrain": ["--projector", "mlp"]}),
     Ablation("clip_without_aux", "tiny CLIP's training", "contrastive + auxiliary loss (weight 10)",
              "contrastive loss only", extra={"clip": ["--aux-weight", "0"]}),
+    Ablation("moe", "decoder feed-forward", "dense SwiGLU", "mixture of experts (4 routed, top 2, + 1 shared)",
+             extra={"llm": ["--use-moe"]}),
 )
 BY_NAME = {a.name: a for a in ABLATIONS}
 
@@ -107,17 +110,23 @@ def borrow_stages(source: Path, run: Path, r: Recipe) -> list[str]:
 
 
 def _accuracy(run: Path) -> dict:
-    """The held-out figures of a finished run, and what its tiny CLIP's probes read from the token
-    under each object's centre."""
+    """The held-out figures of a finished run, its commonest answers, the last training loss of its
+    VLM stages, and what its tiny CLIP's probes read from the token under each object's centre."""
     results = json.loads((stage_dir(run, "eval") / "results.json").read_text(encoding="utf-8"))
     clip = json.loads((stage_dir(run, "clip") / "complete.json").read_text(encoding="utf-8"))["summary"]
     probe = clip.get("probe", {}).get("trained", {}).get("centre")
+    answers = json.loads((stage_dir(run, "eval") / "answers.json").read_text(encoding="utf-8"))
+    commonest = Counter(row["prediction"] for row in answers).most_common(3)
+    losses = {stage: json.loads((stage_dir(run, stage) / "complete.json").read_text(encoding="utf-8"))
+              .get("summary", {}).get("final_loss") for stage in ("pretrain", "sft")}
     return {"overall": results["overall"], "per_type": results["per_type"], "n": results["n"],
+            "commonest_answers": commonest, "final_loss": losses,
             "clip": {"retrieval_top1": clip.get("retrieval_top1"), "probe_centre": probe}}
 
 
-def _train(run: Path, r: Recipe, sources: list[Path], nproc: int) -> dict:
-    """One run of the recipe ``r`` in ``run``, borrowing what ``sources`` already hold."""
+def _train(run: Path, r: Recipe, sources: list[Path], nproc: int, earlier: dict | None = None) -> dict:
+    """One run of the recipe ``r`` in ``run``, borrowing what ``sources`` already hold. A run that
+    only reused finished stages keeps the minutes ``earlier`` (its entry in the table) measured."""
     run.mkdir(parents=True, exist_ok=True)
     for source in sources:
         borrowed = borrow_stages(source, run, r)
@@ -125,6 +134,8 @@ def _train(run: Path, r: Recipe, sources: list[Path], nproc: int) -> dict:
             print(f"[ablations] {run.name}: borrowed {', '.join(borrowed)} from {source}", flush=True)
     started = time.perf_counter()
     outcome = run_recipe(run, r, nproc=nproc)
+    if not outcome["timings"] and earlier and "minutes" in earlier:
+        return {**_accuracy(run), "minutes": earlier["minutes"], "stages_trained": earlier.get("stages_trained", [])}
     return {**_accuracy(run), "minutes": round((time.perf_counter() - started) / 60, 2),
             "stages_trained": sorted(outcome["timings"])}
 
@@ -153,12 +164,14 @@ def run_ablations(names: list[str] | None = None, folder: Path | None = None, np
     results.update(machine=describe_speed(), quick=quick_mode())
     base_run = folder / RECIPE_RUN
     print(f"[ablations] the recipe at {'quick sizes' if quick_mode() else ABLATION_STEPS} -> {base_run}", flush=True)
-    results["recipe"] = {"settings": settings, **_train(base_run, base, [default_run_folder()], nproc)}
+    results["recipe"] = {"settings": settings, **_train(base_run, base, [default_run_folder()], nproc,
+                                                        results.get("recipe"))}
     rows = results.setdefault("ablations", {})
     for ablation in chosen:
         print(f"[ablations] {ablation.name}: {ablation.choice}: {ablation.variant_value} "
               f"instead of {ablation.recipe_value}", flush=True)
-        variant = _train(folder / ablation.name, variant_recipe(base, ablation), [base_run], nproc)
+        variant = _train(folder / ablation.name, variant_recipe(base, ablation), [base_run], nproc,
+                         rows.get(ablation.name, {}).get("variant"))
         rows[ablation.name] = {"choice": ablation.choice, "recipe_value": ablation.recipe_value,
                                "variant_value": ablation.variant_value, "variant": variant}
         atomic_write_json(folder / RESULTS, results)

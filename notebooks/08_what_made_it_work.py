@@ -26,7 +26,7 @@
 # is a pair of runs trained from nothing, identical except for that choice, evaluated on the same
 # held-out questions. The difference between the two is what the choice is worth.
 #
-# Seven pairs:
+# Eight pairs:
 #
 # | choice | the recipe | the variant |
 # |---|---|---|
@@ -36,6 +36,7 @@
 # | tokens per picture | all 50 (CLS + 49 patches) | the CLS token in all 50 places |
 # | projector | linear | two-layer MLP |
 # | the tiny CLIP's training | contrastive + auxiliary loss | contrastive only |
+# | the decoder's feed-forward | dense SwiGLU | mixture of experts (4 routed, top 2, + 1 shared) |
 #
 # A pair costs minutes, not the half hour of the book's run: the recipe here runs its VLM stages
 # with fewer steps (pretraining 400 instead of 1000, SFT 500 instead of 1500), the size at which
@@ -45,7 +46,7 @@
 # %%
 QUICK = None  # True: tiny sizes; False: the full embedded default; None: follow MINIMIND_V_QUICK
 NPROC = None  # training processes per stage; None: one per GPU, else 1 (see chapter 1)
-# True: train every pair now (about 80 minutes on 2 CPU cores at the book's sizes; a pair that is
+# True: train every pair now (about 90 minutes on 2 CPU cores at the book's sizes; a pair that is
 # already there is reused); False: read the table `python -m minimind_v.ablations --record
 # docs/ablations.json` recorded; None: train in quick mode, else read what is there.
 RUN_ABLATIONS = None
@@ -115,6 +116,12 @@ def measured(name: str, *types: str) -> None:
     print(f"{row['variant_value']} instead of {row['recipe_value']}: " + "; ".join(parts))
 
 
+def final_losses(run: dict | None) -> str:
+    """The last training loss of a run's VLM stages, as recorded."""
+    losses = (run or {}).get("final_loss") or {}
+    return ", ".join(f"{stage} {loss:.3f}" for stage, loss in losses.items() if loss is not None) or "not recorded"
+
+
 # %% [markdown]
 # ## 1. Caption object order
 #
@@ -134,12 +141,20 @@ scene = random_scene(random.Random(7), min_objects=3)
 for order in ("reading", "random"):
     print(f"{order:>8}: {caption(scene, random.Random(1), order)}")
 measured("caption_order", "position", "shape", "colour")
+print("last training loss, the recipe:       ", final_losses(results["recipe"]))
+print("last training loss, reading order:    ",
+      final_losses(results.get("ablations", {}).get("caption_order", {}).get("variant")))
 
 # %% [markdown]
-# Position is the type that pays: in reading order the caption's word for where an object is comes
-# from where the scan is, not from the object, so nothing connects "red circle" to "bottom left".
-# The lookup learned from random-order captions runs one way (from the words said first to the
-# position said last); SFT has to teach the other directions, which is the next row's subject.
+# Position is the type that pays, and almost alone: in the recorded pair it falls by about 20
+# points while colour, shape and size stay within noise. And the training loss says the opposite:
+# reading-order captions are *easier* to predict (the order is fixed, so one fewer thing to guess),
+# so the variant ends pretraining with the lower caption loss and still answers worse. A lower
+# training loss is not a better model when the task got easier. In reading order the caption's word for
+# where an object is comes from where the scan is, not from the object, so nothing connects "red
+# circle" to "bottom left". The lookup learned from random-order captions runs one way (from the
+# words said first to the position said last); SFT has to teach the other directions, which is the
+# next row's subject.
 #
 # ## 2. Questions per SFT record
 #
@@ -160,6 +175,15 @@ for turns in ((1, 1), (6, 8)):
         f"{conversation[i]['value'].replace('<image>', '').strip()} -> {conversation[i + 1]['value']}"
         for i in range(0, len(conversation), 2)))
 measured("questions_per_record", "position", "colour", "count")
+if "questions_per_record" in ROWS:
+    print("its commonest answers:", results["ablations"]["questions_per_record"]["variant"].get("commonest_answers"))
+
+# %% [markdown]
+# Every type drops, position and count most. Count falls back on the commonest answer ("one"),
+# what a model does when the question's words are all it has learned to use. Seven questions about
+# one picture force the model to tell its objects apart *within* a picture; one question per
+# picture can often be answered about "the" object of a one-object picture, and teaches little
+# about the others.
 
 # %% [markdown]
 # ## 3. What SFT trains
@@ -183,12 +207,19 @@ for strategy in ("proj", "ends", "all"):
           f"{FREEZE_STRATEGIES[strategy]}")
 measured("sft_trains_projection", "count", "position")
 measured("sft_trains_ends", "count", "position")
+for name in ("sft_trains_projection", "sft_trains_ends"):
+    if name in ROWS:
+        print(f"{ROWS[name]['variant_value']}: commonest answers",
+              results["ablations"][name]["variant"].get("commonest_answers"))
 
 # %% [markdown]
-# A frozen decoder can only be steered through the 50 vectors the projection writes: it answers
-# with what its pretraining made of pictures, a caption's words. Freeing the ends lets the first
-# layer read the picture differently and the last one turn what the middle computed into a short
-# answer instead of a sentence. How much of the gap that closes is what the second line says.
+# With the decoder frozen, SFT fails outright: the decoder was trained to caption, and 50 vectors
+# written by a 16k-parameter projection cannot turn a captioner into a question answerer. In the
+# recorded run it answers "small" (the first word of many captions) to most questions, and is
+# right only on size questions whose answer happens to be "small". Freeing only the first and last
+# layers recovers most of the accuracy: the last layer learns the short answer, the first can read
+# the picture differently. What is still missing, mostly on position, is what the middle layers
+# learn when they may change.
 #
 # ## 4. Tokens per picture: CLS only
 #
@@ -203,21 +234,35 @@ measured("sft_trains_ends", "count", "position")
 measured("cls_only", "position", "count", "shape", "colour")
 
 # %% [markdown]
-# This is why LLaVA and MiniMind-V keep every patch token: the position of an object is in *which*
-# token describes it, and a pooled vector has already averaged that away. The price is sequence
+# Counting stays within noise, as the auxiliary loss on the CLS token would predict, and position
+# loses the most: the pooled vector still carries something of where things are (position stays
+# far above the 11% of chance), but not which object is where. This is why
+# LLaVA and MiniMind-V keep every patch token: the position of an object is in *which* token
+# describes it, and a pooled vector has already averaged that away. The price is sequence
 # length: 50 tokens per picture here, 257 for ViT-L/14 at 224 pixels, and more for larger inputs.
 #
 # ## 5. A linear projection or an MLP
 #
 # LLaVA-1.5 replaced LLaVA's linear projection with a two-layer MLP and gained on its benchmarks.
 # Here the encoder's tokens already separate every attribute linearly (chapter 1's probes read
-# them at 0.99 or better with a linear classifier), so there is little left for a hidden layer to
-# untangle:
+# them at 0.99 or better with a linear classifier), so a hidden layer has nothing to untangle; it
+# only has to be learned first, from a random start, in the same 400 pretraining steps:
 
 # %%
-measured("mlp_projector", "position", "shape", "count")
+measured("mlp_projector", "position", "shape", "colour")
+
+
+
+print("last training loss, the recipe:      ", final_losses(results["recipe"]))
+print("last training loss, the MLP variant: ", final_losses(results.get("ablations", {}).get("mlp_projector", {}).get("variant")))
 
 # %% [markdown]
+# The MLP is not the better bridge at this size: it ends pretraining with a higher caption loss and
+# loses on every type, most on position. A bigger bridge is worth its cost when the encoder's
+# features need reshaping for the decoder (CLIP's features for a 7B decoder) and there are enough
+# steps to train it; neither is true here. An ablation answers a question *at one size*: with
+# 1500 SFT steps the gap may close, and the table does not say that it would not.
+#
 # ## 6. The tiny CLIP without its auxiliary loss
 #
 # The tiny CLIP trains on a contrastive loss (match each picture with its caption among hard
@@ -236,10 +281,42 @@ for label, run in (("with the auxiliary loss", results["recipe"]),
 measured("clip_without_aux", "shape", "position", "count")
 
 # %% [markdown]
+# This is the largest effect in the table, and the probes say why before any VLM is trained:
+# without the auxiliary loss, the patch under an object's centre no longer tells its shape or its
+# cell (in the recorded run a linear probe reads shape at 0.48 and position at 0.20, below what it
+# reads from the tokens of an untrained encoder, 0.54 and 0.37, and far below 0.99 and 1.00 with
+# the loss), and the VLM's shape and position answers fall with them. Colour and size survive best: the contrastive loss needs them
+# to tell a caption from its hard negatives, and they are visible in any patch the object covers.
+# Held-out retrieval barely moves, so the contrastive score alone would not have warned us.
+#
 # The decoder can only answer from what the tokens hold. Real CLIP, trained on 400 million
 # captions, holds most of it already; a tiny CLIP trained on 20k shapes-world captions needs to be
 # told what matters. The lesson carries over: a VLM inherits its encoder's blind spots, and the
 # first place to look when a VLM cannot answer some kind of question is a probe of the encoder.
+#
+# ## 7. A mixture of experts
+#
+# MiniMind's decoder can swap each block's feed-forward for a mixture of experts: a router sends
+# every token to 2 of 4 SwiGLU experts, and one shared expert sees every token. The variant trains
+# the text LM that way and everything after it as the recipe does. It holds three feed-forwards'
+# work per token where the dense block holds one, and about five times the feed-forward weights:
+
+# %%
+moe = MiniMindForCausalLM(config_from_preset(R.preset, vocab_size=R.vocab_size, use_moe=True))
+dense_params, moe_params = (sum(p.numel() for p in m.parameters()) for m in (lm, moe))
+print(f"decoder parameters: dense {dense_params / 1e6:.2f}M, mixture of experts {moe_params / 1e6:.2f}M")
+measured("moe", "count", "position", "shape")
+if "moe" in ROWS:
+    variant = results["ablations"]["moe"]["variant"]
+    print(f"the variant trained {', '.join(variant['stages_trained'])} in {variant['minutes']:.1f} min")
+
+# %% [markdown]
+# Here the experts cost accuracy (most on position and count) and nearly twice the time per SFT
+# step (486 s against 260 s for 500 steps in the recorded run). Experts pay when there is more to
+# know than one feed-forward can hold: many languages, many domains. The shapes world has 5
+# colours, 4 shapes, 2 sizes and 9 cells, which a 128-wide dense block already holds; splitting the
+# tokens among experts leaves each expert fewer examples in the same number of steps, and the
+# router is one more thing to learn. The original's MoE variant is meant for far more data.
 #
 # ## What the table does not say
 #

@@ -29,6 +29,7 @@ def changed(a: Recipe, b: Recipe) -> set[str]:
     ("cls_only", {"pretrain", "sft", "eval"}),
     ("mlp_projector", {"pretrain", "sft", "eval"}),
     ("clip_without_aux", {"clip", "pretrain", "sft", "eval"}),
+    ("moe", {"llm", "pretrain", "sft", "eval"}),
 ])
 def test_each_variant_retrains_exactly_the_stages_its_choice_reaches(name, stages):
     assert changed(BASE, variant_recipe(BASE, BY_NAME[name])) == stages
@@ -103,3 +104,14 @@ def test_the_chart_draws_one_arrow_and_one_heat_map_row_per_finished_ablation():
     assert right.images[0].get_array()[0, 1] == pytest.approx(-35.0)  # count: 85 -> 50
     with pytest.raises(ValueError, match="no ablation"):
         plot_ablations({"recipe": recipe, "ablations": {}})
+
+
+def test_a_rerun_that_trains_nothing_keeps_the_minutes_measured_before(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablations, "_accuracy", lambda run: {"overall": 0.5})
+    monkeypatch.setattr(ablations, "run_recipe", lambda run, r, nproc: {"timings": {}})
+    earlier = {"overall": 0.5, "minutes": 7.5, "stages_trained": ["pretrain", "sft"]}
+    again = ablations._train(tmp_path / "run", BASE, [], 1, earlier)
+    assert again["minutes"] == 7.5 and again["stages_trained"] == ["pretrain", "sft"]
+    monkeypatch.setattr(ablations, "run_recipe", lambda run, r, nproc: {"timings": {"sft": 3.0}})
+    trained = ablations._train(tmp_path / "run", BASE, [], 1, earlier)
+    assert trained["stages_trained"] == ["sft"] and trained["minutes"] < 1  # measured now

@@ -34,6 +34,8 @@ def exercise_1():
     b = (torch.rand(trials, n, generator=generator) < p).float().mean(1)
     simulated = float((a - b).std())
     assert abs(simulated - math.sqrt(2) * standard_error(p, n)) < 0.001  # ~0.0134
+    print(f"{needed} questions for 1 point at 90% to exceed 2 standard errors; at 1000 questions the "
+          f"difference of two runs spreads by {simulated:.4f} (formula {math.sqrt(2) * standard_error(p, n):.4f})")
     return {"questions_needed": needed, "sd_of_difference_at_1000": simulated}
 
 
@@ -48,6 +50,7 @@ def exercise_2():
     shuffled = caption(scene, random.Random(5), "random")
     assert sorted(by_hand, key=reading.index) == by_hand  # named in grid order
     assert sorted(reading.lower().replace(",", "").split()) == sorted(shuffled.lower().replace(",", "").split())
+    print(f"reading order: {reading}\nrandom order:  {shuffled}")
     return reading, shuffled
 
 
@@ -55,19 +58,21 @@ def exercise_3():
     """All 50 vectors are equal: the CLS token, projected. What is left is what the CLS token holds
     (the tiny CLIP trains it to count objects of each shape, colour and size); where an object is
     is gone, because it lived in *which* patch token described it."""
-    torch.manual_seed(0)
     n, width = 50, 16
     config = VLMConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, max_position_embeddings=128,
                        vision_width=width, num_image_tokens=n, image_token_ids=[3] * n, vision_tokens="cls")
-    model = MiniMindVLM(config).eval()
+    with torch.random.fork_rng(devices=[]):  # the model's initial weights: leave the global generator alone
+        torch.manual_seed(0)
+        model = MiniMindVLM(config).eval()
     ids = torch.tensor([[5] + [3] * n + [6, 7]])
     seen = []
     handle = model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     with torch.no_grad():
-        model(input_ids=ids, image_tokens=torch.randn(1, n, width))
+        model(input_ids=ids, image_tokens=torch.randn(1, n, width, generator=torch.Generator().manual_seed(1)))
     handle.remove()
     picture = seen[0][0, 1:1 + n]
     assert torch.equal(picture, picture[:1].expand(n, -1))
+    print(f"the decoder receives {n} copies of one vector for the picture (each of width {picture.shape[1]})")
     return picture.shape
 
 
@@ -80,6 +85,7 @@ def exercise_4():
     retrained = {stage for stage in before if before[stage]["fingerprint"] != after[stage]["fingerprint"]}
     assert retrained == {"sft", "eval"}
     assert mine.name not in {a.name for a in ABLATIONS}
+    print(f"no caption mix retrains {sorted(retrained)}; the world, CLIP, text LM and pretraining are borrowed")
     return retrained
 
 
