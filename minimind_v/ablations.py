@@ -146,6 +146,9 @@ def read_results(folder: Path | None = None) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
+    except ValueError as err:
+        raise ValueError(f"{path} is not a results table written by minimind_v.ablations ({err}); "
+                         f"remove it to start the table again") from None
 
 
 def run_ablations(names: list[str] | None = None, folder: Path | None = None, nproc: int = 1,

@@ -115,3 +115,10 @@ def test_a_rerun_that_trains_nothing_keeps_the_minutes_measured_before(tmp_path,
     monkeypatch.setattr(ablations, "run_recipe", lambda run, r, nproc: {"timings": {"sft": 3.0}})
     trained = ablations._train(tmp_path / "run", BASE, [], 1, earlier)
     assert trained["stages_trained"] == ["sft"] and trained["minutes"] < 1  # measured now
+
+
+def test_a_damaged_results_file_is_named(tmp_path):
+    assert ablations.read_results(tmp_path) is None
+    (tmp_path / ablations.RESULTS).write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="results.json is not a results table"):
+        ablations.read_results(tmp_path)
