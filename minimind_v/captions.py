@@ -10,16 +10,13 @@ from collections import Counter
 from pathlib import Path
 
 from .data.shapes import COLOURS, POSITIONS, SHAPES, SIZES
+from .data.shapes_answers import alternation
 from .evaluate import CAPTION_PROMPT
 
 
-def _alternatives(words) -> str:
-    return "|".join(sorted(map(re.escape, words), key=len, reverse=True))  # "top left" before "top"
-
-
 # "a small red circle in the top left", "a large blue cross at the bottom", "... on the right"
-_OBJECT = re.compile(rf"\ban? ({_alternatives(SIZES)}) ({_alternatives(COLOURS)}) ({_alternatives(SHAPES)}) "
-                     rf"(?:in|at|on) the ({_alternatives(POSITIONS)})\b", re.IGNORECASE)
+_OBJECT = re.compile(rf"\ban? ({alternation(SIZES)}) ({alternation(COLOURS)}) ({alternation(SHAPES)}) "
+                     rf"(?:in|at|on) the ({alternation(POSITIONS)})\b", re.IGNORECASE)
 
 
 def said_objects(text: str) -> list[tuple[str, str, str, str]]:

@@ -42,29 +42,29 @@ def answer_two_pictures(scenes: list[list[dict]], question: str) -> str:
 
 
 
-def _ALT(words) -> str:
+def alternation(words) -> str:
     """Regex alternation, longest first, so 'top left' wins over 'top'."""
     return "|".join(sorted(map(re.escape, words), key=len, reverse=True))
 
 def _pos_re(prefix: str = "") -> str:
-    return rf"(?:in|at|on) the (?P<{prefix}position>{_ALT(POSITIONS)})"
+    return rf"(?:in|at|on) the (?P<{prefix}position>{alternation(POSITIONS)})"
 
 
 def _ref_re(prefix: str = "") -> str:
     """'the large red circle in the top left': a definite reference to one object."""
-    return (rf"the (?:(?P<{prefix}size>{_ALT(SIZES)}) )?(?:(?P<{prefix}colour>{_ALT(COLOURS)}) )?"
-            rf"(?P<{prefix}noun>{_ALT(SHAPES + ('object', 'shape'))})(?: {_pos_re(prefix)})?")
+    return (rf"the (?:(?P<{prefix}size>{alternation(SIZES)}) )?(?:(?P<{prefix}colour>{alternation(COLOURS)}) )?"
+            rf"(?P<{prefix}noun>{alternation(SHAPES + ('object', 'shape'))})(?: {_pos_re(prefix)})?")
 
 
 _POS_RE = _pos_re()
 _REF_RE = _ref_re()
 _PLURAL_RE = (
-    rf"(?:(?P<attr>{_ALT(SIZES + COLOURS)}) )?(?P<noun>{_ALT(tuple(PLURAL_SHAPES.values()) + ('objects',))})"
+    rf"(?:(?P<attr>{alternation(SIZES + COLOURS)}) )?(?P<noun>{alternation(tuple(PLURAL_SHAPES.values()) + ('objects',))})"
 )
 _DESC_RE = (  # 'a large red circle', 'a red object': what an existence question asks about
-    rf"a (?:(?P<size>{_ALT(SIZES)}) )?(?:(?P<colour>{_ALT(COLOURS)}) )?(?P<noun>{_ALT(SHAPES + ('object',))})"
+    rf"a (?:(?P<size>{alternation(SIZES)}) )?(?:(?P<colour>{alternation(COLOURS)}) )?(?P<noun>{alternation(SHAPES + ('object',))})"
 )
-_REL_RE = rf"(?P<relation>{_ALT(RELATIONS)})"
+_REL_RE = rf"(?P<relation>{alternation(RELATIONS)})"
 
 
 def _template_regex(template: str) -> re.Pattern:
