@@ -16,6 +16,11 @@ with tokens/s.
     python benchmarks/profile_stages.py --run runs/default            # after the recipe (or make book)
     python benchmarks/profile_stages.py --run runs/default --steps 50 --stages sft
     python benchmarks/profile_stages.py --run runs/default --compile   # eager, then torch.compile
+    python benchmarks/profile_stages.py --run runs/default --precision fp32 bf16   # both, one after the other
+
+``--precision`` lists the precisions to time, each on the same batches, one right after the other
+(bf16: the products in bfloat16 under autocast, as the trainer runs them where the hardware has
+them; see minimind_v/precision.py). The bfloat16 matmul peak is then measured too.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from minimind_v.machine import matmul_gflops
+from minimind_v.precision import autocast
 from minimind_v.recipe import Recipe, stage_commands, stage_dir
 from minimind_v.train.common import lm_step_loss
 from minimind_v.train.trainer import StepBatches, make_optimizer, update_weights
@@ -57,7 +63,7 @@ def step_flops(model, batch) -> int:
     return counter.get_total_flops()
 
 
-def profile(run: Path, stage: str, steps: int, warmup: int, compiled: bool = False) -> dict:
+def profile(run: Path, stage: str, steps: int, warmup: int, compiled: bool = False, precision: str = "fp32") -> dict:
     with tempfile.TemporaryDirectory(prefix=f"profile-{stage}-") as scratch:
         built = prepare_stage(stage, stage_flags(run, stage, Path(scratch) / stage))
     model, dataset, args = built["model"], built["dataset"], built["args"]
@@ -85,7 +91,8 @@ def profile(run: Path, stage: str, steps: int, warmup: int, compiled: bool = Fal
         t0 = time.perf_counter()
         batch = next(loader)
         t1 = time.perf_counter()
-        loss, extra, _ = lm_step_loss(model, batch)
+        with autocast(batch.input_ids.device, precision):
+            loss, extra, _ = lm_step_loss(model, batch)
         t2 = time.perf_counter()
         (loss + extra).backward()
         t3 = time.perf_counter()
@@ -97,7 +104,8 @@ def profile(run: Path, stage: str, steps: int, warmup: int, compiled: bool = Fal
             tokens.append(int(batch.attention_mask.sum()))
     step_s = sum(sum(v) for v in times.values()) / steps
     flops = flops_per_token * statistics.mean(tokens)  # of a mean step
-    return {"stage": stage + (" (compiled)" if compiled else ""), "compile_s": compile_s, "batch": args.batch_size, "tokens": statistics.mean(tokens), "flops": flops,
+    label = stage + (" (compiled)" if compiled else "") + (f", {precision}" if precision != "fp32" else "")
+    return {"stage": label, "precision": precision, "compile_s": compile_s, "batch": args.batch_size, "tokens": statistics.mean(tokens), "flops": flops,
             "step_ms": 1e3 * step_s, "parts": {p: sum(v) / steps / step_s for p, v in times.items()},
             "tokens_per_s": statistics.mean(tokens) / step_s, "gflops": flops / step_s / 1e9}
 
@@ -110,17 +118,24 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--compile", action="store_true",
                    help="also time each stage with its decoder blocks compiled (torch.compile, inductor), right after eager")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                   help="the precisions to time, one after the other on the same batches (bf16: autocast products)")
     ns = p.parse_args(argv)
     run = Path(ns.run)
     missing = [s for s in ("world", "clip", "llm", "pretrain") if not (stage_dir(run, s) / "complete.json").exists()]
     if missing:
         sys.exit(f"{run} lacks the finished stages {missing}: run `python -m minimind_v.recipe --run {run}` first")
     peak = matmul_gflops()
-    rows = [profile(run, stage, ns.steps, ns.warmup, compiled)
-            for stage in ns.stages for compiled in ((False, True) if ns.compile else (False,))]
+    peak_bf16 = matmul_gflops(dtype=torch.bfloat16) if "bf16" in ns.precision else None
+    rows = [profile(run, stage, ns.steps, ns.warmup, compiled, precision)
+            for stage in ns.stages for compiled in ((False, True) if ns.compile else (False,))
+            for precision in ns.precision]
     peak_after = matmul_gflops()  # load from elsewhere shows up as a difference between the two
     print(f"\nfp32 matmul peak: {peak:.0f} GFLOP/s before, {peak_after:.0f} after "
-          f"(2048², {torch.get_num_threads()} threads); {ns.steps} timed steps per stage\n")
+          f"(2048², {torch.get_num_threads()} threads); {ns.steps} timed steps per stage")
+    if peak_bf16:
+        print(f"bf16 matmul peak: {peak_bf16:.0f} GFLOP/s (2048²); % of peak below is of the fp32 peak")
+    print()
     print("| stage | batch | tokens/step | ms/step | " + " | ".join(PARTS)
           + " | tokens/s | GFLOP/step | GFLOP/s | % of peak |")
     print("|---|---:|---:|---:|" + "---:|" * len(PARTS) + "---:|---:|---:|---:|")
@@ -128,7 +143,14 @@ def main(argv=None) -> None:
         parts = " | ".join(f"{100 * r['parts'][p]:.0f}%" for p in PARTS)
         print(f"| {r['stage']} | {r['batch']} | {r['tokens']:.0f} | {r['step_ms']:.0f} | {parts} | "
               f"{r['tokens_per_s']:,.0f} | {r['flops'] / 1e9:.2f} | {r['gflops']:.0f} | {100 * r['gflops'] / peak:.0f}% |")
-    for eager, compiled in zip(rows[::2], rows[1::2]) if ns.compile else ():
+    if len(ns.precision) > 1:
+        first = ns.precision[0]
+        for r in rows:
+            base = next(b for b in rows if b["precision"] == first
+                        and b["stage"].split(",")[0] == r["stage"].split(",")[0])
+            if r is not base:
+                print(f"{r['stage']}: {r['tokens_per_s'] / base['tokens_per_s']:.2f}x the tokens/s of {base['stage']}")
+    for eager, compiled in zip(rows[::2], rows[1::2]) if ns.compile and len(ns.precision) == 1 else ():
         speedup = compiled["tokens_per_s"] / eager["tokens_per_s"]  # per token: the timed batches differ
         saved = eager["step_ms"] * (1 - 1 / speedup) / 1e3
         print(f"{eager['stage']}: compiled {speedup:.2f}x eager's tokens/s; "

@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 
 
-def matmul_gflops(n: int | None = None, repeats: int = 3, device: str | torch.device = "cpu") -> float:
-    """GFLOP/s of the fastest of ``repeats`` float32 (n x n) @ (n x n) products (2 n^3 FLOPs each),
-    after one warm-up, with torch's current threads (2048 on a CPU, 8192 on a GPU by default)."""
+def matmul_gflops(n: int | None = None, repeats: int = 3, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of the fastest of ``repeats`` (n x n) @ (n x n) products of ``dtype`` (2 n^3 FLOPs
+    each), after one warm-up, with torch's current threads (2048 on a CPU, 8192 on a GPU by default)."""
     device = torch.device(device)
     n = n or (8192 if device.type == "cuda" else 2048)
     generator = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG alone
-    a = torch.randn(n, n, device=device, generator=generator)
-    b = torch.randn(n, n, device=device, generator=generator)
+    a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    b = torch.randn(n, n, device=device, generator=generator).to(dtype)
     best = float("inf")
     for attempt in range(repeats + 1):
         if device.type == "cuda":

@@ -16,6 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                  "OMP_NUM_THREADS", "TORCHELASTIC_RUN_ID")
 
+# Training runs in float32 in the tests unless asked otherwise, so that every machine computes the
+# same references (bfloat16 products, where the CPU has them, are tested in test_precision.py).
+os.environ.setdefault("MINIMIND_V_PRECISION", "fp32")
+
 # The tiny CLIP: 64x64 pixels in 32x32 patches -> 2x2 patches + CLS = 5 tokens of width 32.
 TINY_CLIP = dict(image_size=64, patch_size=32, width=32, layers=1, heads=2)
 TINY_CLIP_TOKENS = 1 + (TINY_CLIP["image_size"] // TINY_CLIP["patch_size"]) ** 2

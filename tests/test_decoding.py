@@ -131,3 +131,45 @@ def test_one_new_token_without_padding_needs_no_mask_and_matches_the_written_out
         fused = model(ids[:, 29:], attention_mask=torch.ones(1, 30), cache=cache, use_cache=True).logits
         eager = model(ids, output_attentions=True).logits[:, -1:]  # the written-out attention, full causal mask
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_lean_one_row_step_equals_the_layers(n_kv_heads):
+    """decode_one_row (taken for one token of one sequence inside row_decoding) gives the logits and
+    the cache that the layer-by-layer path gives (output_hidden_states forces that path)."""
+    model = make_model(n_kv_heads=n_kv_heads)
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(3))
+    lean, layered = GrowingCache(model.config.n_layers), GrowingCache(model.config.n_layers)
+    with row_decoding(model), torch.no_grad():
+        model(ids[:, :30], cache=lean, use_cache=True)
+        model(ids[:, :30], cache=layered, use_cache=True)
+        for t in range(30, 40):
+            token = ids[:, t : t + 1]
+            assert model._one_row_step(model.tok_embeddings(token), None, lean, False)
+            fast = model(token, cache=lean, use_cache=True).logits
+            slow = model(token, cache=layered, use_cache=True, output_hidden_states=True).logits
+            torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)  # attention written out: rounding differs
+        for a, b in zip(lean.layers, layered.layers):
+            torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
+    # ... and against no cache at all: the whole sequence through F.linear and causal attention.
+    torch.testing.assert_close(fast, model(ids).logits[:, -1:], rtol=1e-4, atol=1e-4)
+
+
+def test_lean_step_is_not_taken_where_it_must_not_be():
+    model = make_model()
+    row = model.tok_embeddings(torch.tensor([[5]])).detach()
+    cache = GrowingCache(model.config.n_layers)
+    with torch.no_grad():
+        assert not model._one_row_step(row, None, cache, False)  # outside row_decoding
+        with row_decoding(model):
+            assert model._one_row_step(row, None, cache, False)
+            assert not model._one_row_step(row, None, cache, True)  # attentions or hidden states asked for
+            assert not model._one_row_step(row, None, DynamicCache(), False)
+            assert not model._one_row_step(row.expand(2, 1, -1), None, cache, False)  # a batch
+            assert not model._one_row_step(row, torch.ones(1, 1, 1, 1, dtype=torch.bool), cache, False)  # padding
+    with row_decoding(model):
+        assert not model._one_row_step(row, None, cache, False)  # gradients on: training keeps the layers
+    moe = make_model(use_moe=True)
+    with row_decoding(moe), torch.no_grad():
+        assert not moe._one_row_step(row, None, cache, False)

@@ -13,6 +13,13 @@ value projections; SwiGLU's gate and up projections) are read as one: fewer, lar
 ``row_decoding(model)`` switches this on for the duration of a block (``generate`` uses it): a
 ``RowLinear`` given exactly one row without gradients uses its blocks, made on first use and
 remade when its weight has changed. Batches, training and GPUs keep ``F.linear``.
+
+Once the products are fast, what is left of a step is a few hundred small operations (norms,
+rotary positions, the cache, attention, module calls), each a few microseconds. ``decode_one_row``
+runs the decoder's layers for that one token with as few of them as the arithmetic allows: each
+norm one call, the query and key rotated together with factors made once per step, attention on
+one query written out as three small products. It computes what the layers compute
+(``tests/test_decoding.py`` compares them).
 """
 
 from __future__ import annotations
@@ -97,6 +104,42 @@ def row_decoding(model: nn.Module):
     finally:
         for layer in layers:
             layer.row_decoding = 0
+
+
+def rotation_factors(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One position's cos, sin (head_dim/2,) -> the two factors ``llm.apply_rope`` multiplies the
+    pairs and their swapped copies by: (hd/2, 1) and (hd/2, 2)."""
+    return cos.unsqueeze(-1), torch.stack((-sin, sin), dim=-1)
+
+
+def decode_one_row(model: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   cache: "GrowingCache") -> torch.Tensor:
+    """The dense decoder's layers for one new token of one sequence, inside ``row_decoding``:
+    h (1, 1, dim) -> (1, 1, dim) before the final norm, its key and value appended to ``cache``.
+
+    The same arithmetic as ``TransformerBlock.forward`` (norms, products against the same blocks,
+    the same rotation formula, the fused attention on the whole cached history), in fewer calls."""
+    cfg = model.config
+    H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    n_qk, group, dim = (H + Hkv) * hd, H // Hkv, cfg.dim
+    c, s = rotation_factors(cos, sin)
+    for i, layer in enumerate(model.layers):
+        att, ffn = layer.attention, layer.feed_forward
+        norm = layer.attention_norm  # F.rms_norm: RMSNorm's arithmetic in one call (equal bit for bit in float32)
+        qkv = times_blocks(F.rms_norm(h, (dim,), norm.weight, norm.eps), att.wq.blocks_with(att.wk, att.wv))
+        pairs = qkv[..., :n_qk].view(H + Hkv, hd // 2, 2)
+        qk = (pairs * c + pairs.flip(-1) * s).view(H + Hkv, 1, hd)  # apply_rope on q and k at once
+        keys, values = cache.layers[i].update(qk[H:][None], qkv[..., n_qk:].view(1, Hkv, 1, hd))
+        # One query: written out, three small products beat the fused kernel's set-up; each key/value
+        # head answers its group of query heads without being repeated.
+        q = qk[:H].view(Hkv, group, hd)
+        weights = torch.softmax((q @ keys[0].transpose(1, 2)) * hd**-0.5, dim=-1)  # (Hkv, group, S)
+        out = (weights @ values[0]).view(1, 1, H * hd)
+        h = h + times_blocks(out, att.wo.blocks_with())
+        norm = layer.ffn_norm
+        gate, up = times_blocks(F.rms_norm(h, (dim,), norm.weight, norm.eps), ffn.w1.blocks_with(ffn.w3)).chunk(2, dim=-1)
+        h = h + times_blocks(F.silu(gate) * up, ffn.w2.blocks_with())
+    return h
 
 
 class GrowingLayer(DynamicLayer):

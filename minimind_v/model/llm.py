@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import IGNORE_INDEX, MiniMindConfig, check_attn_implementation
-from .decoding import GrowingCache, RowLinear, row_decoding, same_input
+from .decoding import GrowingCache, RowLinear, decode_one_row, row_decoding, same_input
 from .folders import check_model_folder, load_hub_id, looks_like_local_path
 
 
@@ -63,6 +64,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     # bit for bit, in half the operations of writing each half out (it runs twice per layer per step).
     rotated = pairs * cos.unsqueeze(-1) + pairs.flip(-1) * torch.stack((-sin, sin), dim=-1)
     return rotated.flatten(-2).type_as(x)
+
+
+@contextmanager
+def cpu_attention_in_float32(q: torch.Tensor):
+    """Under bfloat16 autocast on a CPU, the fused attention runs in float32: its bfloat16 kernel's
+    backward is slower there than the float32 one (the products around it stay in bfloat16).
+    Yields the cast to apply to q, k and v."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            yield lambda t: t.float()
+    else:
+        yield lambda t: t
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -107,10 +120,11 @@ class Attention(nn.Module):
             out = F.dropout(weights, dropout, self.training) @ v
         else:
             weights = None
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1,
-                enable_gqa=n_rep > 1,
-            )
+            with cpu_attention_in_float32(q) as cast:
+                out = F.scaled_dot_product_attention(
+                    cast(q), cast(k), cast(v), attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1,
+                    enable_gqa=n_rep > 1,
+                )
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, H, T, hd) -> (B, T, dim)
         return self.wo(out), weights
 
@@ -343,6 +357,11 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.output = value
 
+    def _one_row_step(self, h, mask, cache, inspecting: bool) -> bool:
+        """Is this one new token of one sequence, decoded inside ``row_decoding`` (decoding.py)?"""
+        return (h.shape[:2] == (1, 1) and mask is None and not inspecting and not self.training
+                and not self.config.use_moe and isinstance(cache, GrowingCache) and self.output.takes_row_path(h))
+
     def _attention_mask(self, attention_mask, T, S, past_len, device):
         """Boolean (B, 1, T, S) mask, or None when none is needed: plain causal attention from position 0,
         or one new token (it sees every key) without padding."""
@@ -406,11 +425,14 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
 
         h = self.dropout(inputs_embeds)
         all_attn, all_hidden = [], []
-        for layer in self.layers:
-            if output_hidden_states:
-                all_hidden.append(h)
-            h, weights = layer(h, cos, sin, mask, cache, eager)
-            all_attn.append(weights)
+        if self._one_row_step(h, mask, cache, eager or output_hidden_states):
+            h = decode_one_row(self, h, cos.view(-1), sin.view(-1), cache)  # the same layers, fewer calls
+        else:
+            for layer in self.layers:
+                if output_hidden_states:
+                    all_hidden.append(h)
+                h, weights = layer(h, cos, sin, mask, cache, eager)
+                all_attn.append(weights)
         h = self.norm(h)
         if output_hidden_states:
             all_hidden.append(h)

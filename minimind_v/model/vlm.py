@@ -171,7 +171,8 @@ class MiniMindVLM(MiniMindForCausalLM):
         if self.config.vision_tokens == "cls":  # the encoder's CLS token (index 0) in every place
             image_tokens = image_tokens[:, :1].expand(-1, N, -1)
         projected = self.vision_proj(image_tokens.to(inputs_embeds.dtype))  # (n, N, W) -> (n, N, dim)
-        return inputs_embeds.masked_scatter(mask[..., None], projected)
+        # (bfloat16 under autocast: the text's embeddings, and so the residual stream, stay as they are)
+        return inputs_embeds.masked_scatter(mask[..., None], projected.to(inputs_embeds.dtype))
 
     def forward(
         self,

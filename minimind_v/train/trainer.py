@@ -6,7 +6,7 @@
 * The loss is the mean over all answer tokens of the global batch (across ranks and
   accumulation steps), not a mean of per-rank means: ranks with fewer answer tokens weigh less.
 * AdamW (no decay on norms, biases and 1-D gains), linear warm-up then cosine decay, gradient
-  clipping and accumulation, bf16 autocast on GPU.
+  clipping and accumulation; bfloat16 products where the hardware has them (`precision`).
 * Checkpoints and resuming live in `checkpoint`: a checkpoint (weights, optimizer, step, and the
   settings that decide the result) is written atomically every ``save_every`` steps and at the
   end, and read as data only; ``resume=True`` continues from it only when the settings are the
@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from ..precision import autocast, training_precision
 from ..runfiles import mark_complete
 from .checkpoint import (CHECKPOINT, StepGuard, append_metrics, fault_point, flag_name, prepare_out_dir,
                          restore_run, start_state, write_checkpoint)
@@ -219,14 +220,15 @@ class StepBatches(Sampler):
 
 def backward_micro_batch(model, batch, step_loss: Callable, global_targets: float, world_size: int = 1,
                          n_micro: int = 1, *, sync: bool = True, weight: int = 1,
-                         use_amp: bool = False) -> tuple[float, int]:
+                         precision: str = "fp32") -> tuple[float, int]:
     """Forward and backward of one micro-batch (already on the device), its gradient scaled so that
     the optimizer step follows the mean loss over every answer token of the global batch
     (``global_targets``, summed over ranks and accumulation steps). ``model`` may be DDP-wrapped;
     ``sync=False`` keeps DDP from averaging yet (an accumulation step before the last); ``weight=0``
-    lets a stand-in batch take part without counting. Returns (the batch's mean loss, its targets)."""
+    lets a stand-in batch take part without counting; ``precision`` "bf16" runs the forward's
+    products in bfloat16 (precision.py). Returns (the batch's mean loss, its targets)."""
     ctx = model.no_sync() if (world_size > 1 and not sync) else nullcontext()
-    with ctx, torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+    with ctx, (autocast(batch.input_ids.device, precision) if precision != "fp32" else nullcontext()):
         mean_loss, extra, n = step_loss(model, batch)
         n = n * weight
         # DDP averages gradients over ranks; multiply by world_size to undo that.
@@ -278,7 +280,10 @@ def fit(
     args.validate()
     out_dir = Path(args.out_dir)
     ckpt_path = out_dir / CHECKPOINT
-    run = run_settings(args, info.world_size, settings)
+    precision = training_precision(info.device)
+    # Only bf16 is written down, so runs trained in float32 keep the settings they were saved with.
+    run = run_settings(args, info.world_size, {**(settings or {}), **({"precision": precision}
+                                                                      if precision != "fp32" else {})})
     # Every rank decides from the same files, before rank 0 writes anything (the collective in
     # restore_run below keeps rank 0 from writing before all have looked).
     state, differences = start_state(out_dir, run, info, resume=args.resume, overwrite=args.overwrite,
@@ -301,7 +306,6 @@ def fit(
                                               **({"inexact_resumes": inexact} if inexact else {})})
     loader = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                              num_workers=args.num_workers, persistent_workers=False))
-    use_amp = info.device.type == "cuda" and torch.cuda.is_bf16_supported()
 
     def save_checkpoint(step: int) -> None:
         write_checkpoint(ckpt_path, model, optimizer, step, run, loss=loss_value, inexact_resumes=inexact)
@@ -341,7 +345,7 @@ def fit(
                 fallback = batch
                 batch = batch.to(info.device)
                 mean_loss, n = backward_micro_batch(ddp_model, batch, step_loss, global_targets, info.world_size,
-                                                    len(micro), sync=sync, weight=weight, use_amp=use_amp)
+                                                    len(micro), sync=sync, weight=weight, precision=precision)
                 step_loss_sum += mean_loss * n
                 samples += len(batch.ids) * weight
                 tokens += int(batch.attention_mask.sum()) * weight
@@ -380,7 +384,7 @@ def fit(
     bar.close()
     seconds = time.perf_counter() - t0
     finished = end_step == args.steps
-    summary = {"stage": out_dir.name, "steps": end_step,
+    summary = {"stage": out_dir.name, "steps": end_step, "precision": precision,
                "final_loss": round(loss_value, 4) if math.isfinite(loss_value) else None,
                "seconds": round(seconds, 1),
                "samples_per_s": round(samples * info.world_size / max(seconds, 1e-9), 1),
