@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .precision import native_bf16
+
 
 def matmul_gflops(n: int | None = None, repeats: int = 3, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> float:
@@ -38,8 +40,13 @@ def matmul_gflops(n: int | None = None, repeats: int = 3, device: str | torch.de
 
 
 def describe_speed() -> str:
-    """'fp32 matmul 131 GFLOP/s (2048², 2 threads)': the figure to print beside a timing."""
-    return f"fp32 matmul {matmul_gflops():.0f} GFLOP/s (2048², {torch.get_num_threads()} threads)"
+    """'fp32 matmul 131 GFLOP/s (2048², 2 threads)': the figure to print beside a timing; where the
+    CPU multiplies bfloat16 natively (and training runs in it, precision.py) its figure follows:
+    '..., bf16 620 GFLOP/s'."""
+    text = f"fp32 matmul {matmul_gflops():.0f} GFLOP/s (2048², {torch.get_num_threads()} threads)"
+    if native_bf16("cpu"):
+        text += f", bf16 {matmul_gflops(dtype=torch.bfloat16):.0f} GFLOP/s"
+    return text
 
 
 def read_gbytes_per_second(megabytes: int = 256, repeats: int = 3, device: str | torch.device = "cpu") -> float:

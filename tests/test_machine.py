@@ -31,3 +31,14 @@ def test_usable_cores_follows_the_affinity_mask_and_a_cgroup_quota(tmp_path, mon
     assert usable_cores(tmp_path) == 4  # a quota above the mask: the mask decides
     (tmp_path / "cpu.max").write_text("garbled")
     assert usable_cores(tmp_path) == 4
+
+
+def test_describe_speed_adds_the_bf16_figure_only_where_bf16_is_native(monkeypatch):
+    import minimind_v.machine as machine
+
+    monkeypatch.setattr(machine, "native_bf16", lambda device: False)
+    assert "bf16" not in machine.describe_speed()
+    monkeypatch.setattr(machine, "native_bf16", lambda device: True)
+    text = machine.describe_speed()
+    assert text.startswith("fp32 matmul ") and ", bf16 " in text and text.endswith(" GFLOP/s")
+    assert float(text.split(", bf16 ")[1].split()[0]) > 0
