@@ -56,6 +56,7 @@ from minimind_v.data.features import FeatureCache  # noqa: E402
 from minimind_v.data.images import load_image  # noqa: E402
 from minimind_v.machine import usable_cores  # noqa: E402
 from minimind_v.model.vision import VisionEncoder  # noqa: E402
+from minimind_v.precision import PRECISIONS, training_precision  # noqa: E402
 from minimind_v.model.vlm import MiniMindVLM, VLMConfig  # noqa: E402
 from minimind_v.testing import make_random_clip  # noqa: E402
 from minimind_v.tokenizer import (IMAGE_TAG, encode_chat, image_placeholder, load_tokenizer,  # noqa: E402
@@ -207,7 +208,8 @@ class TrainRow:
         w = self.world
         batch = self.batch(step)
         targets = batch.n_targets  # counted before the batch moves to the device, as fit counts them
-        backward_micro_batch(self.model, batch.to(w.device), self.step_loss, targets, use_amp=w.amp)
+        backward_micro_batch(self.model, batch.to(w.device), self.step_loss, targets,
+                             precision="bf16" if w.amp else "fp32")
         update_weights(self.model, self.optimizer, grad_clip=1.0)
         synchronize(w.device)
 
@@ -240,7 +242,8 @@ class World:
     def __init__(self, args, scratch: Path, build: bool, need_encoder: bool = True, fingerprint: str | None = None):
         self.args = args
         self.device = torch.device(args.device)
-        self.amp = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        # As training chooses (precision.py): bf16 autocast where the device multiplies it natively.
+        self.amp = training_precision(self.device, args.precision) == "bf16"
         self.image_dir, self.clip_dir, self.cache_dir = scratch / "images", scratch / "clip", scratch / "cache"
         heads = args.clip_heads or max(1, args.clip_width // 64)
         if build:  # the parent process makes the files; memory children reuse them
@@ -418,6 +421,8 @@ def parse_args(argv=None):
     p.add_argument("--answer-max", type=int, default=40)
     p.add_argument("--skip-memory", action="store_true", help="no per-row memory processes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="as training runs (default: MINIMIND_V_PRECISION, else auto: bf16 where native)")
     # Internal: a memory child process runs one row.
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)
@@ -486,7 +491,7 @@ def main(argv=None) -> None:
             for row in rows:
                 row.timed_step(step, record=step >= args.warmup)
             if step >= args.warmup:
-                # bench_vision's large matmul, best of 3, in autocast's dtype on GPU
+                # bench_vision's large matmul, best of 3, in the dtype autocast multiplies in
                 flops, n = matmul_flops_per_second(device, torch.bfloat16 if world.amp else torch.float32, 3)
                 peaks.append(flops)
         reference = statistics.median(peaks)
