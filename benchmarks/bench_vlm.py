@@ -56,8 +56,8 @@ from minimind_v.data.features import FeatureCache  # noqa: E402
 from minimind_v.data.images import load_image  # noqa: E402
 from minimind_v.machine import usable_cores  # noqa: E402
 from minimind_v.model.vision import VisionEncoder  # noqa: E402
-from minimind_v.precision import PRECISIONS, training_precision  # noqa: E402
 from minimind_v.model.vlm import MiniMindVLM, VLMConfig  # noqa: E402
+from minimind_v.precision import PRECISIONS, training_precision  # noqa: E402
 from minimind_v.testing import make_random_clip  # noqa: E402
 from minimind_v.tokenizer import (IMAGE_TAG, encode_chat, image_placeholder, load_tokenizer,  # noqa: E402
                                   train_tokenizer)
