@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from minimind_v import recipe as recipe_module
-from minimind_v.recipe import (FINGERPRINT, Recipe, is_done, run_recipe, run_stage, stage_dir, world_config,
+from minimind_v.recipe import (FINGERPRINT, QUICK, Recipe, is_done, run_recipe, run_stage, stage_dir, world_config,
                                stage_fingerprints, stage_status)
 from minimind_v.runfiles import COMPLETE, is_complete, mark_complete
 
@@ -185,6 +185,11 @@ def test_the_books_seed_and_world_settings_reach_the_recipe(tmp_path, monkeypatc
     assert r.seed == 3 and r.question_types == WORLD2["question_types"]
     assert r.held_out_pairs == WORLD2["held_out_pairs"]
     assert world_config(r).held_out_pairs == (("red", "triangle"), ("blue", "cross"))
+    assert (r.n_sft, r.sft_turns) == (WORLD2["n_sft"], WORLD2["sft_turns"]) != (Recipe.n_sft, Recipe.sft_turns)
+    monkeypatch.setenv("MINIMIND_V_QUICK", "1")  # quick mode keeps its tiny sizes in world 2
+    quick = default_recipe()
+    assert quick.n_sft == QUICK["n_sft"] and quick.question_types == WORLD2["question_types"]
+    monkeypatch.delenv("MINIMIND_V_QUICK")
     for name, bad in (("MINIMIND_V_SEED", "-2"), ("MINIMIND_V_WORLD", "7")):
         monkeypatch.setenv(name, bad)
         with pytest.raises(ValueError, match=name):
@@ -197,6 +202,7 @@ def test_the_books_seed_and_world_settings_reach_the_recipe(tmp_path, monkeypatc
     recipe_module.main(["--world", "1", "--stages", "world"])
     world = json.loads((tmp_path / "runs/quick/world/world.json").read_text())
     assert world["config"]["held_out_pairs"] == [] and "existence" not in world["config"]["question_types"]
+    assert world["config"]["n_sft"] == QUICK["n_sft"] and world["config"]["max_sft_turns"] == Recipe.sft_turns[1]
 
 
 def test_a_stage_run_alone_trains_what_the_recipe_trains():

@@ -1,0 +1,219 @@
+"""The recipe on several seeds: what one seed cannot say.
+
+    python -m minimind_v.seeds --world 2 --seeds 2 3 4 --record docs/seeds_world2.json
+    python -m minimind_v.seeds --world 1 --seeds 0 --record docs/seeds_world1.json
+
+A seed changes everything a run is built from: the world's pictures and questions, every stage's
+initial weights, the order of every batch. Each seed is an ordinary recipe run folder
+(``runs/world2_seed2``...), reused when its stages are finished with the same settings. The
+record keeps, per seed, the held-out accuracy per answer type with its baselines, the seen/unseen
+split, accuracy per number of objects, each stage's minutes, and the model's answers to questions
+about absent objects on held-out pictures (chapter 07 asks the book's model the same ones).
+``table_markdown`` gives mean, min and max over the seeds, and ``goal_rows`` the worst seed
+against the goals in ``GOALS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from statistics import mean
+
+from .recipe import STAGE_DIRS, WORLDS, default_recipe, home, run_recipe, stage_dir, with_world
+from .runfiles import atomic_write_json
+
+# (name, what is measured, at least): worst seed against each. "count, 3 objects" is the count
+# accuracy on pictures with three objects; "unseen vs seen" the overall accuracy on pictures with
+# a held-out colour-shape pair minus that on the others (at least -5 points).
+GOALS = (("overall", 0.95),
+         *((kind, 0.90) for kind in ("colour", "count", "position", "shape", "size")),
+         *((kind, 0.85) for kind in ("existence", "absent", "relation")),
+         ("count, 3 objects", 0.85), ("unseen vs seen", -0.05))
+N_ABSENT_QUESTIONS = 8  # held-out pictures asked about something they do not show
+
+
+def absent_questions(world: Path, n: int = N_ABSENT_QUESTIONS) -> list[dict]:
+    """Questions about what the first held-out pictures do not show, with the answer that says so:
+    "What shape is in the center?" of a picture with an empty centre, and "What colour is the
+    <shape>?" for the first shape the picture lacks. {"image", "scene", "question", "truth"}."""
+    from .captions import held_out_pictures
+    from .data.shapes_questions import absent_answer
+    from .data.shapes_scenes import SHAPES
+
+    asked = []
+    for path, scene in held_out_pictures(world):
+        if len(asked) == n:
+            break
+        if len(asked) % 2 == 0:  # every other question asks about an empty centre
+            if any(o["position"] == "center" for o in scene):
+                continue
+            question, truth = "What shape is in the center?", absent_answer({"position": "center"})
+        else:  # three objects at most, four shapes: one is always missing
+            missing = next(s for s in SHAPES if all(o["shape"] != s for o in scene))
+            question, truth = f"What colour is the {missing}?", absent_answer({"shape": missing})
+        asked.append({"image": path.name, "scene": scene, "question": question, "truth": truth})
+    return asked
+
+
+def seed_figures(run: Path) -> dict:
+    """What the record keeps of a finished run (see the module's docstring)."""
+    from .data.records import read_records
+    from .evaluate import accuracy_by_objects
+    from .inference import answer, load_vlm
+
+    world = stage_dir(run, "world")
+    results = json.loads((stage_dir(run, "eval") / "results.json").read_text(encoding="utf-8"))
+    rows = json.loads((stage_dir(run, "eval") / "answers.json").read_text(encoding="utf-8"))
+    held_out = read_records(world / "eval_data.json")
+    by_objects = accuracy_by_objects(rows, held_out)
+    absent = absent_questions(world)
+    replies = answer(load_vlm(stage_dir(run, "sft")), [str(world / "eval_data_images" / q["image"]) for q in absent],
+                     [q["question"] for q in absent])
+    return {"overall": results["overall"], "per_type": results["per_type"], "n": results["n"],
+            "baselines": results["baselines"],
+            "by_combination": results.get("by_combination"),
+            "by_objects": {kind: {str(k): v for k, v in per_n.items()} for kind, per_n in by_objects.items()},
+            "absent_answers": [{**q, "answer": a} for q, a in zip(absent, replies)]}
+
+
+def run_seeds(world: int, seeds: list[int], folder: Path | None = None, nproc: int = 1,
+              record: Path | None = None) -> dict:
+    """Train (or reuse) the recipe of ``world`` on each seed, one after the other; the record grows
+    as each seed finishes (``folder/world<N>_seeds.json``, and ``record`` if given)."""
+    from .machine import describe_speed
+
+    folder = Path(folder or home() / "runs")
+    base = with_world(default_recipe(), world)
+    results = {"world": world, "recipe": json.loads(json.dumps(asdict(replace(base, seed=-1)))), "seeds": {}}
+    out = folder / f"world{world}_seeds.json"
+    if out.exists():
+        earlier = json.loads(out.read_text(encoding="utf-8"))
+        if earlier.get("recipe") == results["recipe"]:
+            results = earlier  # the same recipe: keep the seeds measured before
+    for seed in seeds:
+        run = folder / f"world{world}_seed{seed}"
+        print(f"[seeds] world {world}, seed {seed} -> {run}", flush=True)
+        machine = describe_speed()
+        started = time.perf_counter()
+        outcome = run_recipe(run, replace(base, seed=seed), nproc=nproc)
+        if outcome["timings"] or str(seed) not in results["seeds"]:
+            minutes = {stage: round(s / 60, 2) for stage, s in outcome["timings"].items()}
+            entry = {"machine": machine, "minutes": minutes,
+                     "total_minutes": round((time.perf_counter() - started) / 60, 2),
+                     "stages_trained": sorted(outcome["timings"])}
+        else:  # every stage reused: keep the minutes measured when it was trained
+            entry = {k: results["seeds"][str(seed)][k] for k in ("machine", "minutes", "total_minutes", "stages_trained")}
+        results["seeds"][str(seed)] = {**entry, **seed_figures(run)}
+        for path in [out] + ([Path(record)] if record else []):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, results)
+    return results
+
+
+# ----------------------------------------------------------------------------- over the seeds
+
+
+def measured(figures: dict, name: str) -> float | None:
+    """One seed's value of a goal's measure (None when the seed's world does not have it)."""
+    if name == "overall":
+        return figures["overall"]
+    if name == "count, 3 objects":
+        return figures["by_objects"].get("count", {}).get("3")
+    if name == "unseen vs seen":
+        split = (figures.get("by_combination") or {}).get("overall", {})
+        return split["unseen"] - split["seen"] if {"seen", "unseen"} <= set(split) else None
+    return figures["per_type"].get(name)
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(mean, min, max)."""
+    return mean(values), min(values), max(values)
+
+
+def goal_rows(results: dict) -> list[dict]:
+    """Each goal of ``GOALS`` that the record's world measures: its mean, worst seed, and by how
+    much the worst seed misses it (0 when met)."""
+    rows = []
+    for name, least in GOALS:
+        values = [v for f in results["seeds"].values() if (v := measured(f, name)) is not None]
+        if not values:
+            continue
+        average, worst, _ = spread(values)
+        rows.append({"goal": name, "at_least": least, "mean": average, "worst": worst,
+                     "short_by": max(0.0, least - worst), "met": worst >= least})
+    return rows
+
+
+def _cell(values: list[float], signed: bool = False) -> str:
+    average, low, high = spread(values)
+    fmt = "{:+.1f}" if signed else "{:.1f}"
+    return f"{fmt.format(100 * average)} ({fmt.format(100 * low)} – {fmt.format(100 * high)})"
+
+
+def _value(figures: dict, kind: str, baseline: str | None = None) -> float:
+    """One seed's accuracy on ``kind`` (or "overall"), or that of one of its baselines."""
+    source = figures if baseline is None else figures["baselines"][baseline]
+    return source["overall"] if kind == "overall" else source["per_type"][kind]
+
+
+def table_markdown(results: dict, against: dict | None = None) -> str:
+    """Per answer type: mean (min – max) over the seeds, next to the text-only and majority
+    baselines; then seen/unseen, the goals, and each stage's minutes per seed (and per seed of
+    ``against``, another record measured on the same machine: today's recipe)."""
+    seeds, figures = list(results["seeds"]), list(results["seeds"].values())
+    kinds = list(figures[0]["per_type"]) + ["overall"]
+    lines = [f"World {results['world']}, seeds {', '.join(seeds)}: mean (min – max), %", "",
+             "| answer type | accuracy | text only | majority answer |", "|---|---:|---:|---:|"]
+    for k in kinds:
+        cells = [_cell([_value(f, k, b) for f in figures]) for b in (None, "text only", "majority answer")]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    if all(f.get("by_combination") for f in figures):
+        lines += ["", "| answer type | seen combinations | unseen combinations |", "|---|---:|---:|"]
+        for k in kinds:
+            cells = [_cell([f["by_combination"][k][g] for f in figures]) for g in ("seen", "unseen")]
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines += ["", "| goal | at least | mean | worst seed | |", "|---|---:|---:|---:|---|"]
+    for row in goal_rows(results):
+        signed = row["goal"] == "unseen vs seen"
+        fmt = (lambda v: f"{100 * v:+.1f}") if signed else (lambda v: f"{100 * v:.1f}")
+        verdict = "met" if row["met"] else f"short by {100 * row['short_by']:.1f} points"
+        lines.append(f"| {row['goal']} | {fmt(row['at_least'])} | {fmt(row['mean'])} | {fmt(row['worst'])} | {verdict} |")
+    columns = {f"world {results['world']} seed {s}": f for s, f in results["seeds"].items()}
+    if against:
+        columns.update({f"world {against['world']} seed {s}": f for s, f in against["seeds"].items()})
+    stages = [s for s in STAGE_DIRS if any(s in f["minutes"] for f in columns.values())]
+    lines += ["", "| minutes | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for stage in stages + ["total"]:
+        cells = [f"{f['total_minutes'] if stage == 'total' else f['minutes'].get(stage, float('nan')):.1f}"
+                 for f in columns.values()]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines += ["", "Machine: " + "; ".join(sorted({f["machine"] for f in columns.values()}))]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", type=int, choices=sorted(WORLDS), default=2)
+    p.add_argument("--seeds", type=int, nargs="+", required=True, help="the seeds, run one after the other")
+    p.add_argument("--folder", default=None, help="where the run folders go (default: runs/ in the project root)")
+    p.add_argument("--nproc", type=int, default=1, help="processes per training stage (torchrun if > 1)")
+    p.add_argument("--record", default=None, help="also write the record (JSON) to this file")
+    p.add_argument("--against", default=None,
+                   help="another record (JSON) whose minutes go beside these: today's recipe on this machine")
+    ns = p.parse_args(argv)
+    if any(s < 0 for s in ns.seeds):
+        p.error(f"--seeds must be >= 0, got {ns.seeds}")
+    if ns.nproc < 1:
+        p.error(f"--nproc must be at least 1, got {ns.nproc}")
+    against = json.loads(Path(ns.against).read_text(encoding="utf-8")) if ns.against else None
+    results = run_seeds(ns.world, ns.seeds, Path(ns.folder) if ns.folder else None, ns.nproc,
+                        Path(ns.record) if ns.record else None)
+    print(table_markdown(results, against))
+    return results
+
+
+if __name__ == "__main__":
+    main()
