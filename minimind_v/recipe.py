@@ -119,8 +119,8 @@ def quick_mode(environ: Mapping[str, str] | None = None) -> bool:
 # Eight types share SFT's steps, so each record asks 8-10 questions (world 1: 6-8 about five).
 # Two-picture questions ("two_pictures") are a kind the world can ask, not part of world 2.
 WORLD2 = dict(question_types=("colour", "shape", "size", "position", "count", "existence", "absent", "relation"),
-              held_out_pairs=(("red", "triangle"), ("blue", "cross")), sft_turns=(8, 10), n_sft=48000)
-WORLDS = {1: dict(question_types=None, held_out_pairs=(), sft_turns=Recipe.sft_turns, n_sft=Recipe.n_sft), 2: WORLD2}
+              held_out_pairs=(("red", "triangle"), ("blue", "cross")), sft_turns=(8, 10))
+WORLDS = {1: dict(question_types=None, held_out_pairs=(), sft_turns=Recipe.sft_turns), 2: WORLD2}
 
 
 def with_world(r: Recipe, world: int) -> Recipe:

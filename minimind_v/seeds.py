@@ -38,7 +38,7 @@ N_ABSENT_QUESTIONS = 8  # held-out pictures asked about something they do not sh
 def absent_questions(world: Path, n: int = N_ABSENT_QUESTIONS) -> list[dict]:
     """Questions about what the first held-out pictures do not show, with the answer that says so:
     "What shape is in the center?" of a picture with an empty centre, and "What colour is the
-    <shape>?" for the first shape the picture lacks. {"image", "scene", "question", "truth"}."""
+    <shape>?" for a shape the picture lacks. {"image", "scene", "question", "truth"}."""
     from .captions import held_out_pictures
     from .data.shapes_questions import absent_answer
     from .data.shapes_scenes import SHAPES
@@ -51,9 +51,10 @@ def absent_questions(world: Path, n: int = N_ABSENT_QUESTIONS) -> list[dict]:
             if any(o["position"] == "center" for o in scene):
                 continue
             question, truth = "What shape is in the center?", absent_answer({"position": "center"})
-        else:  # three objects at most, four shapes: one is always missing
-            missing = next(s for s in SHAPES if all(o["shape"] != s for o in scene))
-            question, truth = f"What colour is the {missing}?", absent_answer({"shape": missing})
+        else:  # three objects at most, four shapes: one is always missing; take them in turn
+            missing = [s for s in SHAPES if all(o["shape"] != s for o in scene)]
+            shape = missing[len(asked) // 2 % len(missing)]
+            question, truth = f"What colour is the {shape}?", absent_answer({"shape": shape})
         asked.append({"image": path.name, "scene": scene, "question": question, "truth": truth})
     return asked
 
@@ -161,7 +162,7 @@ def _value(figures: dict, kind: str, baseline: str | None = None) -> float:
 
 def table_markdown(results: dict, against: dict | None = None) -> str:
     """Per answer type: mean (min – max) over the seeds, next to the text-only and majority
-    baselines; then seen/unseen, the goals, and each stage's minutes per seed (and per seed of
+    baselines; then seen/unseen, per number of objects, the goals, and each stage's minutes per seed (and per seed of
     ``against``, another record measured on the same machine: today's recipe)."""
     seeds, figures = list(results["seeds"]), list(results["seeds"].values())
     kinds = list(figures[0]["per_type"]) + ["overall"]
@@ -175,6 +176,13 @@ def table_markdown(results: dict, against: dict | None = None) -> str:
         for k in kinds:
             cells = [_cell([f["by_combination"][k][g] for f in figures]) for g in ("seen", "unseen")]
             lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    counts = sorted({n for f in figures for per_n in f["by_objects"].values() for n in per_n}, key=int)
+    lines += ["", "| answer type | " + " | ".join(f"{n} object{'s' if n != '1' else ''}" for n in counts) + " |",
+              "|---|" + "---:|" * len(counts)]
+    for k in [k for k in kinds if k in figures[0]["by_objects"]]:
+        cells = [_cell([f["by_objects"][k][n] for f in figures]) if all(n in f["by_objects"][k] for f in figures)
+                 else "–" for n in counts]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines += ["", "| goal | at least | mean | worst seed | |", "|---|---:|---:|---:|---|"]
     for row in goal_rows(results):
         signed = row["goal"] == "unseen vs seen"

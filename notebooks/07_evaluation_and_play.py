@@ -251,11 +251,75 @@ print(f"{len(named)} of {len(replies)} pictures with an empty centre got a shape
       + ", ".join(f"{r!r} x{replies.count(r)}" for r in sorted(set(replies) - set(named))))
 
 # %% [markdown]
-# In the book's run the model names a shape for most of these pictures, and what it says
-# otherwise is not "nothing" but a count ("one"): it has no words for absence, because no
-# training answer ever needed them. World 2 adds those answers, and with them its model answers
-# "Nothing is in the center." on 5 of its 8 demo pictures, none of which has anything there
-# (README, Results).
+# In the book's run the model names a shape for nearly all of these pictures: it has no words for
+# absence, because no training answer ever needed them.
+#
+# ## Teaching "nothing": world 2, before and after
+#
+# World 2 (`--world 2`) changes only the data. Its SFT records also ask whether something is there
+# ("Is there a red circle?", half of them near misses: a red square is there, or a blue circle),
+# about objects that are not there ("What colour is the triangle?" → "There is no triangle."),
+# and about grid relations ("What shape is left of the blue square?" → a shape, or "nothing");
+# and it keeps two colour-shape pairs (a red triangle, a blue cross) out of every training picture
+# and caption, so that its held-out questions measure seen and unseen combinations apart.
+# `python -m minimind_v.seeds --world 2 --seeds 2 3 4 --record docs/seeds_world2.json` trained the
+# world-2 recipe on three seeds never used while tuning it, and kept each model's answers to eight
+# questions about absent objects on its own held-out pictures. Here are those pictures again, drawn
+# from their scenes, and the same questions put to this chapter's model, live, beside the
+# recorded world-2 answers.
+
+# %%
+from minimind_v.data.shapes import render_scene
+from minimind_v.recipe import ROOT
+from minimind_v.seeds import table_markdown
+
+WORLD2_RECORD = json.loads((ROOT / "docs" / "seeds_world2.json").read_text(encoding="utf-8"))
+seed, recorded = next(iter(WORLD2_RECORD["seeds"].items()))
+asked = recorded["absent_answers"]
+this_model = answer(bundle, [render_scene(q["scene"]) for q in asked], [q["question"] for q in asked])
+right = lambda reply, truth: normalise(reply) == normalise(truth)  # noqa: E731
+world_name = f"world {2 if R.held_out_pairs else 1}, seed {R.seed}"
+
+fig, axes = plt.subplots(2, len(asked) // 2, figsize=(12, 6.2), layout="constrained")
+for ax, q, now in zip(axes.flat, asked, this_model):
+    ax.imshow(render_scene(q["scene"]))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(q["question"], fontsize=8.5)
+    lines = [(f"this run ({world_name}): {now}", right(now, q["truth"])),
+             (f"world 2, seed {seed}: {q['answer']}", right(q["answer"], q["truth"]))]
+    for i, (text, ok) in enumerate(lines):  # green where right, red where wrong
+        ax.text(0.5, -0.06 - 0.11 * i, text, transform=ax.transAxes, ha="center", va="top", fontsize=8,
+                color="#1a7f37" if ok else "#c0392b")
+fig.suptitle("Questions about what is not there: this chapter's model and the recorded world-2 model", fontsize=10)
+plt.show()
+display(Markdown("| question | truth | this run | world 2 |\n|---|---|---|---|\n" + "\n".join(
+    f"| {q['question']} | {q['truth']} | {now} {'✓' if right(now, q['truth']) else '✗'} | "
+    f"{q['answer']} {'✓' if right(q['answer'], q['truth']) else '✗'} |" for q, now in zip(asked, this_model))))
+every = [a for f in WORLD2_RECORD["seeds"].values() for a in f["absent_answers"]]
+print(f"this run: {sum(map(right, this_model, [q['truth'] for q in asked]))} of {len(asked)} right; "
+      f"the world-2 models of seeds {', '.join(WORLD2_RECORD['seeds'])}: "
+      f"{sum(right(a['answer'], a['truth']) for a in every)} of {len(every)}")
+
+# %% [markdown]
+# What taught the world-2 model to say "nothing" is nothing but its data: the same model, the same
+# steps, and SFT answers that say so. A model can only put out answers its training made likely;
+# world 1's training never made "There is no triangle." likely after any question, so its model
+# maps an absent object onto the nearest present one. Two baselines in the table below say how
+# much of the new skill is the picture's. The *majority answer* to an absent-object question is
+# almost never right: the question's wording does not say which object the answer must name.
+# *Text only* can do much better: with no picture the model may still echo the question's object
+# back ("What colour is the triangle?" → "There is no triangle."), and is right whenever that
+# object happens to be missing. What the model scores above that comes from looking.
+#
+# The table gives the world-2 recipe on its three seeds (mean, and the worst and best seed), then
+# the same answers on pictures with and without a held-out colour-shape pair, then the goals the
+# recipe is measured against, judged on the worst seed. Read the per-object-count table at the top
+# of this chapter beside it: world 2's weak answers are those about pictures with two or three
+# objects, where a question has to find its object first.
+
+# %%
+display(Markdown(table_markdown(WORLD2_RECORD)))
 
 # %% [markdown]
 # ## Ask your own questions
@@ -320,8 +384,9 @@ for step, top in enumerate(panel.last_top_tokens, 1):
 # * **Resolution.** 224×224 pixels in 32-pixel patches: an object smaller than a patch is one blurred
 #   token; the shapes world draws every object larger than a patch for this reason.
 # * **Two pictures in one prompt.** Nothing in the substitution assumes one picture: each `<image>`
-#   tag becomes 50 placeholders, filled in order. The default world never trains on it (world 2
-#   does, with questions about two pictures), but the mechanics already work:
+#   tag becomes 50 placeholders, filled in order. The book's worlds never train on it (a world made
+#   with `question_types` holding "two_pictures" asks "Which picture has more circles?"), but the
+#   mechanics already work:
 
 # %%
 import torch

@@ -185,11 +185,15 @@ def test_the_books_seed_and_world_settings_reach_the_recipe(tmp_path, monkeypatc
     assert r.seed == 3 and r.question_types == WORLD2["question_types"]
     assert r.held_out_pairs == WORLD2["held_out_pairs"]
     assert world_config(r).held_out_pairs == (("red", "triangle"), ("blue", "cross"))
-    assert (r.n_sft, r.sft_turns) == (WORLD2["n_sft"], WORLD2["sft_turns"]) != (Recipe.n_sft, Recipe.sft_turns)
-    monkeypatch.setenv("MINIMIND_V_QUICK", "1")  # quick mode keeps its tiny sizes in world 2
+    assert r.sft_turns == WORLD2["sft_turns"] != Recipe.sft_turns
+    # A world that sets a size gets it, except in quick mode, which keeps its tiny sizes.
+    monkeypatch.setitem(recipe_module.WORLDS, 2, {**WORLD2, "n_sft": 48000})
+    assert default_recipe().n_sft == 48000
+    monkeypatch.setenv("MINIMIND_V_QUICK", "1")
     quick = default_recipe()
     assert quick.n_sft == QUICK["n_sft"] and quick.question_types == WORLD2["question_types"]
     monkeypatch.delenv("MINIMIND_V_QUICK")
+    monkeypatch.setitem(recipe_module.WORLDS, 2, WORLD2)
     for name, bad in (("MINIMIND_V_SEED", "-2"), ("MINIMIND_V_WORLD", "7")):
         monkeypatch.setenv(name, bad)
         with pytest.raises(ValueError, match=name):

@@ -67,6 +67,8 @@ def test_the_table_gives_mean_min_max_per_type_and_minutes_beside_another_record
     assert "| colour | 92.5 (90.0 – 95.0) | 25.0 (20.0 – 30.0) | 20.0 (20.0 – 20.0) |" in table
     assert "| overall | 95.0 (94.0 – 96.0) |" in table
     assert "| overall | 92.5 (90.0 – 95.0) | 86.5 (85.0 – 88.0) |" in table  # seen | unseen
+    assert "| answer type | 1 object | 3 objects |" in table
+    assert "| count | 100.0 (100.0 – 100.0) | 85.0 (80.0 – 90.0) |" in table and "| colour | – |" not in table
     assert "| unseen vs seen | -5.0 | -6.0 | -10.0 | short by 5.0 points |" in table
     assert "| minutes | world 2 seed 2 | world 2 seed 3 | world 1 seed 0 |" in table
     assert "| clip | 3.0 | 3.0 | nan |" in table and "| sft | 5.0 | 5.0 | 4.0 |" in table
