@@ -88,11 +88,16 @@ def run_seeds(world: int, seeds: list[int], folder: Path | None = None, nproc: i
 
     folder = Path(folder or home() / "runs")
     base = with_world(default_recipe(), world)
+    # The recipe as the file holds it (tuples become lists), its seed left out: the seeds vary.
     results = {"world": world, "recipe": json.loads(json.dumps(asdict(replace(base, seed=-1)))), "seeds": {}}
     out = folder / f"world{world}_seeds.json"
     if out.exists():
-        earlier = json.loads(out.read_text(encoding="utf-8"))
-        if earlier.get("recipe") == results["recipe"]:
+        try:
+            earlier = json.loads(out.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise ValueError(f"{out} is not a record written by minimind_v.seeds ({err}); "
+                             f"remove it to start the record again") from None
+        if isinstance(earlier, dict) and earlier.get("recipe") == results["recipe"]:
             results = earlier  # the same recipe: keep the seeds measured before
     for seed in seeds:
         run = folder / f"world{world}_seed{seed}"

@@ -91,3 +91,11 @@ def test_a_quick_run_records_each_seed_and_keeps_its_minutes_when_reused(tmp_pat
     again = seeds.run_seeds(2, [4], folder=tmp_path)  # every stage reused: the minutes stay those measured
     assert again["seeds"]["4"]["minutes"] == entry["minutes"]
     assert again["seeds"]["4"]["total_minutes"] == entry["total_minutes"]
+
+
+def test_a_damaged_record_is_named_not_overwritten(tmp_path):
+    (tmp_path / "world2_seeds.json").write_text("{half a record")
+    with pytest.raises(ValueError, match="world2_seeds.json is not a record written by minimind_v.seeds"):
+        seeds.run_seeds(2, [4], folder=tmp_path)
+    assert (tmp_path / "world2_seeds.json").read_text() == "{half a record"
+    assert not (tmp_path / "world2_seed4").exists()
