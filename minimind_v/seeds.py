@@ -25,7 +25,7 @@ from statistics import mean
 from .recipe import STAGE_DIRS, WORLDS, default_recipe, home, run_recipe, stage_dir, with_world
 from .runfiles import atomic_write_json
 
-# (name, what is measured, at least): worst seed against each. "count, 3 objects" is the count
+# (what is measured, at least): the worst seed is judged against each. "count, 3 objects" is the count
 # accuracy on pictures with three objects; "unseen vs seen" the overall accuracy on pictures with
 # a held-out colour-shape pair minus that on the others (at least -5 points).
 GOALS = (("overall", 0.95),
@@ -153,10 +153,9 @@ def goal_rows(results: dict) -> list[dict]:
     return rows
 
 
-def _cell(values: list[float], signed: bool = False) -> str:
+def _cell(values: list[float]) -> str:
     average, low, high = spread(values)
-    fmt = "{:+.1f}" if signed else "{:.1f}"
-    return f"{fmt.format(100 * average)} ({fmt.format(100 * low)} – {fmt.format(100 * high)})"
+    return f"{100 * average:.1f} ({100 * low:.1f} – {100 * high:.1f})"
 
 
 def _value(figures: dict, kind: str, baseline: str | None = None) -> float:

@@ -285,7 +285,7 @@ for ax, q, now in zip(axes.flat, asked, this_model):
     ax.imshow(render_scene(q["scene"]))
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(q["question"], fontsize=8.5)
+    ax.set_title(f"{q['question']}\n(truth: {q['truth']})", fontsize=8.5)
     lines = [(f"this run ({world_name}): {now}", right(now, q["truth"])),
              (f"world 2, seed {seed}: {q['answer']}", right(q["answer"], q["truth"]))]
     for i, (text, ok) in enumerate(lines):  # green where right, red where wrong
@@ -293,9 +293,6 @@ for ax, q, now in zip(axes.flat, asked, this_model):
                 color="#1a7f37" if ok else "#c0392b")
 fig.suptitle("Questions about what is not there: this chapter's model and the recorded world-2 model", fontsize=10)
 plt.show()
-display(Markdown("| question | truth | this run | world 2 |\n|---|---|---|---|\n" + "\n".join(
-    f"| {q['question']} | {q['truth']} | {now} {'✓' if right(now, q['truth']) else '✗'} | "
-    f"{q['answer']} {'✓' if right(q['answer'], q['truth']) else '✗'} |" for q, now in zip(asked, this_model))))
 every = [a for f in WORLD2_RECORD["seeds"].values() for a in f["absent_answers"]]
 print(f"this run: {sum(map(right, this_model, [q['truth'] for q in asked]))} of {len(asked)} right; "
       f"the world-2 models of seeds {', '.join(WORLD2_RECORD['seeds'])}: "
@@ -313,10 +310,11 @@ print(f"this run: {sum(map(right, this_model, [q['truth'] for q in asked]))} of 
 # object happens to be missing. What the model scores above that comes from looking.
 #
 # The table gives the world-2 recipe on its three seeds (mean, and the worst and best seed), then
-# the same answers on pictures with and without a held-out colour-shape pair, then the goals the
-# recipe is measured against, judged on the worst seed. Read the per-object-count table at the top
-# of this chapter beside it: world 2's weak answers are those about pictures with two or three
-# objects, where a question has to find its object first.
+# the same answers on pictures with and without a held-out colour-shape pair and by number of
+# objects, then the goals the recipe is measured against, judged on the worst seed. The split by
+# number of objects says where world 2 is weak: pictures with two or three objects, where a
+# question has to find its object first (compare the same split of this run at the top of the
+# chapter).
 
 # %%
 display(Markdown(table_markdown(WORLD2_RECORD)))
