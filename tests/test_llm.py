@@ -186,6 +186,38 @@ def test_loss_only_on_labelled_positions():
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_loss_and_gradients_equal_each_sequence_alone(side):
+    # Right padding lets training drop the mask (plain causal attention, padding never read);
+    # left padding must keep it. Either way: the per-sequence answer, summed by hand.
+    model = make_model().train()
+    long, short = torch.randint(1, 97, (1, 12)), torch.randint(1, 97, (1, 7))
+    lab_long, lab_short = long.clone(), short.clone()
+    lab_long[:, :4], lab_short[:, :2] = -100, -100
+    pad = torch.zeros(1, 5, dtype=torch.long)
+    ignore = torch.full((1, 5), -100)
+    ones, zeros = torch.ones(1, 7, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long)
+    if side == "right":
+        short_row, short_labels, short_mask = torch.cat([short, pad], 1), torch.cat([lab_short, ignore], 1), torch.cat([ones, zeros], 1)
+    else:
+        short_row, short_labels, short_mask = torch.cat([pad, short], 1), torch.cat([ignore, lab_short], 1), torch.cat([zeros, ones], 1)
+    ids, labels = torch.cat([long, short_row]), torch.cat([lab_long, short_labels])
+    mask = torch.cat([torch.ones(1, 12, dtype=torch.long), short_mask])
+    if side == "left":  # left padding needs its positions to start at each sequence's first token
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        loss = model(ids, attention_mask=mask, labels=labels, position_ids=positions, use_cache=False).loss
+    else:
+        loss = model(ids, attention_mask=mask, labels=labels, use_cache=False).loss
+    batched = torch.autograd.grad(loss, list(model.parameters()))
+    n_long, n_short = int((lab_long[:, 1:] != -100).sum()), int((lab_short[:, 1:] != -100).sum())
+    alone = (model(long, labels=lab_long, use_cache=False).loss * n_long
+             + model(short, labels=lab_short, use_cache=False).loss * n_short) / (n_long + n_short)
+    reference = torch.autograd.grad(alone, list(model.parameters()))
+    torch.testing.assert_close(loss, alone, atol=1e-5, rtol=1e-5)
+    for got, want in zip(batched, reference):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
 def test_sampling_options():
     model = make_model()
     x = torch.randint(3, 97, (1, 5))

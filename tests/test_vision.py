@@ -90,6 +90,30 @@ def test_preprocess_matches_clip_recipe(encoder):
     torch.testing.assert_close(encoder.preprocess([image])[0], expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["center_crop", "resize"])
+def test_pictures_already_at_size_are_looked_up_bit_for_bit(encoder, mode):
+    """224 x 224 pictures skip the processor (a byte table instead): the same bits as its own steps."""
+    from minimind_v.model.image_processing import Preprocessor
+
+    rng = np.random.default_rng(5)
+    pictures = [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(3)]
+    pictures.append(Image.fromarray(np.arange(256, dtype=np.uint8).repeat(196).reshape(224, 224)).convert("RGB"))  # every byte
+    fast = Preprocessor(encoder.pixel_processor.processor, mode, 224)
+    assert fast.value_table() is not None
+    through_processor = Preprocessor(encoder.pixel_processor.processor, mode, 224)
+    through_processor._table = None  # the processor's own resize, crop, rescale and normalise
+    assert torch.equal(fast(pictures), through_processor(pictures))
+    # A picture of another size in the batch: everything goes through the processor.
+    mixed = pictures[:1] + random_images(2)
+    assert torch.equal(fast(mixed), through_processor(mixed))
+    # Settings the table cannot express (no normalising): the processor runs.
+    plain = Preprocessor(encoder.pixel_processor.processor.__class__(do_normalize=False, size={"shortest_edge": 224},
+                                                                     crop_size={"height": 224, "width": 224}), mode, 224)
+    assert plain.value_table() is None
+    assert torch.equal(plain(pictures), (torch.from_numpy(np.stack([np.asarray(p) for p in pictures])).permute(0, 3, 1, 2)
+                                         .double() / 255).float())
+
+
 def test_frozen_and_eval(encoder):
     encoder.train()
     encoder.requires_grad_(True)

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -73,6 +74,9 @@ class Preprocessor:
         images = [to_rgb(image) for image in images]
         if not images:
             return torch.empty(0, 3, self.image_size, self.image_size)
+        table = self.value_table()
+        if table is not None and all(image.size == (self.image_size, self.image_size) for image in images):
+            return pixels_by_table(images, table)
         if self.mode == "resize":
             size = (self.image_size, self.image_size)
             images = [image.resize(size, Image.Resampling.BICUBIC) for image in images]
@@ -80,6 +84,40 @@ class Preprocessor:
                                   return_tensors="pt")["pixel_values"]
         # resize shortest side -> centre crop S x S -> scale to [0, 1] -> normalise per channel
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+    def value_table(self) -> np.ndarray | None:
+        """(3, 256) float32: the pixel value the processor gives each byte of each channel, when an
+        S x S picture goes through it unchanged but for rescaling and normalising (its resize and crop
+        are then the identity); None when its settings do more (or less) than that."""
+        if "_table" not in self.__dict__:
+            self._table = None
+            p, S = self.processor, self.image_size
+            size, crop = p.size, p.crop_size
+            resize_is_identity = (self.mode == "resize" or not p.do_resize
+                                  or (size.shortest_edge == S and not size.longest_edge)
+                                  or (size.height == size.width == S))
+            crop_is_identity = self.mode == "resize" or not p.do_center_crop or crop.height == crop.width == S
+            if (resize_is_identity and crop_is_identity and p.do_rescale and p.do_normalize
+                    and len(p.image_mean) == len(p.image_std) == 3):
+                # The processor's arithmetic, value by value: bytes * factor in float64, then float32,
+                # then (x - mean) / std in float32.
+                values = (np.arange(256, dtype=np.float64) * p.rescale_factor).astype(np.float32)
+                mean = np.asarray(p.image_mean, dtype=np.float32)[:, None]
+                std = np.asarray(p.image_std, dtype=np.float32)[:, None]
+                self._table = (values[None] - mean) / std
+        return self._table
+
+
+def pixels_by_table(images: Sequence[Image.Image], table: np.ndarray) -> torch.Tensor:
+    """RGB pictures of one size -> (n, 3, S, S) float32, each byte looked up in ``table`` (3, 256):
+    one pass over the pixels instead of the image processor's resize, crop, rescale and normalise
+    (~2x the pictures per second when building a feature cache)."""
+    pixels = np.stack([np.asarray(image) for image in images])  # (n, S, S, 3) uint8
+    out = np.empty((len(images), 3, *pixels.shape[1:3]), dtype=np.float32)
+    for channel in range(3):
+        out[:, channel] = table[channel][pixels[..., channel]]
+    return torch.from_numpy(out)
 
 
 def has_image_processor_config(folder: str | os.PathLike) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,29 +53,30 @@ def rope_tables(head_dim: int, max_positions: int, theta: float = 1e4):
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its position's angle.
 
     x: (B, H, T, head_dim); cos, sin: (B or 1, 1, T, head_dim/2). This is the original RoPE
     (and MiniMind v1) form: pairs are adjacent features, as in a complex number x[2i] + i*x[2i+1].
+    Computed in float32, returned as ``dtype`` (default: x's).
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, hd/2, 2): (x1, x2) in the last dim
-    # (x1, x2) * cos + (x2, x1) * (-sin, sin) = (x1 cos - x2 sin, x2 cos + x1 sin): the rotation,
-    # bit for bit, in half the operations of writing each half out (it runs twice per layer per step).
-    rotated = pairs * cos.unsqueeze(-1) + pairs.flip(-1) * torch.stack((-sin, sin), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2:
+        pairs = pairs.contiguous()
+    # (x1 + i x2)(cos + i sin) = (x1 cos - x2 sin) + i (x2 cos + x1 sin): the rotation as one complex
+    # product, bit for bit the written-out one, in one pass over x where the written-out form takes
+    # four (it runs twice per layer per step).
+    rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin)
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype if dtype is None else dtype)
 
 
-@contextmanager
-def cpu_attention_in_float32(q: torch.Tensor):
-    """Under bfloat16 autocast on a CPU, the fused attention runs in float32: its bfloat16 kernel's
-    backward is slower there than the float32 one (the products around it stay in bfloat16).
-    Yields the cast to apply to q, k and v."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):
-            yield lambda t: t.float()
-    else:
-        yield lambda t: t
+def attention_dtype(q: torch.Tensor, eager: bool) -> torch.dtype | None:
+    """float32 where the fused attention must run in it: under bfloat16 autocast on a CPU, whose
+    bfloat16 kernel's backward is slower there than the float32 one (the products around it stay in
+    bfloat16). None: q's own dtype."""
+    if not eager and q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu"):
+        return torch.float32
+    return None
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -104,7 +105,11 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dtype = attention_dtype(q, eager)
+        # Rotated straight into the attention's dtype: one cast per tensor, not one there and one back.
+        q, k = apply_rope(q, cos, sin, dtype), apply_rope(k, cos, sin, dtype)
+        if dtype is not None:
+            v = v.to(dtype)
         if cache is not None:  # append this step's keys/values, get the whole history
             k, v = cache.update(k, v, self.layer_idx)
         n_rep = self.n_heads // self.n_kv_heads
@@ -120,9 +125,9 @@ class Attention(nn.Module):
             out = F.dropout(weights, dropout, self.training) @ v
         else:
             weights = None
-            with cpu_attention_in_float32(q) as cast:
+            with torch.autocast("cpu", enabled=False) if dtype is not None else nullcontext():
                 out = F.scaled_dot_product_attention(
-                    cast(q), cast(k), cast(v), attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1,
+                    q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1,
                     enable_gqa=n_rep > 1,
                 )
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, H, T, hd) -> (B, T, dim)
@@ -362,11 +367,16 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         return (h.shape[:2] == (1, 1) and mask is None and not inspecting and not self.training
                 and not self.config.use_moe and isinstance(cache, GrowingCache) and self.output.takes_row_path(h))
 
-    def _attention_mask(self, attention_mask, T, S, past_len, device):
+    def _attention_mask(self, attention_mask, T, S, past_len, device, outputs_at_padding_unused=False):
         """Boolean (B, 1, T, S) mask, or None when none is needed: plain causal attention from position 0,
-        or one new token (it sees every key) without padding."""
+        or one new token (it sees every key) without padding, or right padding whose outputs nobody reads."""
         if attention_mask is None and past_len == 0:
             return None  # lets the fused kernel use its own causal path
+        if outputs_at_padding_unused and past_len == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+            # Padding only on the right: a real token's causal window holds no padding, so plain causal
+            # attention gives it the same output, and the kernel skips the blocks above the diagonal
+            # (an explicit mask makes it compute them all). Only the padding's own outputs change.
+            return None
         if T == 1 and (attention_mask is None or bool(attention_mask[:, :S].all())):
             return None  # one new token sees every key: nothing to mask (decoding without padding)
         q_pos = torch.arange(past_len, past_len + T, device=device)
@@ -421,7 +431,9 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         cos = self.rope_cos[position_ids][:, None]  # (B or 1, 1, T, hd/2)
         sin = self.rope_sin[position_ids][:, None]
         eager = output_attentions or self.uses_eager_attention
-        mask = self._attention_mask(attention_mask, T, past_len + T, past_len, inputs_embeds.device)
+        # With labels, only positions that carry a target are read, and padding never does.
+        mask = self._attention_mask(attention_mask, T, past_len + T, past_len, inputs_embeds.device,
+                                    outputs_at_padding_unused=labels is not None and not output_hidden_states and not eager)
 
         h = self.dropout(inputs_embeds)
         all_attn, all_hidden = [], []
