@@ -66,7 +66,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: tor
     # (x1 + i x2)(cos + i sin) = (x1 cos - x2 sin) + i (x2 cos + x1 sin): the rotation as one complex
     # product, bit for bit the written-out one, in one pass over x where the written-out form takes
     # four (it runs twice per layer per step).
-    rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin)
+    rotated = torch.view_as_complex(pairs) * torch.complex(cos.float(), sin.float())
     return torch.view_as_real(rotated).flatten(-2).to(x.dtype if dtype is None else dtype)
 
 
