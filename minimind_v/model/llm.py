@@ -53,12 +53,12 @@ def rope_tables(head_dim: int, max_positions: int, theta: float = 1e4):
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its position's angle.
 
     x: (B, H, T, head_dim); cos, sin: (B or 1, 1, T, head_dim/2). This is the original RoPE
     (and MiniMind v1) form: pairs are adjacent features, as in a complex number x[2i] + i*x[2i+1].
-    Computed in float32, returned as ``dtype`` (default: x's).
+    Computed in float32, returned in x's dtype.
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, hd/2, 2): (x1, x2) in the last dim
     if pairs.stride(-1) != 1 or pairs.storage_offset() % 2:
@@ -67,7 +67,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: tor
     # product, bit for bit the written-out one, in one pass over x where the written-out form takes
     # four (it runs twice per layer per step).
     rotated = torch.view_as_complex(pairs) * torch.complex(cos.float(), sin.float())
-    return torch.view_as_real(rotated).flatten(-2).to(x.dtype if dtype is None else dtype)
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
 
 def attention_dtype(q: torch.Tensor, eager: bool) -> torch.dtype | None:
@@ -105,11 +105,12 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # Rotated in float32 and rounded back to q's dtype before any cast: the numbers every recorded
+        # run trained with (rotating straight into float32 would skip that rounding and change them).
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dtype = attention_dtype(q, eager)
-        # Rotated straight into the attention's dtype: one cast per tensor, not one there and one back.
-        q, k = apply_rope(q, cos, sin, dtype), apply_rope(k, cos, sin, dtype)
         if dtype is not None:
-            v = v.to(dtype)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if cache is not None:  # append this step's keys/values, get the whole history
             k, v = cache.update(k, v, self.layer_idx)
         n_rep = self.n_heads // self.n_kv_heads
