@@ -85,7 +85,6 @@ class Preprocessor:
         # resize shortest side -> centre crop S x S -> scale to [0, 1] -> normalise per channel
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
-
     def value_table(self) -> np.ndarray | None:
         """(3, 256) float32: the pixel value the processor gives each byte of each channel, when an
         S x S picture goes through it unchanged but for rescaling and normalising (its resize and crop

@@ -432,9 +432,11 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         cos = self.rope_cos[position_ids][:, None]  # (B or 1, 1, T, hd/2)
         sin = self.rope_sin[position_ids][:, None]
         eager = output_attentions or self.uses_eager_attention
-        # With labels, only positions that carry a target are read, and padding never does.
+        # With labels, only positions that carry a target are read, and padding never does (but a mixture
+        # of experts' balance loss counts every position's routing, padding included).
+        padding_unused = labels is not None and not (output_hidden_states or eager or self.config.use_moe)
         mask = self._attention_mask(attention_mask, T, past_len + T, past_len, inputs_embeds.device,
-                                    outputs_at_padding_unused=labels is not None and not output_hidden_states and not eager)
+                                    outputs_at_padding_unused=padding_unused)
 
         h = self.dropout(inputs_embeds)
         all_attn, all_hidden = [], []
