@@ -186,7 +186,6 @@ def test_loss_only_on_labelled_positions():
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
 
 
-
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batch_loss_and_gradients_equal_each_sequence_alone(side):
     # Right padding lets training drop the mask (plain causal attention, padding never read);
@@ -217,6 +216,7 @@ def test_padded_batch_loss_and_gradients_equal_each_sequence_alone(side):
     torch.testing.assert_close(loss, alone, atol=1e-5, rtol=1e-5)
     for got, want in zip(batched, reference):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
 
 def test_sampling_options():
     model = make_model()
