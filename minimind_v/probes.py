@@ -257,3 +257,85 @@ def describe_shape_probe(probe: dict) -> str:
     """One line for `probe_trained_vs_random`'s result: the shape accuracy, trained/random, per feature."""
     return "shape probe trained/random " + ", ".join(
         f"{f} {probe['trained'][f]['shape']:.2f}/{probe['random'][f]['shape']:.2f}" for f in PROBE_FEATURES)
+
+
+# ----------------------------------------------------------------------------- the whole scene
+
+# Every cell of the 3x3 grid is empty (0) or holds one shape in one colour (1 + shape * 5 + colour).
+CELL_CLASSES = 1 + len(shapes.SHAPES) * len(shapes.COLOURS)
+SIZE_CLASSES = 1 + len(shapes.SIZES)  # empty, small, large
+
+
+def scene_labels(scenes: Sequence[list[dict]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 9) cell contents and (N, 9) sizes of each scene, as `CELL_CLASSES` / `SIZE_CLASSES` say."""
+    content = torch.zeros(len(scenes), len(shapes.POSITIONS), dtype=torch.long)
+    size = torch.zeros_like(content)
+    for i, scene in enumerate(scenes):
+        for o in scene:
+            cell = shapes.POSITIONS.index(o["position"])
+            content[i, cell] = 1 + shapes.SHAPES.index(o["shape"]) * len(shapes.COLOURS) + shapes.COLOURS.index(o["colour"])
+            size[i, cell] = 1 + shapes.SIZES.index(o["size"])
+    return content, size
+
+
+def scene_probe(tokens: torch.Tensor, scenes: Sequence[list[dict]], n_test: int, steps: int = 1200,
+                seed: int = 0) -> dict[str, float]:
+    """Can one linear map read the whole scene from the frozen tokens (N, T, W)?
+
+    One linear layer from all T*W numbers of a picture to every grid cell's content (empty, or
+    shape and colour) and size, fitted on the first N - n_test pictures (AdamW, ``steps`` minibatches
+    of 256) and
+    scored on the last n_test. Returns {"cells": fraction of cells read right (content and size),
+    "objects": of occupied cells, "scenes": of pictures with all nine cells right}. A VLM that
+    answers worse than this reads less than its eyes give it."""
+    n = len(scenes)
+    if not 0 < n_test < n:
+        raise ValueError(f"scene_probe: n_test must be between 1 and {n - 1} for {n} pictures, got {n_test}")
+    if tokens.shape[0] != n:
+        raise ValueError(f"scene_probe: {tokens.shape[0]} token rows for {n} scenes")
+    content, size = scene_labels(scenes)
+    x = tokens.reshape(n, -1).float()
+    n_train = n - n_test
+    mean, std = x[:n_train].mean(0), x[:n_train].std(0) + 1e-5
+    x = (x - mean) / std
+    cells = len(shapes.POSITIONS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe = nn.Linear(x.shape[1], cells * (CELL_CLASSES + SIZE_CLASSES))
+        opt = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.05)
+
+        def read(x_rows):
+            out = probe(x_rows)
+            return (out[:, :cells * CELL_CLASSES].reshape(-1, cells, CELL_CLASSES),
+                    out[:, cells * CELL_CLASSES:].reshape(-1, cells, SIZE_CLASSES))
+
+        batches = [rows for _ in range(-(-steps * 256 // n_train)) for rows in torch.randperm(n_train).split(256)]
+        for rows in batches[:steps]:
+            c, s = read(x[rows])
+            loss = (F.cross_entropy(c.reshape(-1, CELL_CLASSES), content[rows].reshape(-1))
+                    + F.cross_entropy(s.reshape(-1, SIZE_CLASSES), size[rows].reshape(-1)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        c, s = read(x[n_train:])
+        right = (c.argmax(-1) == content[n_train:]) & (s.argmax(-1) == size[n_train:])  # (n_test, 9)
+        occupied = content[n_train:] > 0
+    return {"cells": right.float().mean().item(), "objects": right[occupied].float().mean().item(),
+            "scenes": right.all(1).float().mean().item()}
+
+
+def scene_probe_of_run(run: str | Path, n_test: int = 4000) -> dict[str, float]:
+    """`scene_probe` on a trained run's SFT pictures, read from its feature cache (the tokens the
+    SFT stage trained on: the run's frozen tiny CLIP)."""
+    from .data.features import FeatureCache
+    from .data.records import read_records
+    from .data.shapes import stored_image_name
+    from .recipe import stage_dir
+
+    world = stage_dir(run, "world")
+    encoder = VisionEncoder.from_pretrained(stage_dir(run, "sft") / "vision_encoder")
+    cache = FeatureCache.open(world / "feature_cache" / "sft_images", encoder)
+    records = read_records(world / "sft_data.json")
+    tokens = cache.get([stored_image_name("sft_images", r["image"]) for r in records])
+    return scene_probe(tokens, [r["scene"] for r in records], n_test=n_test)

@@ -429,6 +429,42 @@ def test_linear_probe_rejects_unknown_features():
         P.linear_probe(_ConstantEncoder(), 10, 10, features="cls")
 
 
+
+def _scenes(n, seed):
+    rng = random.Random(seed)
+    return [shapes.random_scene(rng) for _ in range(n)]
+
+
+def test_scene_labels_name_each_cell_as_worked_out_by_hand():
+    scene = [{"shape": "triangle", "colour": "blue", "size": "large", "position": "top right", "offset": [0, 0]},
+             {"shape": "circle", "colour": "red", "size": "small", "position": "bottom left", "offset": [0, 0]}]
+    content, size = P.scene_labels([scene])
+    # triangle is shape 2, blue colour 2: 1 + 2 * 5 + 2 = 13 in cell 2; circle/red: 1 in cell 6.
+    assert content.tolist() == [[0, 0, 13, 0, 0, 0, 1, 0, 0]]
+    assert size.tolist() == [[0, 0, 2, 0, 0, 0, 1, 0, 0]]
+
+
+def test_scene_probe_reads_tokens_that_spell_the_scene_and_not_tokens_that_do_not():
+    scenes = _scenes(1200, seed=3)
+    content, size = P.scene_labels(scenes)
+    # Tokens that spell each cell out (one-hot content and size per cell): every scene is readable.
+    spelled = torch.cat([F.one_hot(content, P.CELL_CLASSES), F.one_hot(size, P.SIZE_CLASSES)], -1).float()
+    seen = P.scene_probe(spelled, scenes, n_test=300)
+    assert seen == {"cells": 1.0, "objects": 1.0, "scenes": 1.0}
+    # Noise tokens: at best "all empty" for the cells, so almost no object and no whole scene.
+    noise = torch.randn(1200, 9, 4, generator=torch.Generator().manual_seed(0))
+    blind = P.scene_probe(noise, scenes, n_test=300)
+    empty = (content[900:] == 0).float().mean().item()
+    assert blind["objects"] < 0.1 and blind["scenes"] < 0.1 and blind["cells"] < empty + 0.05
+
+
+def test_scene_probe_refuses_a_test_split_it_cannot_have():
+    scenes = _scenes(10, seed=0)
+    with pytest.raises(ValueError, match="n_test"):
+        P.scene_probe(torch.zeros(10, 2, 2), scenes, n_test=10)
+    with pytest.raises(ValueError, match="token rows"):
+        P.scene_probe(torch.zeros(9, 2, 2), scenes, n_test=2)
+
 # ----------------------------------------------------------------------------- the entry point
 
 
