@@ -22,11 +22,11 @@ import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .recipe import (STAGE_DIRS, Recipe, default_recipe, default_run_folder, quick_mode, run_recipe, stage_dir,
-                     stage_fingerprints, stage_status)
+from .recipe import (STAGE_DIRS, Recipe, default_recipe, default_run_folder, quick_mode, recipe_record, run_recipe,
+                     stage_dir, stage_fingerprints, stage_status)
 from .runfiles import atomic_write_json
 
 RESULTS = "results.json"
@@ -161,7 +161,7 @@ def run_ablations(names: list[str] | None = None, folder: Path | None = None, np
     chosen = [BY_NAME[n] for n in names] if names else list(ABLATIONS)
     base = ablation_recipe()
     results = read_results(folder) or {}
-    settings = json.loads(json.dumps(asdict(base)))  # as the file holds them (tuples become lists)
+    settings = recipe_record(base)  # as the file holds them (tuples become lists)
     if results.get("recipe", {}).get("settings") != settings:
         results = {}  # measured with other settings: start the table again
     results.update(machine=describe_speed(), quick=quick_mode())

@@ -325,9 +325,9 @@ def scene_probe(tokens: torch.Tensor, scenes: Sequence[list[dict]], n_test: int,
             "scenes": right.all(1).float().mean().item()}
 
 
-def scene_probe_of_run(run: str | Path, n_test: int = 4000) -> dict[str, float]:
-    """`scene_probe` on a trained run's SFT pictures, read from its feature cache (the tokens the
-    SFT stage trained on: the run's frozen tiny CLIP)."""
+def scene_probe_of_run(run: str | Path) -> dict[str, float]:
+    """`scene_probe` on a trained run's SFT pictures (the last fifth held out), read from its
+    feature cache: the tokens the SFT stage trained on, from the run's frozen tiny CLIP."""
     from .data.features import FeatureCache
     from .data.records import read_records
     from .data.shapes import stored_image_name
@@ -338,4 +338,4 @@ def scene_probe_of_run(run: str | Path, n_test: int = 4000) -> dict[str, float]:
     cache = FeatureCache.open(world / "feature_cache" / "sft_images", encoder)
     records = read_records(world / "sft_data.json")
     tokens = cache.get([stored_image_name("sft_images", r["image"]) for r in records])
-    return scene_probe(tokens, [r["scene"] for r in records], n_test=n_test)
+    return scene_probe(tokens, [r["scene"] for r in records], n_test=max(1, len(records) // 5))

@@ -80,6 +80,7 @@ class Recipe:
     sft_freeze: str = FREEZE["sft"]
     mix_captions: float = 0.1
     batch_size: int = TRAINING["sft"]["batch_size"]  # the text LM, pretraining and SFT alike
+    sft_batch_size: int | None = None  # SFT's own batch, where it differs (None: batch_size)
     feature_cache: bool = True
     # evaluation
     eval_limit: int | None = None
@@ -127,6 +128,20 @@ def with_world(r: Recipe, world: int) -> Recipe:
     """``r`` on world ``world`` (``WORLDS``); in quick mode the quick sizes stay."""
     r = replace(r, **WORLDS[world])
     return replace(r, **{k: v for k, v in QUICK.items() if k in WORLDS[world]}) if quick_mode() else r
+
+
+# Recipe fields added after records of the recipe were written: a record leaves them out while
+# they hold their default, so that records of the recipe as it was still match it.
+_FIELDS_ADDED_LATER = {"sft_batch_size": None}
+
+
+def recipe_record(r: Recipe) -> dict:
+    """The recipe as record files hold it (tuples become lists), later fields at their default left out."""
+    record = json.loads(json.dumps(asdict(r)))
+    for name, default in _FIELDS_ADDED_LATER.items():
+        if record[name] == default:
+            del record[name]
+    return record
 
 
 def default_recipe() -> Recipe:
@@ -195,6 +210,7 @@ def stage_commands(run: Path, r: Recipe) -> dict[str, tuple[str, list[str]]]:
     world, cache = str(stage_dir(run, "world")), ["--feature-cache"] if r.feature_cache else []
     saves = ["--save-every", str(r.save_every)]
     common = ["--seed", str(r.seed), "--batch-size", str(r.batch_size), *saves]
+    sft_common = ["--seed", str(r.seed), "--batch-size", str(r.sft_batch_size or r.batch_size), *saves]
     return {
         "clip": ("minimind_v.train.clip", ["--data", world, "--out", str(stage_dir(run, "clip")),
                                             "--steps", str(r.clip_steps), "--batch-size", str(r.clip_batch),
@@ -209,7 +225,7 @@ def stage_commands(run: Path, r: Recipe) -> dict[str, tuple[str, list[str]]]:
         "sft": ("minimind_v.train.sft_vlm", [
             "--data", world, "--init", str(stage_dir(run, "pretrain")), "--out", str(stage_dir(run, "sft")),
             "--steps", str(r.sft_steps), "--freeze", r.sft_freeze, "--mix-captions", str(r.mix_captions),
-            *cache, *common]),
+            *cache, *sft_common]),
     }
 
 
@@ -390,7 +406,7 @@ def run_recipe(run: str | Path, recipe: Recipe | None = None, nproc: int = 1,
         timings[stage] = round(time.perf_counter() - t0, 1)
         print(f"[{stage}] finished in {timings[stage]:.0f} s", flush=True)
     # What the run folder now holds: the settings of this recipe, which every stage matches.
-    atomic_write_json(run / "recipe.json", {"recipe": asdict(r), "processes": nproc,
+    atomic_write_json(run / "recipe.json", {"recipe": recipe_record(r), "processes": nproc,
                                             "fingerprints": {k: v["fingerprint"] for k, v in fingerprints.items()}})
     total = sum(timings.values())
     print(f"recipe: {len(timings)} stage(s) run in {total / 60:.1f} min"

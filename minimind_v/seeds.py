@@ -8,7 +8,9 @@ initial weights, the order of every batch. Each seed is an ordinary recipe run f
 (``runs/world2_seed2``...), reused when its stages are finished with the same settings. The
 record keeps, per seed, the held-out accuracy per answer type with its baselines, the seen/unseen
 split, accuracy per number of objects, each stage's minutes, and the model's answers to questions
-about absent objects on held-out pictures (chapter 07 asks the book's model the same ones).
+about absent objects on held-out pictures (chapter 07 asks the book's model the same ones), and
+how much of each scene a linear probe reads from the frozen tokens the decoder was given
+(``probes.scene_probe``: what the eyes offer, against what the model answers).
 ``table_markdown`` gives mean, min and max over the seeds, and ``goal_rows`` the worst seed
 against the goals in ``GOALS``.
 """
@@ -18,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from statistics import mean
 
-from .recipe import STAGE_DIRS, WORLDS, default_recipe, home, run_recipe, stage_dir, with_world
+from .recipe import STAGE_DIRS, WORLDS, default_recipe, home, recipe_record, run_recipe, stage_dir, with_world
 from .runfiles import atomic_write_json
 
 # (what is measured, at least): the worst seed is judged against each. "count, 3 objects" is the count
@@ -64,6 +66,7 @@ def seed_figures(run: Path) -> dict:
     from .data.records import read_records
     from .evaluate import accuracy_by_objects
     from .inference import answer, load_vlm
+    from .probes import scene_probe_of_run
 
     world = stage_dir(run, "world")
     results = json.loads((stage_dir(run, "eval") / "results.json").read_text(encoding="utf-8"))
@@ -77,7 +80,8 @@ def seed_figures(run: Path) -> dict:
             "baselines": results["baselines"],
             "by_combination": results.get("by_combination"),
             "by_objects": {kind: {str(k): v for k, v in per_n.items()} for kind, per_n in by_objects.items()},
-            "absent_answers": [{**q, "answer": a} for q, a in zip(absent, replies)]}
+            "absent_answers": [{**q, "answer": a} for q, a in zip(absent, replies)],
+            "scene_probe": scene_probe_of_run(run)}
 
 
 def run_seeds(world: int, seeds: list[int], folder: Path | None = None, nproc: int = 1,
@@ -89,7 +93,7 @@ def run_seeds(world: int, seeds: list[int], folder: Path | None = None, nproc: i
     folder = Path(folder or home() / "runs")
     base = with_world(default_recipe(), world)
     # The recipe as the file holds it (tuples become lists), its seed left out: the seeds vary.
-    results = {"world": world, "recipe": json.loads(json.dumps(asdict(replace(base, seed=-1)))), "seeds": {}}
+    results = {"world": world, "recipe": recipe_record(replace(base, seed=-1)), "seeds": {}}
     out = folder / f"world{world}_seeds.json"
     if out.exists():
         try:
@@ -187,6 +191,11 @@ def table_markdown(results: dict, against: dict | None = None) -> str:
         cells = [_cell([f["by_objects"][k][n] for f in figures]) if all(n in f["by_objects"][k] for f in figures)
                  else "–" for n in counts]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    if all("scene_probe" in f for f in figures):
+        lines += ["", "| what the frozen tokens give a linear probe | read right |", "|---|---:|",
+                  *(f"| {label} | {_cell([f['scene_probe'][key] for f in figures])} |" for key, label in
+                    (("cells", "grid cells (empty, or shape, colour and size)"), ("objects", "objects"),
+                     ("scenes", "whole pictures (all nine cells)")))]
     lines += ["", "| goal | at least | mean | worst seed | |", "|---|---:|---:|---:|---|"]
     for row in goal_rows(results):
         signed = row["goal"] == "unseen vs seen"

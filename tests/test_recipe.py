@@ -230,3 +230,19 @@ def test_world_settings_reach_the_world_and_a_default_leaves_old_fingerprints_al
     # those folders' worlds (and every stage built on them) are still reused.
     assert "caption_order" not in stage_fingerprints(Recipe(**SMALL))["world"]["settings"]["config"]
     assert stage_fingerprints(r)["world"]["settings"]["config"]["caption_order"] == "reading"
+
+
+def test_sfts_own_batch_reaches_sft_alone_and_its_default_leaves_old_fingerprints_and_records_alone():
+    base = Recipe(**SMALL)
+    smaller = replace(base, sft_batch_size=8)
+    assert changed_stages(base, smaller) == {"sft", "eval"}
+    commands = recipe_module.stage_commands(Path("run"), smaller)
+    flag = lambda argv: argv[argv.index("--batch-size") + 1]  # noqa: E731
+    assert flag(commands["sft"][1]) == "8"
+    assert flag(commands["pretrain"][1]) == flag(commands["llm"][1]) == str(base.batch_size)
+    # None, or SFT's batch equal to the common one: the SFT flags of before, so old runs are reused.
+    assert changed_stages(base, replace(base, sft_batch_size=base.batch_size)) == set()
+    # Records written before the field existed still match the recipe while it holds its default.
+    assert "sft_batch_size" not in recipe_module.recipe_record(base)
+    assert recipe_module.recipe_record(smaller)["sft_batch_size"] == 8
+    assert recipe_module.recipe_record(base)["held_out_pairs"] == []  # as JSON holds it

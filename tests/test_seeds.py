@@ -75,6 +75,16 @@ def test_the_table_gives_mean_min_max_per_type_and_minutes_beside_another_record
     assert "| total | 10.0 | 10.0 | 8.0 |" in table
 
 
+def test_the_table_shows_what_a_probe_reads_from_the_tokens_when_every_seed_has_it():
+    assert "frozen tokens" not in seeds.table_markdown(RECORD)  # records from before the probe
+    probed = {"world": 2, "seeds": {s: {**f, "scene_probe": {"cells": c, "objects": o, "scenes": w}}
+                                    for (s, f), (c, o, w) in zip(RECORD["seeds"].items(),
+                                                                 [(1.0, 0.99, 0.97), (0.99, 0.97, 0.95)])}}
+    table = seeds.table_markdown(probed)
+    assert "| whole pictures (all nine cells) | 96.0 (95.0 – 97.0) |" in table
+    assert "| objects | 98.0 (97.0 – 99.0) |" in table
+
+
 def test_a_quick_run_records_each_seed_and_keeps_its_minutes_when_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("MINIMIND_V_QUICK", "1")
     record = tmp_path / "docs" / "seeds.json"
@@ -87,6 +97,8 @@ def test_a_quick_run_records_each_seed_and_keeps_its_minutes_when_reused(tmp_pat
     assert set(entry["by_combination"]["overall"]) == {"seen", "unseen"}
     assert len(entry["absent_answers"]) == seeds.N_ABSENT_QUESTIONS
     assert all(isinstance(a["answer"], str) for a in entry["absent_answers"])
+    probe = entry["scene_probe"]
+    assert set(probe) == {"cells", "objects", "scenes"} and 0 <= probe["scenes"] <= probe["cells"] <= 1
     assert json.loads(record.read_text()) == json.loads((tmp_path / "world2_seeds.json").read_text())
     again = seeds.run_seeds(2, [4], folder=tmp_path)  # every stage reused: the minutes stay those measured
     assert again["seeds"]["4"]["minutes"] == entry["minutes"]
