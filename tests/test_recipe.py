@@ -246,3 +246,12 @@ def test_sfts_own_batch_reaches_sft_alone_and_its_default_leaves_old_fingerprint
     assert "sft_batch_size" not in recipe_module.recipe_record(base)
     assert recipe_module.recipe_record(smaller)["sft_batch_size"] == 8
     assert recipe_module.recipe_record(base)["held_out_pairs"] == []  # as JSON holds it
+
+
+def test_world_1_after_world_2_is_the_default_recipe_again(monkeypatch):
+    monkeypatch.delenv("MINIMIND_V_QUICK", raising=False)
+    monkeypatch.delenv("MINIMIND_V_WORLD", raising=False)
+    base = recipe_module.default_recipe()
+    two = recipe_module.with_world(base, 2)
+    assert (two.sft_batch_size, two.sft_steps) != (base.sft_batch_size, base.sft_steps)  # world 2 sets its own
+    assert recipe_module.with_world(two, 1) == base
