@@ -1,6 +1,6 @@
 """The recipe on several seeds: what one seed cannot say.
 
-    python -m minimind_v.seeds --world 2 --seeds 2 3 4 --record docs/seeds_world2.json
+    python -m minimind_v.seeds --world 2 --seeds 3 4 5 --record docs/seeds_world2.json
     python -m minimind_v.seeds --world 1 --seeds 0 --record docs/seeds_world1.json
 
 A seed changes everything a run is built from: the world's pictures and questions, every stage's

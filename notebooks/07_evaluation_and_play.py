@@ -262,7 +262,7 @@ print(f"{len(named)} of {len(replies)} pictures with an empty centre got a shape
 # and about grid relations ("What shape is left of the blue square?" → a shape, or "nothing");
 # and it keeps two colour-shape pairs (a red triangle, a blue cross) out of every training picture
 # and caption, so that its held-out questions measure seen and unseen combinations apart.
-# `python -m minimind_v.seeds --world 2 --seeds 2 3 4 --record docs/seeds_world2.json` trained the
+# `python -m minimind_v.seeds --world 2 --seeds 3 4 5 --record docs/seeds_world2.json` trained the
 # world-2 recipe on three seeds never used while tuning it, and kept each model's answers to eight
 # questions about absent objects on its own held-out pictures. Here are those pictures again, drawn
 # from their scenes, and the same questions put to this chapter's model, live, beside the
@@ -314,10 +314,26 @@ print(f"this run: {sum(map(right, this_model, [q['truth'] for q in asked]))} of 
 # objects, then the goals the recipe is measured against, judged on the worst seed. The split by
 # number of objects says where world 2 is weak: pictures with two or three objects, where a
 # question has to find its object first (compare the same split of this run at the top of the
-# chapter).
+# chapter). The last table asks whether that weakness is in the eyes or in the decoder.
 
 # %%
 display(Markdown(table_markdown(WORLD2_RECORD)))
+
+# %% [markdown]
+# **The eyes or the decoder?** `minimind_v.probes.scene_probe` fits one linear map on four fifths
+# of a seed's SFT pictures, from the 50 frozen tokens the decoder was given to every cell of the
+# 3×3 grid (empty, or which shape in which colour and size), and scores it on the other fifth. If
+# that map reads whole pictures right far more often than the model answers questions about
+# them, the tiny CLIP has put the scene into its tokens, and what is missing is the decoder's
+# part: finding the object a question names among 50 tokens and reporting the right attribute of
+# it, or saying that nothing fits. That part is learned in SFT alone.
+
+# %%
+for seed, f in WORLD2_RECORD["seeds"].items():
+    probe = f["scene_probe"]
+    print(f"seed {seed}: a linear probe reads {probe['scenes']:.1%} of whole pictures and {probe['objects']:.1%} of "
+          f"objects from the tokens; the model answers {f['by_objects']['overall']['3']:.1%} of the questions "
+          f"about pictures with three objects, {f['overall']:.1%} of all")
 
 # %% [markdown]
 # ## Ask your own questions
