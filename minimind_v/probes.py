@@ -283,11 +283,10 @@ def scene_probe(tokens: torch.Tensor, scenes: Sequence[list[dict]], n_test: int,
     """Can one linear map read the whole scene from the frozen tokens (N, T, W)?
 
     One linear layer from all T*W numbers of a picture to every grid cell's content (empty, or
-    shape and colour) and size, fitted on the first N - n_test pictures (AdamW, ``steps`` minibatches
-    of 256) and
-    scored on the last n_test. Returns {"cells": fraction of cells read right (content and size),
-    "objects": of occupied cells, "scenes": of pictures with all nine cells right}. A VLM that
-    answers worse than this reads less than its eyes give it."""
+    shape and colour) and size, fitted on the first N - n_test pictures (AdamW, ``steps``
+    minibatches of 256) and scored on the last n_test. Returns {"cells": fraction of cells read
+    right (content and size), "objects": of occupied cells, "scenes": of pictures with all nine
+    cells right}. A VLM that answers worse than this reads less than its eyes give it."""
     n = len(scenes)
     if not 0 < n_test < n:
         raise ValueError(f"scene_probe: n_test must be between 1 and {n - 1} for {n} pictures, got {n_test}")

@@ -465,6 +465,7 @@ def test_scene_probe_refuses_a_test_split_it_cannot_have():
     with pytest.raises(ValueError, match="token rows"):
         P.scene_probe(torch.zeros(9, 2, 2), scenes, n_test=2)
 
+
 # ----------------------------------------------------------------------------- the entry point
 
 
