@@ -278,6 +278,38 @@ def scene_labels(scenes: Sequence[list[dict]]) -> tuple[torch.Tensor, torch.Tens
     return content, size
 
 
+def _fit_cell_probe(x: torch.Tensor, labels: torch.Tensor, classes: Sequence[int], steps: int,
+                    seed: int):
+    """One linear map from each row of ``x`` (N, D) to every cell's label under each head:
+    ``labels`` (N, 9, heads), head h with ``classes[h]`` classes; AdamW, ``steps`` minibatches of
+    256 rows, the sum of the heads' cross-entropies. Returns ``read``: rows -> (n, 9, heads) labels."""
+    n, cells = x.shape[0], labels.shape[1]
+    mean, std = x.mean(0), x.std(0) + 1e-5
+    ends = np.cumsum([0, *classes]).tolist()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe = nn.Linear(x.shape[1], cells * ends[-1])
+        opt = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.05)
+
+        def logits(rows: torch.Tensor) -> list[torch.Tensor]:  # per head (n, 9, classes)
+            out = probe((rows - mean) / std)
+            return [out[:, cells * a : cells * b].reshape(len(rows), cells, b - a) for a, b in zip(ends, ends[1:])]
+
+        batches = [rows for _ in range(-(-steps * 256 // n)) for rows in torch.randperm(n).split(256)]
+        for rows in batches[:steps]:
+            loss = sum(F.cross_entropy(head.reshape(-1, k), labels[rows, :, h].reshape(-1))
+                       for h, (head, k) in enumerate(zip(logits(x[rows]), classes)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    def read(rows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([head.argmax(-1) for head in logits(rows.reshape(len(rows), -1).float())], -1)
+
+    return read
+
+
 def scene_probe(tokens: torch.Tensor, scenes: Sequence[list[dict]], n_test: int, steps: int = 1200,
                 seed: int = 0) -> dict[str, float]:
     """Can one linear map read the whole scene from the frozen tokens (N, T, W)?
@@ -292,36 +324,57 @@ def scene_probe(tokens: torch.Tensor, scenes: Sequence[list[dict]], n_test: int,
         raise ValueError(f"scene_probe: n_test must be between 1 and {n - 1} for {n} pictures, got {n_test}")
     if tokens.shape[0] != n:
         raise ValueError(f"scene_probe: {tokens.shape[0]} token rows for {n} scenes")
-    content, size = scene_labels(scenes)
+    labels = torch.stack(scene_labels(scenes), -1)  # (N, 9, 2): content, size
     x = tokens.reshape(n, -1).float()
     n_train = n - n_test
-    mean, std = x[:n_train].mean(0), x[:n_train].std(0) + 1e-5
-    x = (x - mean) / std
-    cells = len(shapes.POSITIONS)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        probe = nn.Linear(x.shape[1], cells * (CELL_CLASSES + SIZE_CLASSES))
-        opt = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.05)
-
-        def read(x_rows):
-            out = probe(x_rows)
-            return (out[:, :cells * CELL_CLASSES].reshape(-1, cells, CELL_CLASSES),
-                    out[:, cells * CELL_CLASSES:].reshape(-1, cells, SIZE_CLASSES))
-
-        batches = [rows for _ in range(-(-steps * 256 // n_train)) for rows in torch.randperm(n_train).split(256)]
-        for rows in batches[:steps]:
-            c, s = read(x[rows])
-            loss = (F.cross_entropy(c.reshape(-1, CELL_CLASSES), content[rows].reshape(-1))
-                    + F.cross_entropy(s.reshape(-1, SIZE_CLASSES), size[rows].reshape(-1)))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        c, s = read(x[n_train:])
-        right = (c.argmax(-1) == content[n_train:]) & (s.argmax(-1) == size[n_train:])  # (n_test, 9)
-        occupied = content[n_train:] > 0
+    read = _fit_cell_probe(x[:n_train], labels[:n_train], (CELL_CLASSES, SIZE_CLASSES), steps, seed)
+    right = (read(x[n_train:]) == labels[n_train:]).all(-1)  # (n_test, 9)
+    occupied = labels[n_train:, :, 0] > 0
     return {"cells": right.float().mean().item(), "objects": right[occupied].float().mean().item(),
             "scenes": right.all(1).float().mean().item()}
+
+
+def attribute_labels(scenes: Sequence[list[dict]]) -> torch.Tensor:
+    """(N, 9, 3): each cell's shape, colour and size, each 0 for an empty cell and 1 + the value's
+    index otherwise (one label per attribute, so that a pair no picture showed can still be read)."""
+    labels = torch.zeros(len(scenes), len(shapes.POSITIONS), 3, dtype=torch.long)
+    for i, scene in enumerate(scenes):
+        for o in scene:
+            labels[i, shapes.POSITIONS.index(o["position"])] = torch.tensor(
+                [1 + values.index(o[kind]) for kind, values in
+                 (("shape", shapes.SHAPES), ("colour", shapes.COLOURS), ("size", shapes.SIZES))])
+    return labels
+
+
+ATTRIBUTE_CLASSES = (1 + len(shapes.SHAPES), 1 + len(shapes.COLOURS), 1 + len(shapes.SIZES))
+
+
+def pair_probe(train_tokens: torch.Tensor, train_scenes: Sequence[list[dict]], test_tokens: torch.Tensor,
+               test_scenes: Sequence[list[dict]], held_out_pairs, steps: int = 1200, seed: int = 0) -> dict:
+    """Do the eyes see a colour-shape pair they were never trained on?
+
+    One linear map from a picture's tokens to every cell's shape, colour and size (each its own
+    label: `attribute_labels`), fitted on ``train_*`` and scored on the objects of ``test_*``.
+    Returns {"seen": fraction of test objects whose (colour, shape) is not in ``held_out_pairs``
+    read right (all three attributes), "unseen": of those whose pair is, "n_seen", "n_unseen"}."""
+    if train_tokens.shape[0] != len(train_scenes) or test_tokens.shape[0] != len(test_scenes):
+        raise ValueError(f"pair_probe: {train_tokens.shape[0]} and {test_tokens.shape[0]} token rows for "
+                         f"{len(train_scenes)} and {len(test_scenes)} scenes")
+    pairs = {tuple(p) for p in held_out_pairs}
+    read = _fit_cell_probe(train_tokens.reshape(len(train_scenes), -1).float(), attribute_labels(train_scenes),
+                           ATTRIBUTE_CLASSES, steps, seed)
+    right = (read(test_tokens) == attribute_labels(test_scenes)).all(-1)  # (n, 9)
+    held = torch.zeros_like(right)
+    occupied = torch.zeros_like(right)
+    for i, scene in enumerate(test_scenes):
+        for o in scene:
+            cell = shapes.POSITIONS.index(o["position"])
+            occupied[i, cell] = True
+            held[i, cell] = (o["colour"], o["shape"]) in pairs
+    seen, unseen = right[occupied & ~held], right[held]
+    return {"seen": seen.float().mean().item() if len(seen) else float("nan"),
+            "unseen": unseen.float().mean().item() if len(unseen) else float("nan"),
+            "n_seen": len(seen), "n_unseen": len(unseen)}
 
 
 def scene_probe_of_run(run: str | Path) -> dict[str, float]:
@@ -338,3 +391,24 @@ def scene_probe_of_run(run: str | Path) -> dict[str, float]:
     records = read_records(world / "sft_data.json")
     tokens = cache.get([stored_image_name("sft_images", r["image"]) for r in records])
     return scene_probe(tokens, [r["scene"] for r in records], n_test=max(1, len(records) // 5))
+
+
+def pair_probe_of_run(run: str | Path) -> dict:
+    """`pair_probe` of a trained run: fitted on its SFT pictures (from the feature cache: no
+    held-out pair in any of them), scored on its evaluation pictures, where half show one."""
+    from .data.features import FeatureCache
+    from .data.records import read_records
+    from .data.shapes import stored_image_name
+    from .recipe import stage_dir
+
+    world = stage_dir(run, "world")
+    encoder = VisionEncoder.from_pretrained(stage_dir(run, "sft") / "vision_encoder")
+    cache = FeatureCache.open(world / "feature_cache" / "sft_images", encoder)
+    records = read_records(world / "sft_data.json")
+    records = [r for r in records if isinstance(r["image"], str)]  # one picture each (not two-picture questions)
+    tokens = cache.get([stored_image_name("sft_images", r["image"]) for r in records])
+    pictures = {r["image"]: r["scene"] for r in read_records(world / "eval_data.json") if isinstance(r["image"], str)}
+    held_out = json.loads((world / "world.json").read_text())["config"]["held_out_pairs"]
+    with torch.no_grad():
+        test_tokens = encoder.encode_images([world / "eval_data_images" / name for name in pictures])
+    return pair_probe(tokens, [r["scene"] for r in records], test_tokens, list(pictures.values()), held_out)

@@ -10,7 +10,9 @@ record keeps, per seed, the held-out accuracy per answer type with its baselines
 split, accuracy per number of objects, each stage's minutes, and the model's answers to questions
 about absent objects on held-out pictures (chapter 07 asks the book's model the same ones), and
 how much of each scene a linear probe reads from the frozen tokens the decoder was given
-(``probes.scene_probe``: what the eyes offer, against what the model answers).
+(``probes.scene_probe``: what the eyes offer, against what the model answers), and, where the
+world holds colour-shape pairs out, how well the eyes read objects of those pairs
+(``probes.pair_probe``).
 ``table_markdown`` gives mean, min and max over the seeds, and ``goal_rows`` the worst seed
 against the goals in ``GOALS``.
 """
@@ -66,7 +68,7 @@ def seed_figures(run: Path) -> dict:
     from .data.records import read_records
     from .evaluate import accuracy_by_objects
     from .inference import answer, load_vlm
-    from .probes import scene_probe_of_run
+    from .probes import pair_probe_of_run, scene_probe_of_run
 
     world = stage_dir(run, "world")
     results = json.loads((stage_dir(run, "eval") / "results.json").read_text(encoding="utf-8"))
@@ -81,7 +83,9 @@ def seed_figures(run: Path) -> dict:
             "by_combination": results.get("by_combination"),
             "by_objects": {kind: {str(k): v for k, v in per_n.items()} for kind, per_n in by_objects.items()},
             "absent_answers": [{**q, "answer": a} for q, a in zip(absent, replies)],
-            "scene_probe": scene_probe_of_run(run)}
+            "scene_probe": scene_probe_of_run(run),
+            # the eyes on pairs no training picture showed (worlds that hold some out)
+            **({"pair_probe": pair_probe_of_run(run)} if results.get("by_combination") else {})}
 
 
 def run_seeds(world: int, seeds: list[int], folder: Path | None = None, nproc: int = 1,
@@ -196,6 +200,10 @@ def table_markdown(results: dict, against: dict | None = None) -> str:
                   *(f"| {label} | {_cell([f['scene_probe'][key] for f in figures])} |" for key, label in
                     (("cells", "grid cells (empty, or shape, colour and size)"), ("objects", "objects"),
                      ("scenes", "whole pictures (all nine cells)")))]
+        if all("pair_probe" in f for f in figures):
+            lines += [f"| {label} | {_cell([f['pair_probe'][key] for f in figures])} |" for key, label in
+                      (("seen", "held-out pictures: objects of a pair seen in training (shape, colour, size)"),
+                       ("unseen", "held-out pictures: objects of a pair no training picture showed"))]
     lines += ["", "| goal | at least | mean | worst seed | |", "|---|---:|---:|---:|---|"]
     for row in goal_rows(results):
         signed = row["goal"] == "unseen vs seen"

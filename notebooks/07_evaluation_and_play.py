@@ -336,6 +336,28 @@ for seed, f in WORLD2_RECORD["seeds"].items():
           f"about pictures with three objects, {f['overall']:.1%} of all")
 
 # %% [markdown]
+# The same question for the **pairs no training picture showed** (a red triangle, a blue cross):
+# do the eyes fail on them, or the decoder? `minimind_v.probes.pair_probe` fits one linear map
+# from a picture's tokens to every cell's shape, colour and size, each its own label, on the SFT
+# pictures (none of which shows a held-out pair), and reads the held-out pictures with it. An
+# encoder that gave each colour-shape pair a code of its own would leave such a map nothing to
+# read a new pair with (the test `test_pair_probe_reads_a_pair_never_trained_on_only_from_tokens_that_code_attributes_apart`
+# builds one); a tiny CLIP that codes colour and shape apart lets it read them.
+
+# %%
+for seed, f in WORLD2_RECORD["seeds"].items():
+    pairs, split = f["pair_probe"], f["by_combination"]["overall"]
+    print(f"seed {seed}: the eyes read {pairs['unseen']:.1%} of the objects of an unseen pair "
+          f"({pairs['seen']:.1%} of the others); the model answers {split['unseen']:.1%} of the questions about "
+          f"pictures that show one ({split['seen']:.1%} of the others): a gap of "
+          f"{100 * (pairs['seen'] - pairs['unseen']):.1f} points in the eyes, {100 * (split['seen'] - split['unseen']):.1f} in the answers")
+
+# %% [markdown]
+# Where the answers lose more than the eyes, the rest is lost in the decoder: it learned to look
+# objects up from pictures and questions in which a red triangle never occurs, and the tokens of
+# one (read by the eyes nearly as well as any other) are a key its lookup was never fitted to.
+
+# %% [markdown]
 # ## Ask your own questions
 #
 # The panel below asks any of three models: the one **after pretraining** (it learned to caption,

@@ -458,6 +458,41 @@ def test_scene_probe_reads_tokens_that_spell_the_scene_and_not_tokens_that_do_no
     assert blind["objects"] < 0.1 and blind["scenes"] < 0.1 and blind["cells"] < empty + 0.05
 
 
+def test_attribute_labels_name_each_cell_as_worked_out_by_hand():
+    scene = [{"shape": "triangle", "colour": "blue", "size": "large", "position": "top right", "offset": [0, 0]},
+             {"shape": "circle", "colour": "red", "size": "small", "position": "bottom left", "offset": [0, 0]}]
+    labels = P.attribute_labels([scene])
+    # (shape, colour, size), 0 for empty: triangle 1 + 2, blue 1 + 2, large 1 + 1 in cell 2; circle/red/small in cell 6.
+    assert labels[0, 2].tolist() == [3, 3, 2] and labels[0, 6].tolist() == [1, 1, 1]
+    assert labels[0].sum().item() == 8 + 3  # every other cell empty
+
+
+def test_pair_probe_reads_a_pair_never_trained_on_only_from_tokens_that_code_attributes_apart():
+    held = [("red", "triangle"), ("blue", "cross")]
+    scenes = _scenes(2400, seed=4)
+    has_pair = [any((o["colour"], o["shape"]) in held for o in s) for s in scenes]
+    train = [s for s, h in zip(scenes, has_pair) if not h][:1200]
+    test = scenes[-600:]
+    n_unseen = sum((o["colour"], o["shape"]) in held for s in test for o in s)
+
+    def apart(ss):  # each cell's shape, colour and size, each one-hot on its own
+        labels = P.attribute_labels(ss)
+        return torch.cat([F.one_hot(labels[..., h], k) for h, k in enumerate(P.ATTRIBUTE_CLASSES)], -1).float()
+
+    def joint(ss):  # each cell's colour-shape pair as one code: a pair never trained on has a code never seen
+        content, size = P.scene_labels(ss)
+        return torch.cat([F.one_hot(content, P.CELL_CLASSES), F.one_hot(size, P.SIZE_CLASSES)], -1).float()
+
+    read = P.pair_probe(apart(train), train, apart(test), test, held)
+    assert read == {"seen": 1.0, "unseen": 1.0, "n_seen": read["n_seen"], "n_unseen": n_unseen}
+    assert read["n_seen"] == sum(len(s) for s in test) - n_unseen and n_unseen > 50
+    # (the never-seen code also spoils the other cells of its picture: one map reads them all)
+    blind = P.pair_probe(joint(train), train, joint(test), test, held)
+    assert blind["unseen"] < 0.5 < blind["seen"]
+    with pytest.raises(ValueError, match="token rows"):
+        P.pair_probe(joint(train)[:-1], train, joint(test), test, held)
+
+
 def test_scene_probe_refuses_a_test_split_it_cannot_have():
     scenes = _scenes(10, seed=0)
     with pytest.raises(ValueError, match="n_test"):

@@ -83,6 +83,12 @@ def test_the_table_shows_what_a_probe_reads_from_the_tokens_when_every_seed_has_
     table = seeds.table_markdown(probed)
     assert "| whole pictures (all nine cells) | 96.0 (95.0 – 97.0) |" in table
     assert "| objects | 98.0 (97.0 – 99.0) |" in table
+    assert "no training picture showed" not in table  # no seed has the pair probe
+    paired = {"world": 2, "seeds": {s: {**f, "pair_probe": {"seen": a, "unseen": b, "n_seen": 10, "n_unseen": 5}}
+                                    for (s, f), (a, b) in zip(probed["seeds"].items(), [(0.99, 0.9), (0.97, 0.8)])}}
+    table = seeds.table_markdown(paired)
+    assert "| held-out pictures: objects of a pair seen in training (shape, colour, size) | 98.0 (97.0 – 99.0) |" in table
+    assert "| held-out pictures: objects of a pair no training picture showed | 85.0 (80.0 – 90.0) |" in table
 
 
 def test_a_quick_run_records_each_seed_and_keeps_its_minutes_when_reused(tmp_path, monkeypatch):
@@ -99,6 +105,8 @@ def test_a_quick_run_records_each_seed_and_keeps_its_minutes_when_reused(tmp_pat
     assert all(isinstance(a["answer"], str) for a in entry["absent_answers"])
     probe = entry["scene_probe"]
     assert set(probe) == {"cells", "objects", "scenes"} and 0 <= probe["scenes"] <= probe["cells"] <= 1
+    pairs = entry["pair_probe"]  # world 2 holds two pairs out: half the held-out pictures show one
+    assert pairs["n_unseen"] > 0 and pairs["n_seen"] > 0 and 0 <= pairs["unseen"] <= 1
     assert json.loads(record.read_text()) == json.loads((tmp_path / "world2_seeds.json").read_text())
     again = seeds.run_seeds(2, [4], folder=tmp_path)  # every stage reused: the minutes stay those measured
     assert again["seeds"]["4"]["minutes"] == entry["minutes"]
