@@ -27,6 +27,7 @@ from .data.records import (TOO_LONG, UNENCODABLE, UNREADABLE_IMAGE, DataError, S
                            read_records, skip_summary)
 from .inference import DEFAULT_MAX_NEW_TOKENS, LoadedVLM, answer, load_vlm
 from .runfiles import atomic_write_json, atomic_write_text
+from .tokenizer import IMAGE_TAG
 
 EVAL_JSON, EVAL_IMAGES = "eval_data.json", "eval_data_images"
 DEMO_IMAGES = "eval_images"
@@ -253,6 +254,23 @@ def accuracy_by_combination(rows: list[dict], records: list[dict]) -> dict[str, 
     """``accuracy_by`` "seen" / "unseen": pictures with or without a colour-shape pair that no
     training picture showed (a world made with held-out pairs)."""
     return accuracy_by(rows, records, lambda r: r.get("combination"), "a seen/unseen combination")
+
+
+def picture_layout(record: dict) -> str | None:
+    """"picture first" when the record's first turn opens with its picture ("<image>\nWhat colour
+    ..."), "question first" when the picture follows the question; None without a picture there."""
+    turns = record.get("conversations") or [{}]
+    text = turns[0].get("value") if isinstance(turns[0], dict) else None
+    if not isinstance(text, str) or IMAGE_TAG not in text:
+        return None
+    return "picture first" if text.lstrip().startswith(IMAGE_TAG) else "question first"
+
+
+def accuracy_by_layout(rows: list[dict], records: list[dict]) -> dict[str, dict[str, float]]:
+    """``accuracy_by`` ``picture_layout``. Under the causal mask the two are different inputs: with
+    the picture first no patch sees the question; with the question first every patch does, and the
+    answer must reach back past the 50 patches for the question."""
+    return accuracy_by(rows, records, picture_layout, "a picture in its first turn")
 
 
 def format_objects_table(by_objects: dict[str, dict], label=None) -> str:

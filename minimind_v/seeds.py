@@ -7,12 +7,12 @@ A seed changes everything a run is built from: the world's pictures and question
 initial weights, the order of every batch. Each seed is an ordinary recipe run folder
 (``runs/world2_seed2``...), reused when its stages are finished with the same settings. The
 record keeps, per seed, the held-out accuracy per answer type with its baselines, the seen/unseen
-split, accuracy per number of objects, each stage's minutes, and the model's answers to questions
-about absent objects on held-out pictures (chapter 07 asks the book's model the same ones), and
-how much of each scene a linear probe reads from the frozen tokens the decoder was given
-(``probes.scene_probe``: what the eyes offer, against what the model answers), and, where the
-world holds colour-shape pairs out, how well the eyes read objects of those pairs
-(``probes.pair_probe``).
+split, accuracy per number of objects and per layout (the picture before or after the question),
+each stage's minutes, the model's answers to questions about absent objects on held-out
+pictures (chapter 07 asks the book's model the same ones), how much of each scene a linear probe
+reads from the frozen tokens the decoder was given (``probes.scene_probe``: what the eyes offer,
+against what the model answers), and, where the world holds colour-shape pairs out, how well the
+eyes read objects of those pairs (``probes.pair_probe``).
 ``table_markdown`` gives mean, min and max over the seeds, and ``goal_rows`` the worst seed
 against the goals in ``GOALS``.
 """
@@ -66,7 +66,7 @@ def absent_questions(world: Path, n: int = N_ABSENT_QUESTIONS) -> list[dict]:
 def seed_figures(run: Path) -> dict:
     """What the record keeps of a finished run (see the module's docstring)."""
     from .data.records import read_records
-    from .evaluate import accuracy_by_objects
+    from .evaluate import accuracy_by_layout, accuracy_by_objects
     from .inference import answer, load_vlm
     from .probes import pair_probe_of_run, scene_probe_of_run
 
@@ -81,6 +81,7 @@ def seed_figures(run: Path) -> dict:
     return {"overall": results["overall"], "per_type": results["per_type"], "n": results["n"],
             "baselines": results["baselines"],
             "by_combination": results.get("by_combination"),
+            "by_layout": accuracy_by_layout(rows, held_out),
             "by_objects": {kind: {str(k): v for k, v in per_n.items()} for kind, per_n in by_objects.items()},
             "absent_answers": [{**q, "answer": a} for q, a in zip(absent, replies)],
             "scene_probe": scene_probe_of_run(run),
@@ -187,6 +188,13 @@ def table_markdown(results: dict, against: dict | None = None) -> str:
         lines += ["", "| answer type | seen combinations | unseen combinations |", "|---|---:|---:|"]
         for k in kinds:
             cells = [_cell([f["by_combination"][k][g] for f in figures]) for g in ("seen", "unseen")]
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    if all(f.get("by_layout") for f in figures):
+        layouts = ("picture first", "question first")
+        lines += ["", "| answer type | picture before the question | question before the picture |", "|---|---:|---:|"]
+        for k in kinds:
+            cells = [_cell([f["by_layout"][k][g] for f in figures]) if all(g in f["by_layout"].get(k, {}) for f in figures)
+                     else "–" for g in layouts]
             lines.append(f"| {k} | " + " | ".join(cells) + " |")
     counts = sorted({n for f in figures for per_n in f["by_objects"].values() for n in per_n}, key=int)
     lines += ["", "| answer type | " + " | ".join(f"{n} object{'s' if n != '1' else ''}" for n in counts) + " |",

@@ -103,6 +103,21 @@ answers = json.loads((EVAL_DIR / "answers.json").read_text(encoding="utf-8"))
 display(Markdown(format_objects_table(accuracy_by_objects(answers, read_records(WORLD / "eval_data.json")))))
 
 # %% [markdown]
+# And split by where the picture sits. Half of the held-out questions put it before the question
+# (`<image>\nWhat colour is the circle?`, as the chat and the panel below do), half after
+# (`What colour is the circle?\n<image>`). Under the causal mask these are different inputs: with
+# the picture first no patch sees the question, and the question's positions look the object up;
+# with the question first every patch sees it, and the answer must reach back past 50 patches for
+# what was asked. SFT trains the second far less than the first: only a record's first turn holds
+# the picture, so of its 6 to 8 questions at most one, in half of the records, comes before it.
+
+# %%
+from minimind_v.evaluate import accuracy_by_layout
+
+by_layout = accuracy_by_layout(answers, read_records(WORLD / "eval_data.json"))
+display(Markdown(format_objects_table(by_layout, label=lambda layout: layout)))
+
+# %% [markdown]
 # ## The demo table
 #
 # The original project shows its models side by side on a few pictures; here is the same table
@@ -407,10 +422,12 @@ for step, top in enumerate(panel.last_top_tokens, 1):
 #   its own (chapter 3) and leaves all mixing to the decoder's attention: the fewest new weights and
 #   nothing to tune. Flamingo's cross-attention layers or BLIP-2's Q-Former instead compress a
 #   picture into a few learned queries (32 for BLIP-2): shorter prompts, more to train.
-# * **Where the picture sits under the causal mask.** The picture comes before the question, so
-#   every question token can look at every patch, but no patch can look at the question: the
-#   picture is read the same way whatever is asked, and what to look for is decided only in the
-#   question's and the answer's positions (the attention maps above).
+# * **Where the picture sits under the causal mask.** In the chat the picture comes before the
+#   question, so every question token can look at every patch, but no patch can look at the
+#   question: the picture is read the same way whatever is asked, and what to look for is decided
+#   only in the question's and the answer's positions (the attention maps above). The split by
+#   layout near the top of the chapter shows what the other order costs a model that SFT rarely
+#   showed it; on world 2 it is most of the gap to the goals (README, Results).
 # * **Several questions per SFT record.** The original asks one question per picture; the book asks
 #   6 to 8 (chapter 6 shows the share of loss tokens grow fivefold). The picture's 50 tokens are
 #   paid once for many answers.

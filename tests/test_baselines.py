@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from minimind_v import baselines
-from minimind_v.evaluate import _swap_pictures, accuracy_by_combination, format_baselines_table
+from minimind_v.evaluate import (_swap_pictures, accuracy_by_combination, accuracy_by_layout, format_baselines_table,
+                                 picture_layout)
 
 
 def qa(rid, question, reply, kind, **extra):
@@ -83,6 +84,22 @@ def test_accuracy_on_seen_and_unseen_combinations():
                      "overall": {"seen": 0.5, "unseen": 0.0}}
     with pytest.raises(ValueError, match="seen/unseen"):
         accuracy_by_combination(rows, [{"id": "a"}])
+
+
+def test_accuracy_with_the_picture_before_and_after_the_question():
+    turn = lambda text: {"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "red"}]}  # noqa: E731
+    records = [{"id": "a", **turn("<image>\nWhat colour is the circle?")},
+               {"id": "b", **turn("What colour is the circle?\n<image>")},
+               {"id": "c", **turn("How many circles are there?\n<image>")}]
+    assert [picture_layout(r) for r in records] == ["picture first", "question first", "question first"]
+    assert picture_layout(turn("What colour is the sky?")) is None and picture_layout({}) is None
+    rows = [{"id": "a", "type": "colour", "correct": True}, {"id": "b", "type": "colour", "correct": False},
+            {"id": "c", "type": "count", "correct": True}]
+    assert accuracy_by_layout(rows, records) == {
+        "colour": {"picture first": 1.0, "question first": 0.0}, "count": {"question first": 1.0},
+        "overall": {"picture first": 1.0, "question first": 0.5}}
+    with pytest.raises(ValueError, match="a picture in its first turn"):
+        accuracy_by_layout(rows, [{"id": "a", **turn("no picture here")}])
 
 
 def test_baselines_table_has_a_column_per_baseline():

@@ -82,6 +82,13 @@ def test_the_table_shows_what_a_probe_reads_from_the_tokens_when_every_seed_has_
                                                                  [(1.0, 0.99, 0.97), (0.99, 0.97, 0.95)])}}
     table = seeds.table_markdown(probed)
     assert "| whole pictures (all nine cells) | 96.0 (95.0 – 97.0) |" in table
+    assert "question before the picture" not in table  # no seed has the split by layout
+    laid = {"world": 2, "seeds": {s: {**f, "by_layout": {"colour": {"picture first": a, "question first": b},
+                                                         "overall": {"picture first": a, "question first": b}}}
+                                  for (s, f), (a, b) in zip(RECORD["seeds"].items(), [(0.9, 0.7), (1.0, 0.8)])}}
+    by_layout = seeds.table_markdown(laid)
+    assert "| colour | 95.0 (90.0 – 100.0) | 75.0 (70.0 – 80.0) |" in by_layout
+    assert "| count | – | – |" in by_layout  # a type the split does not hold
     assert "| objects | 98.0 (97.0 – 99.0) |" in table
     assert "no training picture showed" not in table  # no seed has the pair probe
     paired = {"world": 2, "seeds": {s: {**f, "pair_probe": {"seen": a, "unseen": b, "n_seen": 10, "n_unseen": 5}}
@@ -103,6 +110,7 @@ def test_a_quick_run_records_each_seed_and_keeps_its_minutes_when_reused(tmp_pat
     assert set(entry["by_combination"]["overall"]) == {"seen", "unseen"}
     assert len(entry["absent_answers"]) == seeds.N_ABSENT_QUESTIONS
     assert all(isinstance(a["answer"], str) for a in entry["absent_answers"])
+    assert set(entry["by_layout"]["overall"]) == {"picture first", "question first"}
     probe = entry["scene_probe"]
     assert set(probe) == {"cells", "objects", "scenes"} and 0 <= probe["scenes"] <= probe["cells"] <= 1
     pairs = entry["pair_probe"]  # world 2 holds two pairs out: half the held-out pictures show one

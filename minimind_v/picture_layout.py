@@ -1,0 +1,115 @@
+"""Where SFT's questions put the picture, and what the model then answers in each layout.
+
+    python -m minimind_v.picture_layout --run runs/world2_seed2 --layout picture-first --out runs/layout_picture
+    python -m minimind_v.picture_layout --run runs/world2_seed2 --layout question-first --out runs/layout_question
+
+The shapes world asks half of its questions with the picture first (``<image>\\nWhat colour is the
+circle?``) and half with the question first (``What colour is the circle?\\n<image>``); only an SFT
+record's first turn holds the picture, so later turns always come after it. This takes a finished
+run (``--run``), links its world, tiny CLIP, text LM and pretraining into ``--out``, rewrites the
+first turn of every SFT record into one layout, trains SFT again with the run's own recipe command
+and evaluates it on the run's held-out questions, which keep both layouts. The table gives
+accuracy per answer type and layout, beside the run's own model (SFT on both layouts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .data.records import read_records
+from .evaluate import EVAL_JSON, accuracy_by_layout, evaluate_vqa
+from .inference import load_vlm
+from .recipe import Recipe, stage_commands, stage_dir
+from .runfiles import atomic_write_json
+from .tokenizer import IMAGE_TAG
+
+LAYOUTS = ("picture-first", "question-first")
+LINKED = ("world", "clip", "tokenizer", "llm", "pretrain")  # what SFT is built from, as it is
+
+
+def in_layout(text: str, layout: str) -> str:
+    """A one-picture question turn with its picture moved before ("picture-first") or after the question."""
+    if text.count(IMAGE_TAG) != 1:
+        raise ValueError(f"a turn with one {IMAGE_TAG!r} tag is needed, got {text!r}")
+    question = text.replace(IMAGE_TAG, "").strip()
+    return f"{IMAGE_TAG}\n{question}" if layout == "picture-first" else f"{question}\n{IMAGE_TAG}"
+
+
+def relaid_records(records: list[dict], layout: str) -> list[dict]:
+    """SFT records with each one-picture record's first turn in ``layout``; the rest as they were."""
+    out = []
+    for r in records:
+        turns = r["conversations"]
+        if isinstance(r.get("image"), str) and IMAGE_TAG in turns[0]["value"]:
+            r = {**r, "conversations": [{**turns[0], "value": in_layout(turns[0]["value"], layout)}, *turns[1:]]}
+        out.append(r)
+    return out
+
+
+def recorded_recipe(run: Path) -> Recipe:
+    """The recipe a run folder was trained with (its recipe.json), JSON lists back to tuples."""
+    record = json.loads((run / "recipe.json").read_text(encoding="utf-8"))["recipe"]
+    as_tuple = lambda v: tuple(as_tuple(x) for x in v) if isinstance(v, list) else v  # noqa: E731
+    return Recipe(**{k: v if k == "extra" else as_tuple(v) for k, v in record.items()})
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """``target`` as a tree of hard links to ``source``'s files (nothing is copied or written to)."""
+    shutil.copytree(source, target, copy_function=os.link)
+
+
+def run_layout(run: Path, layout: str, out: Path, sft_steps: int | None = None) -> dict:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if out.exists():
+        raise FileExistsError(f"{out} exists: give a new folder")
+    recipe = recorded_recipe(run)
+    for stage in LINKED:
+        link_tree(stage_dir(run, stage), stage_dir(out, stage))
+    world = stage_dir(out, "world")
+    records = read_records(world / "sft_data.json")
+    (world / "sft_data.json").unlink()  # a link to the run's own file: replaced, never written through
+    atomic_write_json(world / "sft_data.json", relaid_records(records, layout))
+    module, argv = stage_commands(out, recipe)["sft"]
+    argv = argv + recipe.extra.get("sft", []) + (["--steps", str(sft_steps)] if sft_steps else [])
+    subprocess.run([sys.executable, "-m", module, *argv], check=True)
+    held_out = read_records(world / EVAL_JSON)
+    result = evaluate_vqa(load_vlm(stage_dir(out, "sft")), world)
+    own = json.loads((stage_dir(run, "eval") / "answers.json").read_text(encoding="utf-8"))
+    figures = {"layout": layout, "run": str(run), "overall": result["overall"],
+               "by_layout": accuracy_by_layout(result["rows"], held_out),
+               "run_by_layout": accuracy_by_layout(own, held_out)}
+    atomic_write_json(out / "picture_layout.json", figures)
+    return figures
+
+
+def table_markdown(figures: dict) -> str:
+    groups = ("picture first", "question first")
+    heads = [f"SFT {sft}, asked {g}" for sft in (figures["layout"], "both layouts") for g in groups]
+    lines = ["| answer type | " + " | ".join(heads) + " |", "|---|" + "---:|" * 4]
+    for kind, split in figures["by_layout"].items():
+        cells = [split.get(g) for g in groups] + [figures["run_by_layout"].get(kind, {}).get(g) for g in groups]
+        lines.append(f"| {kind} | " + " | ".join("–" if c is None else f"{100 * c:.1f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, type=Path, help="a finished recipe run folder")
+    p.add_argument("--layout", required=True, choices=LAYOUTS)
+    p.add_argument("--out", required=True, type=Path, help="a new folder for the relaid run")
+    p.add_argument("--sft-steps", type=int, default=None, help="fewer SFT steps than the recipe's (a quick look)")
+    args = p.parse_args(argv)
+    figures = run_layout(args.run, args.layout, args.out, args.sft_steps)
+    print(table_markdown(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
