@@ -2,6 +2,7 @@
 
     python -m minimind_v.picture_layout --run runs/world2_seed2 --layout picture-first --out runs/layout_picture
     python -m minimind_v.picture_layout --run runs/world2_seed2 --layout question-first --out runs/layout_question
+    python -m minimind_v.picture_layout --run runs/world2_seed2 --layout picture-first --ask-only --out runs/asked_picture
 
 The shapes world asks half of its questions with the picture first (``<image>\\nWhat colour is the
 circle?``) and half with the question first (``What colour is the circle?\\n<image>``); only an SFT
@@ -10,6 +11,10 @@ run (``--run``), links its world, tiny CLIP, text LM and pretraining into ``--ou
 first turn of every SFT record into one layout, trains SFT again with the run's own recipe command
 and evaluates it on the run's held-out questions, which keep both layouts. The table gives
 accuracy per answer type and layout, beside the run's own model (SFT on both layouts).
+
+``--ask-only`` trains nothing: the run's own model is asked every held-out question in the layout
+(what a pipeline that moves each picture in front of its question, as LLaVA's preprocessing does,
+would give this model).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import sys
 from pathlib import Path
 
 from .data.records import read_records
-from .evaluate import EVAL_JSON, accuracy_by_layout, evaluate_vqa
+from .evaluate import EVAL_IMAGES, EVAL_JSON, accuracy_by_layout, evaluate_vqa
 from .inference import load_vlm
 from .recipe import Recipe, stage_commands, stage_dir
 from .runfiles import atomic_write_json
@@ -82,8 +87,29 @@ def run_layout(run: Path, layout: str, out: Path, sft_steps: int | None = None) 
     held_out = read_records(world / EVAL_JSON)
     result = evaluate_vqa(load_vlm(stage_dir(out, "sft")), world)
     own = json.loads((stage_dir(run, "eval") / "answers.json").read_text(encoding="utf-8"))
-    figures = {"layout": layout, "run": str(run), "overall": result["overall"],
+    figures = {"label": f"SFT {layout}", "layout": layout, "run": str(run), "overall": result["overall"],
                "by_layout": accuracy_by_layout(result["rows"], held_out),
+               "run_by_layout": accuracy_by_layout(own, held_out)}
+    atomic_write_json(out / "picture_layout.json", figures)
+    return figures
+
+
+def ask_in_layout(run: Path, layout: str, out: Path) -> dict:
+    """No training: the run's own model asked every held-out question in ``layout`` (``out`` gets
+    the relaid questions and links to their pictures). Accuracy is split by each question's layout
+    as the held-out set asks it."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if out.exists():
+        raise FileExistsError(f"{out} exists: give a new folder")
+    world = stage_dir(run, "world")
+    held_out = read_records(world / EVAL_JSON)
+    link_tree(world / EVAL_IMAGES, out / EVAL_IMAGES)
+    atomic_write_json(out / EVAL_JSON, relaid_records(held_out, layout))
+    result = evaluate_vqa(load_vlm(stage_dir(run, "sft")), out)
+    own = json.loads((stage_dir(run, "eval") / "answers.json").read_text(encoding="utf-8"))
+    figures = {"label": f"asked {layout}", "layout": layout, "run": str(run), "overall": result["overall"],
+               "per_type": result["per_type"], "by_layout": accuracy_by_layout(result["rows"], held_out),
                "run_by_layout": accuracy_by_layout(own, held_out)}
     atomic_write_json(out / "picture_layout.json", figures)
     return figures
@@ -91,7 +117,7 @@ def run_layout(run: Path, layout: str, out: Path, sft_steps: int | None = None) 
 
 def table_markdown(figures: dict) -> str:
     groups = ("picture first", "question first")
-    heads = [f"SFT {sft}, asked {g}" for sft in (figures["layout"], "both layouts") for g in groups]
+    heads = [f"{figures['label']}: held-out {g}" for g in groups] + [f"as recorded: {g}" for g in groups]
     lines = ["| answer type | " + " | ".join(heads) + " |", "|---|" + "---:|" * 4]
     for kind, split in figures["by_layout"].items():
         cells = [split.get(g) for g in groups] + [figures["run_by_layout"].get(kind, {}).get(g) for g in groups]
@@ -105,8 +131,11 @@ def main(argv=None) -> dict:
     p.add_argument("--layout", required=True, choices=LAYOUTS)
     p.add_argument("--out", required=True, type=Path, help="a new folder for the relaid run")
     p.add_argument("--sft-steps", type=int, default=None, help="fewer SFT steps than the recipe's (a quick look)")
+    p.add_argument("--ask-only", action="store_true",
+                   help="no training: ask the run's own model every held-out question in --layout")
     args = p.parse_args(argv)
-    figures = run_layout(args.run, args.layout, args.out, args.sft_steps)
+    figures = (ask_in_layout(args.run, args.layout, args.out) if args.ask_only
+               else run_layout(args.run, args.layout, args.out, args.sft_steps))
     print(table_markdown(figures))
     return figures
 

@@ -44,10 +44,37 @@ def test_the_recorded_recipe_is_the_recipe_that_wrote_it(tmp_path):
     assert L.recorded_recipe(tmp_path) == r
 
 
-def test_a_bad_layout_or_a_used_folder_is_refused_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize("action", [L.run_layout, L.ask_in_layout])
+def test_a_bad_layout_or_a_used_folder_is_refused_before_anything_is_written(tmp_path, action):
     with pytest.raises(ValueError, match="layout must be one of"):
-        L.run_layout(tmp_path / "run", "sideways", tmp_path / "out")
+        action(tmp_path / "run", "sideways", tmp_path / "out")
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="give a new folder"):
-        L.run_layout(tmp_path / "run", "picture-first", tmp_path / "out")
+        action(tmp_path / "run", "picture-first", tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_quick_run_asked_and_trained_again_in_one_layout(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIMIND_V_QUICK", "1")
+    from minimind_v.recipe import default_recipe, run_recipe
+
+    run = tmp_path / "run"
+    run_recipe(run, replace(with_world(default_recipe(), 2), seed=4))
+    own = (run / "world" / "sft_data.json").read_bytes()
+    held_out = json.loads((run / "world" / "eval_data.json").read_text())
+
+    asked = L.ask_in_layout(run, "picture-first", tmp_path / "asked")
+    relaid = json.loads((tmp_path / "asked" / "eval_data.json").read_text())
+    assert [r["id"] for r in relaid] == [r["id"] for r in held_out]
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in relaid)
+    # split by the layout each question had in the held-out set, which asks both
+    assert set(asked["by_layout"]["overall"]) == set(asked["run_by_layout"]["overall"]) == {"picture first", "question first"}
+
+    trained = L.run_layout(run, "question-first", tmp_path / "relaid", sft_steps=2)
+    firsts = [r["conversations"][0]["value"] for r in json.loads((tmp_path / "relaid" / "world" / "sft_data.json").read_text())
+              if isinstance(r["image"], str) and "<image>" in r["conversations"][0]["value"]]
+    assert firsts and all(t.endswith("\n<image>") for t in firsts)
+    assert (run / "world" / "sft_data.json").read_bytes() == own  # the run's own records untouched
+    assert json.loads((tmp_path / "relaid" / "sft" / "metrics.jsonl").read_text().splitlines()[0])["total_steps"] == 2
+    assert 0 <= trained["overall"] <= 1
