@@ -360,26 +360,23 @@ def pair_probe(train_tokens: torch.Tensor, train_scenes: Sequence[list[dict]], t
     if train_tokens.shape[0] != len(train_scenes) or test_tokens.shape[0] != len(test_scenes):
         raise ValueError(f"pair_probe: {train_tokens.shape[0]} and {test_tokens.shape[0]} token rows for "
                          f"{len(train_scenes)} and {len(test_scenes)} scenes")
-    pairs = {tuple(p) for p in held_out_pairs}
     read = _fit_cell_probe(train_tokens.reshape(len(train_scenes), -1).float(), attribute_labels(train_scenes),
                            ATTRIBUTE_CLASSES, steps, seed)
-    right = (read(test_tokens) == attribute_labels(test_scenes)).all(-1)  # (n, 9)
-    held = torch.zeros_like(right)
-    occupied = torch.zeros_like(right)
-    for i, scene in enumerate(test_scenes):
-        for o in scene:
-            cell = shapes.POSITIONS.index(o["position"])
-            occupied[i, cell] = True
-            held[i, cell] = (o["colour"], o["shape"]) in pairs
+    labels = attribute_labels(test_scenes)
+    right = (read(test_tokens) == labels).all(-1)  # (n, 9)
+    occupied = labels[..., 0] > 0
+    held = torch.zeros_like(occupied)
+    for colour, shape in held_out_pairs:  # cells holding that pair, as attribute_labels codes it
+        held |= (labels[..., 0] == 1 + shapes.SHAPES.index(shape)) & (labels[..., 1] == 1 + shapes.COLOURS.index(colour))
     seen, unseen = right[occupied & ~held], right[held]
     return {"seen": seen.float().mean().item() if len(seen) else float("nan"),
             "unseen": unseen.float().mean().item() if len(unseen) else float("nan"),
             "n_seen": len(seen), "n_unseen": len(unseen)}
 
 
-def scene_probe_of_run(run: str | Path) -> dict[str, float]:
-    """`scene_probe` on a trained run's SFT pictures (the last fifth held out), read from its
-    feature cache: the tokens the SFT stage trained on, from the run's frozen tiny CLIP."""
+def _sft_pictures_of_run(run: str | Path):
+    """A trained run's world folder, its frozen tiny CLIP, and its one-picture SFT records with
+    their tokens (N, 50, W) from the feature cache: what the SFT stage trained on."""
     from .data.features import FeatureCache
     from .data.records import read_records
     from .data.shapes import stored_image_name
@@ -388,25 +385,24 @@ def scene_probe_of_run(run: str | Path) -> dict[str, float]:
     world = stage_dir(run, "world")
     encoder = VisionEncoder.from_pretrained(stage_dir(run, "sft") / "vision_encoder")
     cache = FeatureCache.open(world / "feature_cache" / "sft_images", encoder)
-    records = read_records(world / "sft_data.json")
+    records = [r for r in read_records(world / "sft_data.json") if isinstance(r["image"], str)]
     tokens = cache.get([stored_image_name("sft_images", r["image"]) for r in records])
+    return world, encoder, records, tokens
+
+
+def scene_probe_of_run(run: str | Path) -> dict[str, float]:
+    """`scene_probe` on a trained run's SFT pictures (the last fifth held out), read from its
+    feature cache: the tokens the SFT stage trained on, from the run's frozen tiny CLIP."""
+    _, _, records, tokens = _sft_pictures_of_run(run)
     return scene_probe(tokens, [r["scene"] for r in records], n_test=max(1, len(records) // 5))
 
 
 def pair_probe_of_run(run: str | Path) -> dict:
     """`pair_probe` of a trained run: fitted on its SFT pictures (from the feature cache: no
     held-out pair in any of them), scored on its evaluation pictures, where half show one."""
-    from .data.features import FeatureCache
     from .data.records import read_records
-    from .data.shapes import stored_image_name
-    from .recipe import stage_dir
 
-    world = stage_dir(run, "world")
-    encoder = VisionEncoder.from_pretrained(stage_dir(run, "sft") / "vision_encoder")
-    cache = FeatureCache.open(world / "feature_cache" / "sft_images", encoder)
-    records = read_records(world / "sft_data.json")
-    records = [r for r in records if isinstance(r["image"], str)]  # one picture each (not two-picture questions)
-    tokens = cache.get([stored_image_name("sft_images", r["image"]) for r in records])
+    world, encoder, records, tokens = _sft_pictures_of_run(run)
     pictures = {r["image"]: r["scene"] for r in read_records(world / "eval_data.json") if isinstance(r["image"], str)}
     held_out = json.loads((world / "world.json").read_text())["config"]["held_out_pairs"]
     with torch.no_grad():

@@ -325,9 +325,12 @@ print(f"this run: {sum(map(right, this_model, [q['truth'] for q in asked]))} of 
 # object happens to be missing. What the model scores above that comes from looking.
 #
 # The table gives the world-2 recipe on its three seeds (mean, and the worst and best seed), then
-# the same answers on pictures with and without a held-out colour-shape pair and by number of
-# objects, then the goals the recipe is measured against, judged on the worst seed. The split by
-# number of objects says where world 2 is weak: pictures with two or three objects, where a
+# the same answers on pictures with and without a held-out colour-shape pair, with the picture
+# before and after the question, and by number of objects, then the goals the recipe is measured
+# against, judged on the worst seed. The split by layout says the most: asked with the picture
+# first, as the chat asks, the world-2 models say "none" about as well as they answer anything;
+# most of the absent-object errors are questions asked before their picture. The split by number
+# of objects says where world 2 is weak besides: pictures with two or three objects, where a
 # question has to find its object first (compare the same split of this run at the top of the
 # chapter). The last table asks whether that weakness is in the eyes or in the decoder.
 
