@@ -52,6 +52,7 @@ def evaluate_vqa(
     skip_bad_samples: bool = False,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     shuffle_pictures: int | None = None,
+    picture_first: bool = True,
 ) -> dict:
     """Greedy answers of ``vlm`` (``load_vlm``: the model and its processor) to every held-out
     question; accuracy overall and per ``answer_type``.
@@ -63,6 +64,8 @@ def evaluate_vqa(
     one ({"id", "kind", "message"}), "skipped_by_kind" counts them per reason.
     ``shuffle_pictures=seed`` is the shuffled-picture baseline: every question is asked about
     another question's picture (a seeded shuffle that leaves no picture in place).
+    A question written before its picture is asked with the picture moved in front, as ``answer``
+    asks it; ``picture_first=False`` asks every question as written.
     """
     from .data.datasets import resolve_data
     from .data.images import decode_picture
@@ -150,7 +153,7 @@ def evaluate_vqa(
         if not chunk:
             continue
         predictions = answer(vlm, pictures if with_image else None, [item[2] for item in chunk],
-                             max_new_tokens=max_new_tokens)
+                             max_new_tokens=max_new_tokens, picture_first=picture_first)
         for (rid, _, q, truth, kind), pred in zip(chunk, predictions):
             ok = normalise(pred) == normalise(truth)
             hits[kind] += ok
@@ -273,6 +276,22 @@ def accuracy_by_layout(rows: list[dict], records: list[dict]) -> dict[str, dict[
     return accuracy_by(rows, records, picture_layout, "a picture in its first turn")
 
 
+# The layout table's columns: (figures key, picture_layout group) of each.
+LAYOUT_COLUMNS = {"picture before the question": ("by_layout", "picture first"),
+                  "question before the picture, as written": ("as_written", "question first"),
+                  "the same, picture moved in front": ("by_layout", "question first")}
+
+
+def layout_split(figures: dict) -> dict[str, dict[str, float]]:
+    """{answer type: {LAYOUT_COLUMNS column: accuracy}} from an evaluation's figures
+    (``evaluate_run``'s results): what moving the picture in front gives the questions written
+    before it. Questions written picture-first are the same input either way."""
+    split = {"by_layout": figures["by_layout"], "as_written": figures["as_written"]["by_layout"]}
+    return {kind: {column: split[key][kind][group] for column, (key, group) in LAYOUT_COLUMNS.items()
+                   if group in split[key].get(kind, {})}
+            for kind in figures["by_layout"]}
+
+
 def format_objects_table(by_objects: dict[str, dict], label=None) -> str:
     """``accuracy_by_objects`` (or any ``accuracy_by``) as a Markdown table, one column per group."""
     label = label or (lambda n: f"{n} object{'s' if n > 1 else ''}")
@@ -349,10 +368,17 @@ def evaluate_run(run: Path, r) -> dict:
     figures = {"overall": result["overall"], "per_type": result["per_type"], "n": result["n"],
                "text_only_baseline": compared["text only"], "baselines": compared,
                "answers_per_s": result["answers_per_s"], "demo": demo}
+    if all(picture_layout(rec) for rec in held_out):  # and again as written: what moving the picture gives
+        as_written = evaluate_vqa(sft, world, limit=r.eval_limit, picture_first=False)
+        figures["by_layout"] = accuracy_by_layout(result["rows"], held_out)
+        figures["as_written"] = {"overall": as_written["overall"], "per_type": as_written["per_type"],
+                                 "by_layout": accuracy_by_layout(as_written["rows"], held_out)}
     sections = [table]
     if any("combination" in rec for rec in held_out):
         figures["by_combination"] = accuracy_by_combination(result["rows"], held_out)
         sections.append(format_objects_table(figures["by_combination"], label=lambda g: f"{g} combinations"))
+    if "by_layout" in figures:
+        sections.append(format_objects_table(layout_split(figures), label=lambda column: column))
     sections.append(format_demo_table(demo))
     atomic_write_text(out / "table.md", "\n\n".join(sections) + "\n")
     atomic_write_json(out / "answers.json", result["rows"], indent=1)
@@ -370,6 +396,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-baseline", action="store_true", help="skip the text-only baseline")
+    p.add_argument("--as-written", action="store_true",
+                   help="ask each question with its picture where it is written (default: moved in front)")
     p.add_argument("--out", default=None, help="JSON file for the figures (default: <model>/eval.json)")
     p.add_argument("--device", default=None)
     p.add_argument("--skip-bad-samples", action="store_true",
@@ -378,7 +406,7 @@ def main(argv=None):
     torch.manual_seed(0)
     vlm = load_vlm(ns.model, device=ns.device)
     kw = dict(json_name=ns.json, image_dir=ns.images, batch_size=ns.batch_size, limit=ns.limit,
-              skip_bad_samples=ns.skip_bad_samples)
+              skip_bad_samples=ns.skip_bad_samples, picture_first=not ns.as_written)
     result = evaluate_vqa(vlm, ns.data, **kw)
     baseline = None if ns.no_baseline else evaluate_vqa(vlm, ns.data, with_image=False, **kw)
     print(format_table(result, baseline))

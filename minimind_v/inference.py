@@ -134,14 +134,17 @@ def answer(
     image_tokens: torch.Tensor | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     streamer=None,
+    picture_first: bool = True,
     **sampling,
 ) -> list[str]:
     """Answer ``questions[i]`` about ``images[i]``, all in one batch.
 
     ``vlm`` is the model and its processor (``load_vlm``). ``images[i]`` is one picture (a path
     or a PIL image) or a list of pictures, one per ``<image>`` tag of question i, in order; a
-    question with k pictures and no tag gets k tags in front. A question whose tags and pictures
-    disagree is a ValueError naming it. ``image_tokens`` (n, N, width), the pictures of all
+    question with k pictures and no tag gets k tags in front, and one with a single tag after its
+    words gets it moved in front (``picture_first=False`` asks it as written; see
+    ``chat_inputs.picture_in_front``). A question whose tags and pictures disagree is a ValueError
+    naming it. ``image_tokens`` (n, N, width), the pictures of all
     questions in order, may replace ``images`` (e.g. from the feature cache); ``images=None`` and
     no tokens asks the text-only baseline: the same prompts, no picture. Greedy unless sampling
     options (do_sample, temperature, top_k, top_p, repetition_penalty) are given.
@@ -155,7 +158,7 @@ def answer(
     for i, question in enumerate(questions):
         if not isinstance(question, str):
             raise ValueError(f"question {i} is a {type(question).__name__}, not a string")
-        text = with_image_tags(question, None if groups is None else len(groups[i]))
+        text = with_image_tags(question, None if groups is None else len(groups[i]), picture_first)
         if groups is not None and text.count(IMAGE_TAG) != len(groups[i]):
             raise ValueError(f"question {i} ({question[:60]!r}) has {text.count(IMAGE_TAG)} {IMAGE_TAG!r} tag(s) "
                              f"but {len(groups[i])} picture(s): give one picture per tag, or no tag (then one "

@@ -10,11 +10,11 @@ record's first turn holds the picture, so later turns always come after it. This
 run (``--run``), links its world, tiny CLIP, text LM and pretraining into ``--out``, rewrites the
 first turn of every SFT record into one layout, trains SFT again with the run's own recipe command
 and evaluates it on the run's held-out questions, which keep both layouts. The table gives
-accuracy per answer type and layout, beside the run's own model (SFT on both layouts).
+accuracy per answer type and layout, beside the run's own model (SFT on both layouts). Here every
+question is asked as written (``picture_first=False``), since the layout is what is measured.
 
-``--ask-only`` trains nothing: the run's own model is asked every held-out question in the layout
-(what a pipeline that moves each picture in front of its question, as LLaVA's preprocessing does,
-would give this model).
+``--ask-only`` trains nothing: the run's own model is asked every held-out question in the layout.
+Asked picture first, this is what the evaluation now does by default (``chat_inputs.picture_in_front``).
 """
 
 from __future__ import annotations
@@ -69,11 +69,33 @@ def link_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target, copy_function=os.link)
 
 
-def run_layout(run: Path, layout: str, out: Path, sft_steps: int | None = None) -> dict:
+def _check(layout: str, out: Path) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if out.exists():
         raise FileExistsError(f"{out} exists: give a new folder")
+
+
+def _asked_as_written(run: Path, held_out: list[dict]) -> dict:
+    """The run's own model on its held-out questions, each asked with the picture where it is
+    written: ``evaluate_run``'s "as_written" split, or, from an evaluation made before questions were
+    asked picture first, its answers."""
+    results = json.loads((stage_dir(run, "eval") / "results.json").read_text(encoding="utf-8"))
+    if "as_written" in results:
+        return results["as_written"]["by_layout"]
+    return accuracy_by_layout(json.loads((stage_dir(run, "eval") / "answers.json").read_text(encoding="utf-8")), held_out)
+
+
+def _figures(label: str, layout: str, run: Path, result: dict, held_out: list[dict], out: Path) -> dict:
+    figures = {"label": label, "layout": layout, "run": str(run), "overall": result["overall"],
+               "per_type": result["per_type"], "by_layout": accuracy_by_layout(result["rows"], held_out),
+               "run_by_layout": _asked_as_written(run, held_out)}
+    atomic_write_json(out / "picture_layout.json", figures)
+    return figures
+
+
+def run_layout(run: Path, layout: str, out: Path, sft_steps: int | None = None) -> dict:
+    _check(layout, out)
     recipe = recorded_recipe(run)
     for stage in LINKED:
         link_tree(stage_dir(run, stage), stage_dir(out, stage))
@@ -85,34 +107,21 @@ def run_layout(run: Path, layout: str, out: Path, sft_steps: int | None = None) 
     argv = argv + recipe.extra.get("sft", []) + (["--steps", str(sft_steps)] if sft_steps else [])
     subprocess.run([sys.executable, "-m", module, *argv], check=True)
     held_out = read_records(world / EVAL_JSON)
-    result = evaluate_vqa(load_vlm(stage_dir(out, "sft")), world)
-    own = json.loads((stage_dir(run, "eval") / "answers.json").read_text(encoding="utf-8"))
-    figures = {"label": f"SFT {layout}", "layout": layout, "run": str(run), "overall": result["overall"],
-               "by_layout": accuracy_by_layout(result["rows"], held_out),
-               "run_by_layout": accuracy_by_layout(own, held_out)}
-    atomic_write_json(out / "picture_layout.json", figures)
-    return figures
+    result = evaluate_vqa(load_vlm(stage_dir(out, "sft")), world, picture_first=False)
+    return _figures(f"SFT {layout}", layout, run, result, held_out, out)
 
 
 def ask_in_layout(run: Path, layout: str, out: Path) -> dict:
     """No training: the run's own model asked every held-out question in ``layout`` (``out`` gets
     the relaid questions and links to their pictures). Accuracy is split by each question's layout
     as the held-out set asks it."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if out.exists():
-        raise FileExistsError(f"{out} exists: give a new folder")
+    _check(layout, out)
     world = stage_dir(run, "world")
     held_out = read_records(world / EVAL_JSON)
     link_tree(world / EVAL_IMAGES, out / EVAL_IMAGES)
     atomic_write_json(out / EVAL_JSON, relaid_records(held_out, layout))
-    result = evaluate_vqa(load_vlm(stage_dir(run, "sft")), out)
-    own = json.loads((stage_dir(run, "eval") / "answers.json").read_text(encoding="utf-8"))
-    figures = {"label": f"asked {layout}", "layout": layout, "run": str(run), "overall": result["overall"],
-               "per_type": result["per_type"], "by_layout": accuracy_by_layout(result["rows"], held_out),
-               "run_by_layout": accuracy_by_layout(own, held_out)}
-    atomic_write_json(out / "picture_layout.json", figures)
-    return figures
+    result = evaluate_vqa(load_vlm(stage_dir(run, "sft")), out, picture_first=False)
+    return _figures(f"asked {layout}", layout, run, result, held_out, out)
 
 
 def table_markdown(figures: dict) -> str:

@@ -249,8 +249,8 @@ def stage_settings(r: Recipe, stage: str, nproc: int = 1) -> dict:
         return {"config": config}
     if stage == "tokenizer":
         return {"vocab_size": r.vocab_size}
-    if stage == "eval":
-        return {"eval_limit": r.eval_limit}
+    if stage == "eval":  # questions written before their picture are asked with it moved in front
+        return {"eval_limit": r.eval_limit, "asked": "picture first"}
     module, argv = stage_commands(Path("<run>"), r)[stage]
     flags = _flags_dict(argv + r.extra.get(stage, []))
     # Processes split the global batch: 2 processes of batch B learn like one of batch 2B.

@@ -103,19 +103,30 @@ answers = json.loads((EVAL_DIR / "answers.json").read_text(encoding="utf-8"))
 display(Markdown(format_objects_table(accuracy_by_objects(answers, read_records(WORLD / "eval_data.json")))))
 
 # %% [markdown]
-# And split by where the picture sits. Half of the held-out questions put it before the question
-# (`<image>\nWhat colour is the circle?`, as the chat and the panel below do), half after
-# (`What colour is the circle?\n<image>`). Under the causal mask these are different inputs: with
-# the picture first no patch sees the question, and the question's positions look the object up;
-# with the question first every patch sees it, and the answer must reach back past 50 patches for
-# what was asked. SFT trains the second far less than the first: only a record's first turn holds
-# the picture, so of its 6 to 8 questions at most one, in half of the records, comes before it.
+# And split by where the picture sits. Half of the held-out questions are written with the picture
+# before the question (`<image>\nWhat colour is the circle?`, as the chat and the panel below ask),
+# half after it (`What colour is the circle?\n<image>`). Under the causal mask these are different
+# inputs: with the picture first no patch sees the question, and the question's positions look the
+# object up; with the question first every patch sees it, and the answer must reach back past 50
+# patches for what was asked. SFT trains the second far less than the first: only a record's first
+# turn holds the picture, so of its 6 to 8 questions at most one, in half of the records, comes
+# before it.
+#
+# So the processor asks every one-picture question the way SFT mostly showed it: a lone `<image>`
+# tag after the words is moved in front (`chat_inputs.picture_in_front`; LLaVA's preprocessing
+# moves it the same way). The accuracy above was measured so. The evaluation also asked every
+# question as written once more, and the table gives the question-first half both ways: what the
+# other order costs this model, and what one line of preprocessing takes back.
 
 # %%
-from minimind_v.evaluate import accuracy_by_layout
+from minimind_v.model.chat_inputs import picture_in_front
+from minimind_v.evaluate import layout_split
 
-by_layout = accuracy_by_layout(answers, read_records(WORLD / "eval_data.json"))
-display(Markdown(format_objects_table(by_layout, label=lambda layout: layout)))
+print(repr(picture_in_front("What colour is the circle?\n<image>")))
+if "as_written" in results:
+    display(Markdown(format_objects_table(layout_split(results), label=lambda column: column)))
+    print(f"overall: {results['as_written']['overall']:.1%} asked as written, {results['overall']:.1%} with the "
+          "picture moved in front")
 
 # %% [markdown]
 # ## The demo table
@@ -325,14 +336,15 @@ print(f"this run: {sum(map(right, this_model, [q['truth'] for q in asked]))} of 
 # object happens to be missing. What the model scores above that comes from looking.
 #
 # The table gives the world-2 recipe on its three seeds (mean, and the worst and best seed), then
-# the same answers on pictures with and without a held-out colour-shape pair, with the picture
-# before and after the question, and by number of objects, then the goals the recipe is measured
-# against, judged on the worst seed. The split by layout says the most: asked with the picture
-# first, as the chat asks, the world-2 models say "none" about as well as they answer anything;
-# most of the absent-object errors are questions asked before their picture. The split by number
-# of objects says where world 2 is weak besides: pictures with two or three objects, where a
-# question has to find its object first (compare the same split of this run at the top of the
-# chapter). The last table asks whether that weakness is in the eyes or in the decoder.
+# the same answers on pictures with and without a held-out colour-shape pair, by layout (the
+# question-first half asked as written and with the picture moved in front, as the accuracy is
+# measured), and by number of objects, then the goals the recipe is measured against, judged on
+# the worst seed. The split by layout says the most: asked as written, the questions that come
+# before their picture lose nearly a fifth of their answers and half of the "none"s; moved, they
+# are answered as well as the others. What stays weak is relations (below their majority answer:
+# "nothing" is the commonest) and pictures with two or three objects, where a question has to find
+# its object first (compare the same split of this run at the top of the chapter). The last table
+# asks whether that weakness is in the eyes or in the decoder.
 
 # %%
 display(Markdown(table_markdown(WORLD2_RECORD)))
@@ -430,7 +442,7 @@ for step, top in enumerate(panel.last_top_tokens, 1):
 #   question: the picture is read the same way whatever is asked, and what to look for is decided
 #   only in the question's and the answer's positions (the attention maps above). The split by
 #   layout near the top of the chapter shows what the other order costs a model that SFT rarely
-#   showed it; on world 2 it is most of the gap to the goals (README, Results).
+#   showed it, and why the processor moves a lone picture in front of its question before asking.
 # * **Several questions per SFT record.** The original asks one question per picture; the book asks
 #   6 to 8 (chapter 6 shows the share of loss tokens grow fivefold). The picture's 50 tokens are
 #   paid once for many answers.

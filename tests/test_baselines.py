@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from minimind_v import baselines
-from minimind_v.evaluate import (_swap_pictures, accuracy_by_combination, accuracy_by_layout, format_baselines_table,
-                                 picture_layout)
+from minimind_v.evaluate import (LAYOUT_COLUMNS, _swap_pictures, accuracy_by_combination, accuracy_by_layout,
+                                 format_baselines_table, layout_split, picture_layout)
 
 
 def qa(rid, question, reply, kind, **extra):
@@ -100,6 +100,13 @@ def test_accuracy_with_the_picture_before_and_after_the_question():
         "overall": {"picture first": 1.0, "question first": 0.5}}
     with pytest.raises(ValueError, match="a picture in its first turn"):
         accuracy_by_layout(rows, [{"id": "a", **turn("no picture here")}])
+    # Asked again with the picture moved in front of b's and c's questions, b is now right.
+    moved = [rows[0], {**rows[1], "correct": True}, rows[2]]
+    figures = {"by_layout": accuracy_by_layout(moved, records),
+               "as_written": {"by_layout": accuracy_by_layout(rows, records)}}
+    first, written, now = LAYOUT_COLUMNS
+    assert layout_split(figures) == {"colour": {first: 1.0, written: 0.0, now: 1.0}, "count": {written: 1.0, now: 1.0},
+                                     "overall": {first: 1.0, written: 0.5, now: 1.0}}
 
 
 def test_baselines_table_has_a_column_per_baseline():

@@ -83,7 +83,10 @@ def test_the_processor_gives_the_ids_and_pixels_of_the_hand_built_path(vlm, worl
     assert torch.equal(batch["input_ids"], ids) and torch.equal(batch["attention_mask"], mask)
     rgb = [p.convert("RGB") if isinstance(p, Image.Image) else load_image(p) for p in pictures]
     assert torch.equal(batch["pixel_values"], tiny_encoder.preprocess(rgb))
-    assert [processor.question_ids(q) for q in QUESTIONS] == rows
+    # question_ids asks the last question with its picture moved in front, as answer() does.
+    asked = [*QUESTIONS[:3], "<image>\nWhat shape is in the center?"]
+    assert [processor.question_ids(q) for q in QUESTIONS] == [chat_ids(world_tokenizer, q, tiny_encoder.num_tokens)
+                                                             for q in asked]
 
 
 def test_load_vlm_is_the_model_with_its_encoder_and_its_processor(folder, vlm, tiny_encoder, world_tokenizer):

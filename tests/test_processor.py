@@ -23,6 +23,7 @@ from minimind_v.config import IGNORE_INDEX, MiniMindConfig
 from minimind_v.data.images import load_image, to_rgb
 from minimind_v.inference import LoadedVLM, answer, load_vlm, suppressed_ids
 from minimind_v.model import llm as llm_module
+from minimind_v.model.chat_inputs import picture_in_front, with_image_tags
 from minimind_v.model.processing import PROCESSOR_CONFIG, MiniMindVProcessor, save_processor
 from minimind_v.model.vlm import MiniMindVLM, VLMConfig
 from minimind_v.tokenizer import (CHAT_TEMPLATE, IMAGE_TOKEN, encode_chat, image_placeholder, load_tokenizer,
@@ -36,6 +37,8 @@ QUESTIONS = [
     "What shape is in the center?<image>",
     "颜色呢？ 😀",
 ]
+# The same questions as answer() and question_ids() ask them: a lone tag after the words is moved in front.
+ASKED = [*QUESTIONS[:3], "<image>\nWhat shape is in the center?", QUESTIONS[4]]
 # The v1 MiniMind chat template (kept by a folder that declares it).
 V1_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}{% endif %}"
@@ -142,7 +145,7 @@ def test_processor_gives_the_old_ids_and_pixels(bundle, world_tokenizer, tiny_en
     assert torch.equal(batch["pixel_values"], tiny_encoder.preprocess(as_images(pictures)))
     # Unpadded: exactly each prompt's ids; paths read as the old path read them.
     assert proc(text=prompts)["input_ids"] == rows == [old_prompt(world_tokenizer, q, N) for q in QUESTIONS]
-    assert [proc.question_ids(q) for q in QUESTIONS] == rows
+    assert [proc.question_ids(q) for q in QUESTIONS] == [old_prompt(world_tokenizer, q, N) for q in ASKED]
     assert proc.question_ids("Same?", 2) == old_prompt(world_tokenizer, "Same?", N, 2)
     with pytest.raises(ValueError, match="special token"):
         proc.question_ids("a <s> b")
@@ -207,11 +210,25 @@ def test_the_encoders_preprocessing_mode_is_followed_and_saved(tiny_clip_dir, wo
 
 def test_answer_equals_the_old_path(bundle):
     pictures = [picture(i) for i in range(len(QUESTIONS))]
-    assert answer(bundle, pictures, QUESTIONS, max_new_tokens=10) == old_answers(bundle, pictures, QUESTIONS)
-    assert answer(bundle, None, QUESTIONS, max_new_tokens=10) == old_answers(bundle, None, QUESTIONS)
+    assert answer(bundle, pictures, QUESTIONS, max_new_tokens=10) == old_answers(bundle, pictures, ASKED)
+    assert answer(bundle, None, QUESTIONS, max_new_tokens=10) == old_answers(bundle, None, ASKED)
     tokens = bundle.encoder(bundle.encoder.preprocess(pictures))
     assert answer(bundle, None, QUESTIONS, image_tokens=tokens, max_new_tokens=10) == \
+        old_answers(bundle, pictures, ASKED)
+    # As written, the tag stays after the words, as the old path left it.
+    assert answer(bundle, pictures, QUESTIONS, max_new_tokens=10, picture_first=False) == \
         old_answers(bundle, pictures, QUESTIONS)
+
+
+def test_a_lone_picture_is_moved_in_front_of_its_question():
+    assert picture_in_front("What colour is the circle?\n<image>") == "<image>\nWhat colour is the circle?"
+    assert picture_in_front("What is <image> here?") == "<image>\nWhat is here?"
+    assert picture_in_front("Line one\nline two\n<image>") == "<image>\nLine one\nline two"
+    for unchanged in ("<image>\nWhat colour?", "No picture here", "Is <image> like <image>?"):
+        assert picture_in_front(unchanged) == unchanged
+    assert with_image_tags("Where?\n<image>") == "<image>\nWhere?"
+    assert with_image_tags("Where?\n<image>", picture_first=False) == "Where?\n<image>"
+    assert with_image_tags("Where?", 2) == "<image>\n<image>\nWhere?"
 
 
 def test_several_pictures_per_question(bundle):

@@ -4,6 +4,7 @@ goals, and one quick run through the whole command."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -83,12 +84,15 @@ def test_the_table_shows_what_a_probe_reads_from_the_tokens_when_every_seed_has_
     table = seeds.table_markdown(probed)
     assert "| whole pictures (all nine cells) | 96.0 (95.0 – 97.0) |" in table
     assert "question before the picture" not in table  # no seed has the split by layout
-    laid = {"world": 2, "seeds": {s: {**f, "by_layout": {"colour": {"picture first": a, "question first": b},
-                                                         "overall": {"picture first": a, "question first": b}}}
-                                  for (s, f), (a, b) in zip(RECORD["seeds"].items(), [(0.9, 0.7), (1.0, 0.8)])}}
+    split = lambda a, b: {"colour": {"picture first": a, "question first": b},  # noqa: E731
+                          "overall": {"picture first": a, "question first": b}}
+    laid = {"world": 2, "seeds": {s: {**f, "by_layout": split(a, c), "as_written": {"by_layout": split(a, b)}}
+                                  for (s, f), (a, b, c) in zip(RECORD["seeds"].items(), [(0.9, 0.7, 0.85), (1.0, 0.8, 0.95)])}}
     by_layout = seeds.table_markdown(laid)
-    assert "| colour | 95.0 (90.0 – 100.0) | 75.0 (70.0 – 80.0) |" in by_layout
-    assert "| count | – | – |" in by_layout  # a type the split does not hold
+    assert ("| answer type | picture before the question | question before the picture, as written | "
+            "the same, picture moved in front |") in by_layout
+    assert "| colour | 95.0 (90.0 – 100.0) | 75.0 (70.0 – 80.0) | 90.0 (85.0 – 95.0) |" in by_layout
+    assert "| count | – | – | – |" in by_layout  # a type the split does not hold
     assert "| objects | 98.0 (97.0 – 99.0) |" in table
     assert "no training picture showed" not in table  # no seed has the pair probe
     paired = {"world": 2, "seeds": {s: {**f, "pair_probe": {"seen": a, "unseen": b, "n_seen": 10, "n_unseen": 5}}
@@ -116,9 +120,28 @@ def test_a_quick_run_records_each_seed_and_keeps_its_minutes_when_reused(tmp_pat
     pairs = entry["pair_probe"]  # world 2 holds two pairs out: half the held-out pictures show one
     assert pairs["n_unseen"] > 0 and pairs["n_seen"] > 0 and 0 <= pairs["unseen"] <= 1
     assert json.loads(record.read_text()) == json.loads((tmp_path / "world2_seeds.json").read_text())
+    asked = entry["as_written"]  # the same questions asked with the picture where each is written
+    assert set(asked["by_layout"]["overall"]) == {"picture first", "question first"}
+    # Questions written picture first are the same input either way.
+    assert asked["by_layout"]["overall"]["picture first"] == entry["by_layout"]["overall"]["picture first"]
     again = seeds.run_seeds(2, [4], folder=tmp_path)  # every stage reused: the minutes stay those measured
     assert again["seeds"]["4"]["minutes"] == entry["minutes"]
     assert again["seeds"]["4"]["total_minutes"] == entry["total_minutes"]
+    shutil.rmtree(stage_dir(run, "eval"))  # the evaluation alone again: the training minutes stay
+    third = seeds.run_seeds(2, [4], folder=tmp_path)["seeds"]["4"]
+    assert third["rerun"]["stages"] == ["eval"]
+    assert {s: m for s, m in third["minutes"].items() if s != "eval"} == \
+        {s: m for s, m in entry["minutes"].items() if s != "eval"}
+    assert third["overall"] == entry["overall"]
+
+
+def test_a_stage_run_again_keeps_the_minutes_of_the_others():
+    earlier = {"machine": "old", "minutes": {"world": 1.0, "sft": 5.0, "eval": 0.2}, "total_minutes": 6.5,
+               "stages_trained": ["eval", "sft", "world"]}
+    entry = seeds.again_in_part(earlier, {"eval": 0.3}, "new")
+    assert entry == {"machine": "old", "minutes": {"world": 1.0, "sft": 5.0, "eval": 0.3}, "total_minutes": 6.6,
+                     "stages_trained": ["eval", "sft", "world"], "rerun": {"stages": ["eval"], "machine": "new"}}
+    assert seeds.again_in_part(entry, {}, "newer") == entry  # nothing ran: as it was, rerun kept
 
 
 def test_a_damaged_record_is_named_not_overwritten(tmp_path):

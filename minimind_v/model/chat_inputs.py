@@ -38,13 +38,26 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "left") -> 
     return ids, mask
 
 
-def with_image_tags(question: str, n_pictures: int | None = None) -> str:
+def with_image_tags(question: str, n_pictures: int | None = None, picture_first: bool = True) -> str:
     """``question`` ready for a chat turn: without an ``<image>`` tag it gets one per picture in
-    front ("<image>\\n" each; one when ``n_pictures`` is None, as in the training data); with
-    tags it is returned as it is."""
+    front ("<image>\\n" each; one when ``n_pictures`` is None, as in the training data). With
+    ``picture_first``, a question holding one tag elsewhere ("What colour is it?\\n<image>") gets it
+    moved in front (``picture_in_front``); other tagged questions are returned as they are."""
     if IMAGE_TAG in question:
-        return question
+        return picture_in_front(question) if picture_first else question
     return (IMAGE_TAG + "\n") * (1 if n_pictures is None else n_pictures) + question
+
+
+def picture_in_front(question: str) -> str:
+    """A one-picture question in the layout most SFT questions have: "<image>\\n" and then the
+    question's words. LLaVA's preprocessing moves the tag the same way. Under the causal mask the
+    two layouts are different inputs, and a model meets a question after its picture in nearly
+    every SFT turn (only a record's first turn holds the picture). Questions with several tags
+    keep their order: there the words between pictures say which is which."""
+    if question.count(IMAGE_TAG) != 1 or question.startswith(IMAGE_TAG + "\n"):
+        return question
+    words = " ".join(part.strip() for part in question.split(IMAGE_TAG) if part.strip())
+    return f"{IMAGE_TAG}\n{words}"
 
 
 def blocks_to_text(blocks: Sequence, pictures: list, turn: int) -> str:
