@@ -80,10 +80,11 @@ def _asked_as_written(run: Path, held_out: list[dict]) -> dict:
     """The run's own model on its held-out questions, each asked with the picture where it is
     written: ``evaluate_run``'s "as_written" split, or, from an evaluation made before questions were
     asked picture first, its answers."""
-    results = json.loads((stage_dir(run, "eval") / "results.json").read_text(encoding="utf-8"))
+    evaluation = stage_dir(run, "eval")
+    results = json.loads((evaluation / "results.json").read_text(encoding="utf-8"))
     if "as_written" in results:
         return results["as_written"]["by_layout"]
-    return accuracy_by_layout(json.loads((stage_dir(run, "eval") / "answers.json").read_text(encoding="utf-8")), held_out)
+    return accuracy_by_layout(json.loads((evaluation / "answers.json").read_text(encoding="utf-8")), held_out)
 
 
 def _figures(label: str, layout: str, run: Path, result: dict, held_out: list[dict], out: Path) -> dict:

@@ -244,6 +244,10 @@ def table_markdown(results: dict, against: dict | None = None) -> str:
                  for f in columns.values()]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines += ["", "Machine: " + "; ".join(sorted({f["machine"] for f in columns.values()}))]
+    again = sorted({f"{', '.join(f['rerun']['stages'])} on {f['rerun']['machine']}"
+                    for f in columns.values() if "rerun" in f})
+    if again:
+        lines[-1] += "; run again later (those minutes): " + "; ".join(again)
     return "\n".join(lines)
 
 

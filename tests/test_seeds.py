@@ -142,6 +142,8 @@ def test_a_stage_run_again_keeps_the_minutes_of_the_others():
     assert entry == {"machine": "old", "minutes": {"world": 1.0, "sft": 5.0, "eval": 0.3}, "total_minutes": 6.6,
                      "stages_trained": ["eval", "sft", "world"], "rerun": {"stages": ["eval"], "machine": "new"}}
     assert seeds.again_in_part(entry, {}, "newer") == entry  # nothing ran: as it was, rerun kept
+    record = {"world": 2, "seeds": {"2": {**figures(0.9, 0.9, 0.9, 0.8, 0.8, 0.2), **entry}}}
+    assert seeds.table_markdown(record).endswith("Machine: old; run again later (those minutes): eval on new")
 
 
 def test_a_damaged_record_is_named_not_overwritten(tmp_path):
