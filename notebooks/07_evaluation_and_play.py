@@ -508,6 +508,12 @@ print("picture 1 and picture 2 each fill their own 50 positions, in order")
 #    every such answer is spelled out by its own question (`shapes.parse_question`,
 #    `shapes.absent_answer`). What, then, must the picture tell the model, and what does that say
 #    about chance as a yardstick for this type?
+# 4. **Predict, then run.** What does `picture_in_front` make of "What colour is the circle?\n<image>",
+#    "<image>\nWhat colour is the circle?", "Is <image> bigger than <image>?" and "What is <image>
+#    here?"? Then, with a tiny random `MiniMindForCausalLM` and a few ids standing in for the
+#    picture, show that the picture's last hidden states are the same for two different questions
+#    asked after it, and differ when the question comes first. What does that say about when a
+#    model can read the picture "for" the question?
 
 
 # %%

@@ -11,11 +11,16 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import torch
+
 from minimind_v.baselines import chance
+from minimind_v.config import MiniMindConfig
 from minimind_v.data import shapes
 from minimind_v.data.datasets import read_records
 from minimind_v.data.shapes import ShapesWorldConfig, generate_world
 from minimind_v.evaluate import accuracy_by_objects, normalise
+from minimind_v.model.chat_inputs import picture_in_front
+from minimind_v.model.llm import MiniMindForCausalLM
 
 
 def exercise_1():
@@ -65,6 +70,39 @@ def exercise_3():
     return by_chance
 
 
+def exercise_4():
+    """Only a lone tag that is not already in front moves; a question with two pictures keeps its
+    order (its words say which picture is which). Under the causal mask a position sees only what
+    comes before it: with the picture first, the picture's hidden states are the same whatever is
+    asked after it (every layer's); with the question first, they depend on the question. A tiny
+    random decoder shows it, with ids standing in for the 50 picture tokens."""
+    moved = {q: picture_in_front(q) for q in ("What colour is the circle?\n<image>",
+                                              "<image>\nWhat colour is the circle?",
+                                              "Is <image> bigger than <image>?", "What is <image> here?")}
+    assert moved == {"What colour is the circle?\n<image>": "<image>\nWhat colour is the circle?",
+                     "<image>\nWhat colour is the circle?": "<image>\nWhat colour is the circle?",
+                     "Is <image> bigger than <image>?": "Is <image> bigger than <image>?",
+                     "What is <image> here?": "<image>\nWhat is here?"}
+    with torch.random.fork_rng():  # a seeded random model, the global generator left as it was
+        torch.manual_seed(0)
+        model = MiniMindForCausalLM(MiniMindConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, n_kv_heads=2)).eval()
+    picture = torch.arange(10, 18)
+    questions = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+
+    def picture_states(question, picture_first):
+        ids = torch.cat([picture, question] if picture_first else [question, picture])[None]
+        with torch.no_grad():
+            states = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+        return states[:len(picture)] if picture_first else states[len(question):]
+
+    same = torch.equal(*(picture_states(q, True) for q in questions))
+    differ = not torch.allclose(*(picture_states(q, False) for q in questions))
+    assert same and differ
+    print(moved, f"\npicture first: picture states equal for two questions: {same}; "
+          f"question first: they differ: {differ}")
+    return moved, same, differ
+
+
 if __name__ == "__main__":
-    for exercise in (exercise_1, exercise_2, exercise_3):
+    for exercise in (exercise_1, exercise_2, exercise_3, exercise_4):
         exercise()
