@@ -113,14 +113,14 @@ display(Markdown(format_objects_table(accuracy_by_objects(answers, read_records(
 # before it.
 #
 # So the processor asks every one-picture question the way SFT mostly showed it: a lone `<image>`
-# tag after the words is moved in front (`chat_inputs.picture_in_front`; LLaVA's preprocessing
-# moves it the same way). The accuracy above was measured so. The evaluation also asked every
-# question as written once more, and the table gives the question-first half both ways: what the
-# other order costs this model, and what one line of preprocessing takes back.
+# tag after the words is moved in front (`model.chat_inputs.picture_in_front`; LLaVA's
+# preprocessing moves it the same way). The accuracy above was measured so. The evaluation also
+# asked every question as written once more, and the table gives the question-first half both
+# ways: what the other order costs this model, and what one line of preprocessing takes back.
 
 # %%
-from minimind_v.model.chat_inputs import picture_in_front
 from minimind_v.evaluate import layout_split
+from minimind_v.model.chat_inputs import picture_in_front
 
 print(repr(picture_in_front("What colour is the circle?\n<image>")))
 if "as_written" in results:
