@@ -30,6 +30,7 @@ from pathlib import Path
 from .data.records import read_records
 from .evaluate import EVAL_IMAGES, EVAL_JSON, accuracy_by_layout, evaluate_vqa
 from .inference import load_vlm
+from .model.chat_inputs import picture_in_front
 from .recipe import Recipe, stage_commands, stage_dir
 from .runfiles import atomic_write_json
 from .tokenizer import IMAGE_TAG
@@ -42,8 +43,10 @@ def in_layout(text: str, layout: str) -> str:
     """A one-picture question turn with its picture moved before ("picture-first") or after the question."""
     if text.count(IMAGE_TAG) != 1:
         raise ValueError(f"a turn with one {IMAGE_TAG!r} tag is needed, got {text!r}")
-    question = text.replace(IMAGE_TAG, "").strip()
-    return f"{IMAGE_TAG}\n{question}" if layout == "picture-first" else f"{question}\n{IMAGE_TAG}"
+    in_front = picture_in_front(text)  # "<image>\n" and the question's words: the processor's own move
+    if layout == "picture-first":
+        return in_front
+    return in_front.removeprefix(IMAGE_TAG + "\n") + "\n" + IMAGE_TAG
 
 
 def relaid_records(records: list[dict], layout: str) -> list[dict]:
