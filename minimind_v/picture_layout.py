@@ -14,7 +14,8 @@ accuracy per answer type and layout, beside the run's own model (SFT on both lay
 question is asked as written (``picture_first=False``), since the layout is what is measured.
 
 ``--ask-only`` trains nothing: the run's own model is asked every held-out question in the layout.
-Asked picture first, this is what the evaluation now does by default (``chat_inputs.picture_in_front``).
+Asked picture first, this is what the evaluation now does by default
+(``model.chat_inputs.picture_in_front``).
 """
 
 from __future__ import annotations
