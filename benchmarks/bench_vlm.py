@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import statistics
@@ -51,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_vision.py sits
 from bench_vision import make_images, matmul_flops_per_second, synchronize  # noqa: E402
 
 from minimind_v.config import IGNORE_INDEX, PRESETS as LM_PRESETS  # noqa: E402
+from minimind_v.convert import model_to_v1  # noqa: E402
 from minimind_v.data.datasets import Batch, Sample, collate  # noqa: E402
 from minimind_v.data.features import FeatureCache  # noqa: E402
 from minimind_v.data.images import load_image  # noqa: E402
@@ -230,6 +232,90 @@ class TrainRow:
         self.flops = counter.get_total_flops()
         counts = counter.get_flop_counts()["Global"]
         self.matmul_flops = sum(n for op, n in counts.items() if str(op).replace(".", "::") in MATMUL_OPS)
+
+
+# ----------------------------------------------------------------------------- the original v1 code
+
+V1_IMAGE_IDS = [30] * 25 + [32] * 25  # v1's placeholder ids: '<' * 25 + '>' * 25
+V1_MAX_SEQ_LEN = 200  # v1's LMConfig.max_seq_len: its datasets pad every sample to it
+
+
+class OriginalRow:
+    """The original v1 training step as its 2-sft_vlm.py takes it on a CPU (float32: v1 autocasts
+    on CUDA only): v1's ``get_img_embedding`` (one CLIP call per picture, through a forward hook)
+    on a CLIPModel holding the row's random vision weights, v1's ``Transformer`` starting from the
+    same weights as the other rows (``convert.model_to_v1``), the same chats padded as v1's
+    SFTDataset pads them (to 200 tokens, then shifted by one), the loss on answer tokens, backward,
+    gradient clipping at 1.0 and v1's optimizer, Adam. The code is imported from a v1 checkout."""
+
+    spec = RowSpec("original-v1", "original v1 code: encode every step, LM trained, fp32", "encode", "all")
+
+    def __init__(self, world: "World", folder: Path):
+        if not (folder / "model" / "model.py").is_file():
+            raise SystemExit(f"--original {folder}: no model/model.py there (a checkout of jingyaogong/minimind-v at v1)")
+        from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
+
+        sys.path.insert(0, str(folder))
+        v1 = importlib.import_module("model.model")
+        self.embed = importlib.import_module("model.vision_utils").get_img_embedding
+        ours = world.new_model()
+        config = importlib.import_module("model.LMConfig").LMConfig(
+            dim=ours.config.dim, n_layers=ours.config.n_layers, n_heads=ours.config.n_heads,
+            n_kv_heads=ours.config.n_kv_heads, vocab_size=ours.config.vocab_size, max_seq_len=V1_MAX_SEQ_LEN,
+            image_ids=V1_IMAGE_IDS)
+        self.model = v1.Transformer(config).to(world.device)
+        self.model.load_state_dict(model_to_v1(ours), strict=True)
+        self.model.train()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        vision = CLIPVisionModel.from_pretrained(world.clip_dir)
+        # v1 calls CLIPModel.get_image_features: a whole CLIPModel, its text tower as small as it goes
+        text = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                    bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        self.clip = CLIPModel(CLIPConfig(vision_config=vision.config.to_dict(), text_config=text)).eval()
+        self.clip.vision_model.load_state_dict(vision.state_dict())
+        self.clip.to(world.device)
+        self.world = world
+        self.X, self.Y, self.loss_mask = self._padded(world)
+        self.timed: list[tuple[float, int]] = []
+        self.flops = self.matmul_flops = 0
+
+    @staticmethod
+    def _padded(world: "World") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every chat as v1's SFTDataset returns it: our ids with v1's placeholder ids in place of
+        ours, cut or padded with 0 to 200, X = ids[:-1], Y = ids[1:], the loss mask over Y's answer tokens."""
+        ours = image_placeholder(world.tokenizer, NUM_IMAGE_TOKENS)[1]
+        X, Y, masks = [], [], []
+        for chat in world.chats:
+            start = next(i for i in range(len(chat.ids)) if chat.ids[i:i + len(ours)] == ours)
+            ids = chat.ids[:start] + V1_IMAGE_IDS + chat.ids[start + len(ours):]
+            answer = [int(label != IGNORE_INDEX) for label in chat.labels]
+            pad = V1_MAX_SEQ_LEN - len(ids)
+            ids, answer = (ids + [0] * pad)[:V1_MAX_SEQ_LEN], (answer + [0] * pad)[:V1_MAX_SEQ_LEN]
+            X.append(ids[:-1])
+            Y.append(ids[1:])
+            masks.append(answer[1:])
+        return torch.tensor(X), torch.tensor(Y), torch.tensor(masks, dtype=torch.float32)
+
+    def loss(self, step: int) -> torch.Tensor:
+        """v1's loss on the batch of ``step``, as its train_epoch computes it."""
+        w = self.world
+        index = w.batch_indices(step)
+        X, Y, loss_mask = (t[index].to(w.device) for t in (self.X, self.Y, self.loss_mask))
+        # v1's DataLoader stacks one (1, 3, S, S) picture per sample: (B, 1, 3, S, S).
+        image_encoders = self.embed({"pixel_values": w.pixels[index][:, None].to(w.device)}, self.clip)
+        logits = self.model(X, Y, image_encoders=image_encoders).logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), Y.view(-1), ignore_index=0, reduction="none")
+        loss_mask = loss_mask.view(-1)
+        return torch.sum(loss * loss_mask) / loss_mask.sum()
+
+    def step(self, step: int) -> None:
+        self.loss(step).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        synchronize(self.world.device)
+
+    timed_step, median_step, count_flops = TrainRow.timed_step, TrainRow.median_step, TrainRow.count_flops
 
 
 # ----------------------------------------------------------------------------- shared setup
@@ -421,6 +507,9 @@ def parse_args(argv=None):
     p.add_argument("--answer-max", type=int, default=40)
     p.add_argument("--skip-memory", action="store_true", help="no per-row memory processes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--original", type=Path, default=None,
+                   help="a checkout of jingyaogong/minimind-v at v1 (commit 6982ced): time its own training "
+                        "step beside the rows")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="as training runs (default: MINIMIND_V_PRECISION, else auto: bf16 where native)")
     # Internal: a memory child process runs one row.
@@ -484,6 +573,13 @@ def main(argv=None) -> None:
 
         # ---- 1. training rows, round-robin
         rows = [TrainRow(spec, world) for spec in ROWS]
+        same_loss = ""
+        if args.original is not None:
+            original = OriginalRow(world, args.original.expanduser().resolve())
+            rows.append(original)
+            with torch.no_grad():  # both start from the same weights: the same loss on the first batch, in fp32
+                ours = float(lm_step_loss(rows[0].model, rows[0].batch(0).to(device))[0])
+                same_loss = f"; first batch's loss in fp32: the original's {float(original.loss(0)):.6f}, ours {ours:.6f}"
         print(f"\n[{time.perf_counter() - started:.0f} s] timing {len(rows)} rows x ({args.warmup} warm-up + "
               f"{args.steps} timed) steps, round-robin ...", flush=True)
         peaks = []  # the matmul peak, measured once per round, under the same load as the rows
@@ -571,7 +667,7 @@ def main(argv=None) -> None:
             loss_full = float(full_logits_step_loss(trained, batch)[0])
         print(f"checks: frozen LM -> weight gradients on {weight_grads} decoder tensors (expect 0); "
               f"loss with logits only at answers {loss_answer:.6f} = at every position {loss_full:.6f}; "
-              f"without the padding mask {loss_nomask:.6f}")
+              f"without the padding mask {loss_nomask:.6f}{same_loss}")
 
     seconds = time.perf_counter() - started
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -581,6 +677,11 @@ def main(argv=None) -> None:
           f"with the LM trained; best row {best:,.1f} GFLOP/s = {100 * best * 1e9 / reference:.0f}% of the "
           f"measured matmul peak; {seconds:.0f} s in all"
           + (f"; load average {load_start[0]:.1f} -> {load_end[0]:.1f} on {os.cpu_count()} cores" if load_end else ""))
+    if "original-v1" in results:
+        original = results["original-v1"][0]
+        print("against the original v1 code on the same chats and weights (samples/s): "
+              + "; ".join(f"{row.spec.label} {results[row.spec.key][0] / original:.2f}x" for row in rows
+                          if row.spec.key in ("encode-all", "cache-all", "cache-proj")))
     if warning := load_warning(os.cpu_count() or 1, own=min(args.threads, os.cpu_count() or 1)):
         print(warning)
 

@@ -66,6 +66,7 @@ class Recipe:
     held_out_pairs: tuple = ()  # colour-shape pairs kept out of training (the seen/unseen split)
     caption_order: str = "random"  # or "reading" (the ablation of chapter 08)
     sft_turns: tuple = (6, 8)  # questions per SFT record, fewest and most
+    relation_answers: str = "verdict"  # or "worked" (shapes.RELATION_ANSWERS)
     # tiny CLIP
     clip_steps: int = TRAINING["clip"]["steps"]  # ~3.6 min on 2 CPU cores
     clip_batch: int = TRAINING["clip"]["batch_size"]
@@ -136,7 +137,7 @@ def with_world(r: Recipe, world: int) -> Recipe:
 
 # Recipe fields added after records of the recipe were written: a record leaves them out while
 # they hold their default, so that records of the recipe as it was still match it.
-_FIELDS_ADDED_LATER = {"sft_batch_size": None}
+_FIELDS_ADDED_LATER = {"sft_batch_size": None, "relation_answers": "verdict"}
 
 
 def recipe_record(r: Recipe) -> dict:
@@ -177,7 +178,7 @@ def world_config(r: Recipe):
     config = ShapesWorldConfig(seed=r.seed, n_pretrain=r.n_pretrain, n_sft=r.n_sft, n_eval=r.n_eval,
                                held_out_pairs=tuple(tuple(p) for p in r.held_out_pairs),
                                caption_order=r.caption_order, min_sft_turns=r.sft_turns[0],
-                               max_sft_turns=r.sft_turns[1])
+                               max_sft_turns=r.sft_turns[1], relation_answers=r.relation_answers)
     if r.question_types is not None:
         config = replace(config, question_types=tuple(r.question_types))
     config.validate()
@@ -258,7 +259,7 @@ def stage_settings(r: Recipe, stage: str, nproc: int = 1) -> dict:
             "flags": {k: v for k, v in flags.items() if k not in _NOT_IN_FINGERPRINT}}
 
 
-_WORLD_SETTINGS_ADDED_LATER = {"caption_order": "random"}
+_WORLD_SETTINGS_ADDED_LATER = {"caption_order": "random", "relation_answers": "verdict"}
 
 
 def _flags_dict(argv: list[str]) -> dict[str, str | bool]:

@@ -32,3 +32,22 @@ def test_bench_vlm_quick_runs_each_precision():
         device_line = next(line for line in out.splitlines() if line.startswith("device:"))
         assert device_line.endswith("bf16 autocast" if precision == "bf16" else "float32"), device_line
         assert "summary:" in out, out
+
+
+def test_the_original_row_feeds_v1_its_samples_as_v1s_dataset_pads_them(monkeypatch):
+    """bench_vlm --original: our chat with v1's placeholder ids in place of ours, padded with 0 to
+    v1's 200 tokens and shifted by one, the loss mask on exactly the answer and its </s>."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_vlm
+
+    ours = [900] * bench_vlm.NUM_IMAGE_TOKENS
+    monkeypatch.setattr(bench_vlm, "image_placeholder", lambda tokenizer, n: ("", ours[:n]))
+    ignore = bench_vlm.IGNORE_INDEX
+    ids = [1, 2, *ours, 3, 4, 5]  # text, the picture, a question word, the answer 4 and its </s> 5
+    chat = bench_vlm.Chat("a.png", ids, [ignore] * (len(ids) - 2) + [4, 5])
+    world = type("World", (), {"tokenizer": None, "chats": [chat]})()
+    X, Y, mask = bench_vlm.OriginalRow._padded(world)
+    assert X.shape == Y.shape == mask.shape == (1, 199)
+    v1 = [1, 2, *bench_vlm.V1_IMAGE_IDS, 3, 4, 5] + [0] * 145
+    assert X[0].tolist() == v1[:-1] and Y[0].tolist() == v1[1:]
+    assert Y[0][mask[0].bool()].tolist() == [4, 5]

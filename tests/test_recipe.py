@@ -230,6 +230,14 @@ def test_world_settings_reach_the_world_and_a_default_leaves_old_fingerprints_al
     # those folders' worlds (and every stage built on them) are still reused.
     assert "caption_order" not in stage_fingerprints(Recipe(**SMALL))["world"]["settings"]["config"]
     assert stage_fingerprints(r)["world"]["settings"]["config"]["caption_order"] == "reading"
+    # So with relation_answers, and the records of the recipe as well.
+    worked = replace(Recipe(**SMALL), relation_answers="worked")
+    assert world_config(worked).relation_answers == "worked"
+    assert "relation_answers" not in stage_fingerprints(Recipe(**SMALL))["world"]["settings"]["config"]
+    assert stage_fingerprints(worked)["world"]["settings"]["config"]["relation_answers"] == "worked"
+    assert changed_stages(Recipe(**SMALL), worked) == set(recipe_module.STAGE_DIRS)  # the tokenizer reads the answers
+    assert "relation_answers" not in recipe_module.recipe_record(Recipe(**SMALL))
+    assert recipe_module.recipe_record(worked)["relation_answers"] == "worked"
 
 
 def test_sfts_own_batch_reaches_sft_alone_and_its_default_leaves_old_fingerprints_and_records_alone():

@@ -54,6 +54,44 @@ def test_hand_worked_answers(question, expected):
     assert answer(SCENE, question, absent_ok=True) == expected
 
 
+# The same questions answered worked: where the objects the question names are, then the verdict.
+# SCENE's circle is in the top left, its square in the center, its triangle in the bottom right.
+@pytest.mark.parametrize("question, expected", [
+    ("What shape is left of the blue square?", "The blue square is in the center; left of it: circle."),
+    ("What shape is right of the blue square?", "The blue square is in the center; right of it: triangle."),
+    ("Which shape is above the small object?", "The small object is in the top left; above it: nothing."),
+    ("Which shape is below the large red shape?", "The large red object is in the bottom right; below it: nothing."),
+    ("Is the circle above the triangle?", "The circle is in the top left, the triangle in the bottom right: yes."),
+    ("Is the blue square left of the circle?", "The blue square is in the center, the circle in the top left: no."),
+    ("Is the triangle right of the small red shape?",
+     "The triangle is in the bottom right, the small red object in the top left: yes."),
+])
+def test_hand_worked_relation_answers_in_the_worked_form(question, expected):
+    assert answer(SCENE, question, absent_ok=True, relation_answers="worked") == expected
+
+
+def test_worked_relation_answers_ask_the_same_questions_and_only_relations_change(tmp_path):
+    verdict, worked = _world(tmp_path, "verdict"), _world(tmp_path, "worked", relation_answers="worked")
+    for name in ("pretrain_data.json", "sft_data.json", "eval_data.json"):
+        a, b = (json.loads((w / name).read_text()) for w in (verdict, worked))
+        changed = 0
+        for ra, rb in zip(a, b, strict=True):
+            assert ra["scene"] == rb["scene"] and ra["image"] == rb["image"]
+            kinds = ra.get("answer_types") or [ra.get("answer_type")] * (len(ra["conversations"]) // 2)
+            for i, (ta, tb) in enumerate(zip(ra["conversations"], rb["conversations"], strict=True)):
+                if i % 2 == 0 or kinds[i // 2] != "relation" or name == "pretrain_data.json":
+                    assert ta == tb, (name, ra["id"])  # questions, captions and other answers as they were
+                    continue
+                # The worked answer ends in the verdict alone answers, and is re-derived from the scene.
+                assert tb["value"].endswith(f": {ta['value']}."), (ta, tb)
+                question = ra["conversations"][i - 1]["value"]
+                assert answer(rb["scene"], question, absent_ok=True, relation_answers="worked") == tb["value"]
+                changed += 1
+        assert changed > 10 or name == "pretrain_data.json"
+    assert json.loads((worked / "world.json").read_text())["config"]["relation_answers"] == "worked"
+    assert "relation_answers" not in json.loads((verdict / "world.json").read_text())["config"]
+
+
 def test_ambiguous_and_absent_questions_are_refused_unless_the_world_asks_them():
     # Both the square and the triangle are below the circle: two right answers.
     with pytest.raises(ValueError, match="has 2 answers"):
@@ -151,6 +189,7 @@ def test_the_same_seed_gives_byte_identical_files(tmp_path):
     (dict(held_out_pairs=(("red", "hexagon"),)), "held_out_pairs"),
     (dict(held_out_pairs=EVERY_PAIR), "every colour-shape pair"),
     (dict(held_out_pairs=PAIRS, unseen_eval_fraction=1.0), "unseen_eval_fraction"),
+    (dict(relation_answers="shown"), "relation_answers"),
 ])
 def test_bad_world_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):

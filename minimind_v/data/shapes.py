@@ -39,8 +39,8 @@ from ..machine import usable_cores
 from ..runfiles import atomic_write_text
 from .shapes_answers import answer, answer_two_pictures, parse_question, question_form
 from .shapes_questions import (CAPTION_REQUESTS, CAPTION_TEMPLATES, QUESTION_TEMPLATES, TWO_PICTURE_TEMPLATES,
-                               absent_answer, caption, questions, related, single_picture_types,
-                               two_picture_question)
+                               RELATION_ANSWERS, absent_answer, caption, questions, related,
+                               single_picture_types, two_picture_question, worked_relation_answer)
 from .shapes_records import (MAX_SFT_TURNS, ShapesWorldConfig, demo_images, eval_records, has_held_out_pair,
                              names_held_out_pair, pretrain_records, record_images, record_scenes, sft_records)
 from .shapes_scenes import (ANSWER_TYPES, BACKGROUND_RGB, COLOUR_RGB, COLOURS, EXTRA_ANSWER_TYPES, NUMBER_WORDS,
@@ -52,12 +52,13 @@ __all__ = [
     'ANSWER_TYPES', 'BACKGROUND_RGB', 'CAPTION_REQUESTS', 'CAPTION_TEMPLATES', 'COLOURS', 'COLOUR_RGB',
     'EXTRA_ANSWER_TYPES', 'FORMATS', 'MAX_SFT_TURNS', 'NUMBER_WORDS', 'ORIGINAL_SFT_PREFIX', 'OUTPUT_DIRS',
     'OUTPUT_FILES', 'PLURAL_SHAPES', 'POSITIONS', 'QUESTION_TEMPLATES', 'REFERENCE_IMAGE_SIZE', 'RELATIONS',
+    'RELATION_ANSWERS',
     'SHAPES', 'SHAPES_WORLD_VERSION', 'SINGULAR', 'SIZES', 'SIZE_PIXELS', 'SPLITS', 'ShapesWorldConfig',
     'TWO_PICTURES', 'TWO_PICTURE_ANSWERS', 'TWO_PICTURE_TEMPLATES', 'absent_answer', 'answer',
     'answer_two_pictures', 'caption', 'describe_object', 'generate_world', 'has_held_out_pair', 'main',
     'max_offset', 'names_held_out_pair', 'object_box', 'parse_question', 'position_phrase', 'question_form',
     'questions', 'random_scene', 'record_images', 'record_scenes', 'related', 'render_scene', 'scene_key',
-    'single_picture_types', 'stored_image_name', 'two_picture_question', 'validate_scene',
+    'single_picture_types', 'stored_image_name', 'two_picture_question', 'validate_scene', 'worked_relation_answer',
 ]
 
 SHAPES_WORLD_VERSION = 1
@@ -210,6 +211,8 @@ def generate_world(out_dir, config: ShapesWorldConfig | None = None, progress: b
         _write_json_atomic(out / "eval_data.json", evaluation)
     settings = asdict(cfg)
     settings.pop("workers")  # how fast it was made is not part of what was made
+    if settings["relation_answers"] == "verdict":  # worlds written before the setting existed read the same
+        del settings["relation_answers"]
     world = {
         "version": SHAPES_WORLD_VERSION,
         "config": settings,
@@ -261,11 +264,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--question-types", default=None,
                    help=f"comma-separated kinds of question (default: {','.join(defaults.question_types)}); "
                         f"any of {', '.join(ANSWER_TYPES + EXTRA_ANSWER_TYPES + (TWO_PICTURES,))}")
+    p.add_argument("--relation-answers", choices=RELATION_ANSWERS, default=defaults.relation_answers,
+                   help="relation questions answered by the verdict alone, or worked: where the named objects "
+                        "are, then the verdict")
     p.add_argument("--overwrite", action="store_true", help="replace the shapes-world files in a non-empty --out")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     cfg = ShapesWorldConfig(seed=args.seed, n_pretrain=args.n_pretrain, n_sft=args.n_sft, n_eval=args.n_eval,
-                            n_eval_images=args.n_eval_images, image_size=args.image_size, workers=args.workers)
+                            n_eval_images=args.n_eval_images, image_size=args.image_size, workers=args.workers,
+                            relation_answers=args.relation_answers)
     if args.question_types:
         cfg.question_types = tuple(k.strip() for k in args.question_types.split(",") if k.strip())
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-from .shapes_questions import (QUESTION_TEMPLATES, TWO_PICTURE_TEMPLATES, _count_in, _matches, absent_answer,
-                               related)
+from .shapes_questions import (QUESTION_TEMPLATES, RELATION_ANSWERS, TWO_PICTURE_TEMPLATES, _count_in, _matches,
+                               absent_answer, related, worked_relation_answer)
 from .shapes_scenes import COLOURS, NUMBER_WORDS, PLURAL_SHAPES, POSITIONS, RELATIONS, SHAPES, SINGULAR, SIZES
 
 _PLURAL_TWO = rf"(?:(?P<colour>{'|'.join(COLOURS)}) objects|(?P<shapes>{'|'.join(PLURAL_SHAPES.values())}))"
@@ -138,24 +138,35 @@ def _the_one(scene: list[dict], constraints: dict, question: str) -> dict:
     return found[0]
 
 
-def answer(scene: list[dict], question: str, absent_ok: bool = False) -> str:
+def answer(scene: list[dict], question: str, absent_ok: bool = False, relation_answers: str = "verdict") -> str:
     """Re-derive the answer to a generated question from the scene alone.
 
     A question about an object that is not there raises ValueError, unless ``absent_ok`` (the
     worlds that ask such questions on purpose), where it gets ``absent_answer``. Unknown questions
-    and references that fit several objects always raise."""
+    and references that fit several objects always raise. Relation answers come in the form
+    ``relation_answers`` (the world's setting of that name)."""
+    if relation_answers not in RELATION_ANSWERS:
+        raise ValueError(f"answer: relation_answers must be one of {RELATION_ANSWERS}, got {relation_answers!r}")
     kind, constraints = parse_question(question)
     if kind == "existence":
         return "yes" if any(_matches(o, constraints) for o in scene) else "no"
     if kind == "relation":
+        relation = constraints["relation"]
         anchor = _the_one(scene, constraints["anchor"], question)
         if "subject" in constraints:
             subject = _the_one(scene, constraints["subject"], question)
-            return "yes" if related(subject, constraints["relation"], anchor) else "no"
-        found = [o for o in scene if o is not anchor and related(o, constraints["relation"], anchor)]
+            verdict = "yes" if related(subject, relation, anchor) else "no"
+            if relation_answers == "worked":
+                return worked_relation_answer(relation, (anchor, constraints["anchor"]), verdict,
+                                              (subject, constraints["subject"]))
+            return verdict
+        found = [o for o in scene if o is not anchor and related(o, relation, anchor)]
         if len(found) > 1:
             raise ValueError(f"answer: {question!r} has {len(found)} answers in the scene {scene!r}")
-        return found[0]["shape"] if found else "nothing"
+        verdict = found[0]["shape"] if found else "nothing"
+        if relation_answers == "worked":
+            return worked_relation_answer(relation, (anchor, constraints["anchor"]), verdict)
+        return verdict
     found = [o for o in scene if _matches(o, constraints)]
     if kind == "count":
         return NUMBER_WORDS[len(found)]

@@ -95,6 +95,11 @@ def _join(items: list[str]) -> str:
 
 
 CAPTION_ORDERS = ("random", "reading")
+# How a relation question is answered: "verdict" says the answer alone ("yes", "circle",
+# "nothing"); "worked" first says where the objects the question names are, then the verdict
+# ("The circle is in the top left, the red cross at the bottom: yes."), so the comparison is made
+# between position words the model has just written, not between patches.
+RELATION_ANSWERS = ("verdict", "worked")
 
 
 def caption(scene: list[dict], rng: random.Random, order: str = "random") -> str:
@@ -189,9 +194,11 @@ def single_picture_types(kinds) -> tuple:
     return tuple(k for k in kinds if k != TWO_PICTURES)
 
 
-def questions(scene: list[dict], rng: random.Random, kinds: tuple = ANSWER_TYPES) -> list[tuple[str, str, str]]:
+def questions(scene: list[dict], rng: random.Random, kinds: tuple = ANSWER_TYPES,
+              relation_answers: str = "verdict") -> list[tuple[str, str, str]]:
     """One unambiguous (question, answer, answer_type) per kind in ``kinds`` that this scene
-    allows, in that order. "position" can be missing (when no object is unique without it), and
+    allows, in that order; relation answers in the form ``relation_answers`` (RELATION_ANSWERS).
+    "position" can be missing (when no object is unique without it), and
     so can "relation" (when every relation asked about has two answers). TWO_PICTURES is not
     about one scene: it is left out here (see ``two_picture_question``)."""
     out = []
@@ -205,7 +212,7 @@ def questions(scene: list[dict], rng: random.Random, kinds: tuple = ANSWER_TYPES
         elif asked == "absent":
             qa = _absent_question(scene, rng)
         elif asked == "relation":
-            qa = _relation_question(scene, rng)
+            qa = _relation_question(scene, rng, relation_answers)
         else:
             qa = _attribute_question(scene, rng, asked)
         if qa is not None:
@@ -282,28 +289,58 @@ def related(a: dict, relation: str, b: dict) -> bool:
     return {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[relation]
 
 
-def _relation_question(scene: list[dict], rng: random.Random) -> tuple[str, str, str] | None:
+def _relation_question(scene: list[dict], rng: random.Random,
+                       answers: str = "verdict") -> tuple[str, str, str] | None:
     """"What shape is left of the blue square?" (a shape, or "nothing") or "Is the circle above the
-    cross?" (yes / no). Objects are named by descriptions that fit them alone."""
+    cross?" (yes / no). Objects are named by descriptions that fit them alone. ``answers`` is one
+    of RELATION_ANSWERS; both draw the same questions (the answer takes nothing from ``rng``)."""
     named = [(o, descriptive) for o in scene for descriptive in [_references(scene, o, "")[0]] if descriptive]
     if not named:
         return None
     relation = rng.choice(RELATIONS)
     if len(named) >= 2 and rng.random() < 0.4:
         (a, ra), (b, rb) = rng.sample(named, 2)
+        subject, anchor = rng.choice(ra), rng.choice(rb)
         question = rng.choice(QUESTION_TEMPLATES["relation_yes_no"]).format(
-            ref=_noun_phrase(rng.choice(ra), rng, True), rel=relation, ref2=_noun_phrase(rng.choice(rb), rng, True))
-        return question, "yes" if related(a, relation, b) else "no", "relation"
+            ref=_noun_phrase(subject, rng, True), rel=relation, ref2=_noun_phrase(anchor, rng, True))
+        verdict = "yes" if related(a, relation, b) else "no"
+        if answers == "worked":
+            verdict = worked_relation_answer(relation, (b, anchor), verdict, (a, subject))
+        return question, verdict, "relation"
     order = list(range(len(named)))
     rng.shuffle(order)
     for i in order:
         anchor, refs = named[i]
         found = [o for o in scene if o is not anchor and related(o, relation, anchor)]
         if len(found) <= 1:  # two objects in that direction would make two right answers
-            question = rng.choice(QUESTION_TEMPLATES["relation"]).format(
-                rel=relation, ref=_noun_phrase(rng.choice(refs), rng, True))
-            return question, found[0]["shape"] if found else "nothing", "relation"
+            ref = rng.choice(refs)
+            question = rng.choice(QUESTION_TEMPLATES["relation"]).format(rel=relation, ref=_noun_phrase(ref, rng, True))
+            verdict = found[0]["shape"] if found else "nothing"
+            if answers == "worked":
+                verdict = worked_relation_answer(relation, (anchor, ref), verdict)
+            return question, verdict, "relation"
     return None
+
+
+def worked_relation_answer(relation: str, anchor: tuple[dict, dict], verdict: str,
+                           subject: tuple[dict, dict] | None = None) -> str:
+    """A relation's verdict after where the named objects are; each is (object, the attributes
+    the question names it by).
+    "Is the circle above the red cross?" -> 'The circle is in the top left, the red cross at the bottom: yes.'
+    "What shape is left of the blue square?" -> 'The blue square is in the center; left of it: circle.'"""
+    def name(named: tuple[dict, dict]) -> str:
+        constraints = named[1]
+        return " ".join(["the", *(constraints[k] for k in ("size", "colour") if k in constraints),
+                         constraints.get("shape", "object")])
+
+    def at(named: tuple[dict, dict]) -> str:
+        return position_phrase(named[0]["position"])
+
+    if subject is not None:
+        text = f"{name(subject)} is {at(subject)}, {name(anchor)} {at(anchor)}: {verdict}."
+    else:
+        text = f"{name(anchor)} is {at(anchor)}; {relation} it: {verdict}."
+    return text[0].upper() + text[1:]
 
 
 # ----------------------------------------------------------------------------- two pictures

@@ -7,7 +7,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .shapes_questions import CAPTION_ORDERS, CAPTION_REQUESTS, caption, questions, single_picture_types, two_picture_question
+from .shapes_questions import (CAPTION_ORDERS, CAPTION_REQUESTS, RELATION_ANSWERS, caption, questions,
+                               single_picture_types, two_picture_question)
 from .shapes_scenes import (ANSWER_TYPES, COLOURS, EXTRA_ANSWER_TYPES, POSITIONS, SHAPES, SINGULAR, TWO_PICTURES,
                             describe_object, random_scene, scene_key)
 
@@ -42,6 +43,9 @@ class ShapesWorldConfig:
     # The order captions list their objects in: "random" (the recipe's), or "reading" (top left to
     # bottom right, for the ablation that shows why not).
     caption_order: str = "random"
+    # How relation questions are answered: "verdict" (the answer alone) or "worked" (where the
+    # objects are, then the answer; RELATION_ANSWERS). The same questions either way.
+    relation_answers: str = "verdict"
 
     def validate(self) -> None:
         for name in ("n_pretrain", "n_sft", "n_eval", "n_eval_images", "workers"):
@@ -76,6 +80,9 @@ class ShapesWorldConfig:
         if self.caption_order not in CAPTION_ORDERS:
             raise ValueError(f"ShapesWorldConfig.caption_order must be one of {CAPTION_ORDERS}, "
                              f"got {self.caption_order!r}")
+        if self.relation_answers not in RELATION_ANSWERS:
+            raise ValueError(f"ShapesWorldConfig.relation_answers must be one of {RELATION_ANSWERS}, "
+                             f"got {self.relation_answers!r}")
         if not 0 < self.unseen_eval_fraction < 1:
             raise ValueError(f"ShapesWorldConfig.unseen_eval_fraction must be in (0, 1), got {self.unseen_eval_fraction}")
 
@@ -166,7 +173,7 @@ def _distinct_questions(scene: list[dict], rng: random.Random, n: int,
     once (about another object, or in other words): each turn is more to learn from one picture."""
     pool = {}
     for _ in range(3):  # three rounds of one question per type are plenty for n <= 10
-        for qa in questions(scene, rng, cfg.question_types):
+        for qa in questions(scene, rng, cfg.question_types, cfg.relation_answers):
             if not names_held_out_pair(qa[0], cfg):
                 pool.setdefault(qa[0], qa)
     return rng.sample(list(pool.values()), min(n, len(pool)))
@@ -197,7 +204,7 @@ def eval_records(cfg: ShapesWorldConfig) -> list[dict]:
             if cfg.held_out_pairs and has_held_out_pair(scene, cfg) != unseen:
                 continue
             # All kinds are drawn, as ever: the same seed must keep giving the same world.
-            qa = [x for x in questions(scene, rng, cfg.question_types) if x[2] == kind]
+            qa = [x for x in questions(scene, rng, cfg.question_types, cfg.relation_answers) if x[2] == kind]
             if qa:
                 break
         q, a, _ = qa[0]
