@@ -13,13 +13,18 @@ with a small byte-level BPE trained on the spot), it prints:
    the decoder trained (freeze=all) or frozen (freeze=proj), plus "what if" rows that price
    choices the package makes (the padding mask, logits only at answer positions, AdamW's
    per-tensor loop);
-2. where one step's time goes (torch.profiler), and checks of the count and the hot path.
+2. where one step's time goes (torch.profiler), and checks of the count and the hot path;
+3. with ``--original FOLDER`` (a checkout of jingyaogong/minimind-v at v1, commit 6982ced), one
+   more row: the original's own training step (``OriginalRow``) on the same chats, pictures and
+   starting weights, and the rows' samples/s against it (its loss on the first batch is checked
+   equal to ours).
 
 Answering (decoding) speed is measured by ``benchmarks/bench_decode.py``.
 
     python benchmarks/bench_vlm.py                    # small preset, ViT-B/32-sized random CLIP
     python benchmarks/bench_vlm.py --quick            # tiny sizes: a smoke run
     python benchmarks/bench_vlm.py --clip-width 256 --clip-layers 4 --steps 10
+    python benchmarks/bench_vlm.py --skip-memory --original ~/minimind-v   # beside the v1 code
 
 Random weights cost exactly what trained ones do, so nothing is downloaded. Rows are timed
 round-robin (one step of each row in turn), so a burst of load from other programs slows them
