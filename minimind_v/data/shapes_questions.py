@@ -300,9 +300,12 @@ def _relation_question(scene: list[dict], rng: random.Random,
     relation = rng.choice(RELATIONS)
     if len(named) >= 2 and rng.random() < 0.4:
         (a, ra), (b, rb) = rng.sample(named, 2)
-        subject, anchor = rng.choice(ra), rng.choice(rb)
-        question = rng.choice(QUESTION_TEMPLATES["relation_yes_no"]).format(
-            ref=_noun_phrase(subject, rng, True), rel=relation, ref2=_noun_phrase(anchor, rng, True))
+        # The draws in the order they always came: a seed's world stays the world it was.
+        template = rng.choice(QUESTION_TEMPLATES["relation_yes_no"])
+        subject = rng.choice(ra)
+        subject_phrase = _noun_phrase(subject, rng, True)
+        anchor = rng.choice(rb)
+        question = template.format(ref=subject_phrase, rel=relation, ref2=_noun_phrase(anchor, rng, True))
         verdict = "yes" if related(a, relation, b) else "no"
         if answers == "worked":
             verdict = worked_relation_answer(relation, (b, anchor), verdict, (a, subject))
@@ -313,8 +316,9 @@ def _relation_question(scene: list[dict], rng: random.Random,
         anchor, refs = named[i]
         found = [o for o in scene if o is not anchor and related(o, relation, anchor)]
         if len(found) <= 1:  # two objects in that direction would make two right answers
+            template = rng.choice(QUESTION_TEMPLATES["relation"])
             ref = rng.choice(refs)
-            question = rng.choice(QUESTION_TEMPLATES["relation"]).format(rel=relation, ref=_noun_phrase(ref, rng, True))
+            question = template.format(rel=relation, ref=_noun_phrase(ref, rng, True))
             verdict = found[0]["shape"] if found else "nothing"
             if answers == "worked":
                 verdict = worked_relation_answer(relation, (anchor, ref), verdict)
