@@ -10,6 +10,9 @@ image tokens given) and greedy decoding of the same number of tokens:
   - transformers' ``generate`` loop with ``F.linear`` everywhere (this package before row decoding),
   - ``model.generate`` as the package ships it (``minimind_v.model.decoding.row_decoding``),
   - the same without a KV cache (``use_cache=False``: every step recomputes the whole sequence),
+  - with ``--bounds``: how far any loop could go, ``FewestOperations`` (the same step with no
+    ``generate`` loop or model forward around it, a preallocated key/value buffer), eager and
+    under ``torch.compile``,
   - with ``--original FOLDER`` (a checkout of jingyaogong/minimind-v at v1, commit 6982ced): the
     original's own ``Transformer.generate`` (temperature 0, its KV cache), given our weights
     through ``minimind_v.convert.model_to_v1``.
@@ -39,12 +42,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationMixin
 
 from minimind_v.config import PRESETS
 from minimind_v.convert import model_to_v1
 from minimind_v.machine import matmul_gflops, read_gbytes_per_second
 from minimind_v.model.chat_inputs import pad_rows
+from minimind_v.model.decoding import column_blocks, rotation_factors, row_decoding, times_blocks
 from minimind_v.model.vlm import MiniMindVLM, VLMConfig
 
 V1_IMAGE_IDS = [30] * 25 + [32] * 25  # v1's placeholder: '<' * 25 + '>' * 25
@@ -92,6 +97,65 @@ def weight_bytes(model: torch.nn.Module) -> int:
             total += p.numel() * p.element_size()
     head = model.get_output_embeddings().weight
     return total + (0 if head.data_ptr() in seen else head.numel() * head.element_size())
+
+
+class FewestOperations:
+    """A bound, not a path the package takes: greedy batch-1 decoding with as few Python-level
+    operations as eager PyTorch allows. No ``generate`` loop and no model forward around the step;
+    keys and values in one preallocated buffer per layer, attended with a mask so that every step
+    has the same shapes (``torch.compile`` then makes one graph); the same block products, norms
+    and rotation as the shipped step (``decoding.decode_one_row``). What a leaner loop, or a
+    compiled step, could buy over the shipped path."""
+
+    def __init__(self, model: MiniMindVLM, capacity: int, compiled: bool = False):
+        cfg, threads = model.config, torch.get_num_threads()
+        self.model, self.capacity = model, capacity
+        self.layers = [(l.attention_norm.weight.detach(), column_blocks([l.attention.wq.weight, l.attention.wk.weight,
+                                                                        l.attention.wv.weight], threads),
+                        column_blocks([l.attention.wo.weight], threads), l.ffn_norm.weight.detach(),
+                        column_blocks([l.feed_forward.w1.weight, l.feed_forward.w3.weight], threads),
+                        column_blocks([l.feed_forward.w2.weight], threads)) for l in model.layers]
+        self.head = column_blocks([model.output.weight], threads)
+        with torch.inference_mode():
+            self.keys = torch.zeros(len(model.layers), cfg.n_kv_heads, capacity, cfg.head_dim)
+            self.values = torch.zeros_like(self.keys)
+        self.step = torch.compile(self._step) if compiled else self._step
+
+    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """token (1,), position (1,) -> the next token (1,); writes this token's keys and values."""
+        m, cfg = self.model, self.model.config
+        H, Hkv, hd, dim, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim, cfg.norm_eps
+        n_qk = (H + Hkv) * hd
+        c, s = rotation_factors(m.rope_cos.index_select(0, position).view(-1), m.rope_sin.index_select(0, position).view(-1))
+        hidden = torch.arange(self.capacity) > position  # positions not written yet
+        h = m.tok_embeddings.weight.index_select(0, token).view(1, 1, dim)
+        for i, (attention_norm, qkv_blocks, wo, ffn_norm, w13, w2) in enumerate(self.layers):
+            qkv = times_blocks(F.rms_norm(h, (dim,), attention_norm, eps), qkv_blocks)
+            pairs = qkv[..., :n_qk].view(H + Hkv, hd // 2, 2)
+            qk = (pairs * c + pairs.flip(-1) * s).view(H + Hkv, 1, hd)
+            self.keys[i].index_copy_(1, position, qk[H:])
+            self.values[i].index_copy_(1, position, qkv[..., n_qk:].view(Hkv, 1, hd))
+            q = qk[:H].view(Hkv, H // Hkv, hd)
+            scores = ((q @ self.keys[i].transpose(1, 2)) * hd**-0.5).masked_fill(hidden, float("-inf"))
+            h = h + times_blocks((torch.softmax(scores, dim=-1) @ self.values[i]).view(1, 1, H * hd), wo)
+            gate, up = times_blocks(F.rms_norm(h, (dim,), ffn_norm, eps), w13).chunk(2, dim=-1)
+            h = h + times_blocks(F.silu(gate) * up, w2)
+        return times_blocks(F.rms_norm(h, (dim,), m.norm.weight, eps), self.head).view(-1).argmax().view(1)
+
+    def __call__(self, ids: torch.Tensor, image_tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """(1, k) greedy tokens after the prompt (read by the model's own forward, as generate reads it)."""
+        P = ids.shape[1]
+        if P + k > self.capacity:
+            raise ValueError(f"prompt {P} + {k} new tokens exceed the buffer's {self.capacity} positions")
+        with torch.inference_mode():  # no autograd bookkeeping on any tensor: fewer steps per operation
+            with row_decoding(self.model):
+                out = self.model(input_ids=ids, image_tokens=image_tokens, use_cache=True)
+            for i, layer in enumerate(out.cache.layers):
+                self.keys[i, :, :P], self.values[i, :, :P] = layer.keys[0], layer.values[0]
+            tokens = [out.logits[0, -1].argmax().view(1)]
+            for position in range(P, P + k - 1):
+                tokens.append(self.step(tokens[-1], torch.tensor([position])))
+            return torch.cat(tokens)[None].clone()
 
 
 def answers_table(model: MiniMindVLM, args) -> None:
@@ -142,6 +206,8 @@ def main(argv=None) -> None:
     p.add_argument("--original", type=Path, default=None, help="a checkout of jingyaogong/minimind-v at v1")
     p.add_argument("--batch", type=int, default=8, help="prompts of the batched-answers table (0: no such table)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bounds", action="store_true",
+                   help="also time the fewest-operations loop (class FewestOperations), eager and torch.compile'd")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,6 +232,16 @@ def main(argv=None) -> None:
 
     rows = {"transformers generate, F.linear (before)": transformers_loop, "model.generate (shipped)": shipped,
             "model.generate, use_cache=False": recomputing}
+    compile_seconds = None
+    if args.bounds:
+        capacity = ids.shape[1] + K
+        lean = FewestOperations(model, capacity)
+        rows["fewest operations, eager (a bound)"] = lambda k: lean(ids, image_tokens, k)
+        compiled = FewestOperations(model, capacity, compiled=True)
+        start = time.perf_counter()
+        compiled(ids, image_tokens, 2)  # the one graph, compiled before any timing
+        compile_seconds = time.perf_counter() - start
+        rows["fewest operations, torch.compile (a bound)"] = lambda k: compiled(ids, image_tokens, k)
     if args.original is not None:
         original = load_original(args.original.expanduser(), model)
 
@@ -209,6 +285,8 @@ def main(argv=None) -> None:
         same = int((outputs[name][0, :K] == reference[0, :K]).sum())
         print(f"{name:<42} {t_k:>9.3f} {rate:>9.1f} {1e3 * per_token:>9.2f} {nbytes / per_token / 1e9:>6.1f} "
               f"{rate / limit:>8.0%} {same:>6}/{K:<5} {rate / first:>8.2f}x")
+    if compile_seconds is not None:
+        print(f"(torch.compile of the fewest-operations step: {compile_seconds:.1f} s before the first token)")
     if args.batch > 0:
         answers_table(model, args)
 

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,11 +22,33 @@ def run_script(*args: str) -> str:
 
 def test_bench_decode_paths_make_the_same_tokens():
     out = run_script("benchmarks/bench_decode.py", "--preset", "tiny", "--new-tokens", "6", "--repeats", "1",
-                     "--batch", "3")
+                     "--batch", "3", "--bounds")
     rows = [line for line in out.splitlines() if re.search(r"\d+/6\s", line)]
-    assert len(rows) == 3, out  # the transformers loop, the shipped generate, use_cache=False
+    # the transformers loop, the shipped generate, use_cache=False, the fewest-operations loop eager and compiled
+    assert len(rows) == 5, out
     assert all(" 6/6 " in row for row in rows), out
     assert "equal the one-at-a-time answers for 3 of 3 prompts" in out
+
+
+def test_fewest_operations_bound_makes_the_shipped_tokens():
+    """The bound's own step (static key/value buffer attended with a mask) answers as generate does,
+    token for token, over many steps of one prompt."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_decode
+
+    model = bench_decode.make_model("tiny", 1)
+    with torch.no_grad():  # larger weights than training's init, so greedy tokens are far from ties
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+    ids, image_tokens = bench_decode.make_prompt(1)
+    shipped = model.generate(ids, attention_mask=torch.ones_like(ids), image_tokens=image_tokens, do_sample=False,
+                             max_new_tokens=40, min_new_tokens=40, eos_token_id=2, pad_token_id=0)[:, ids.shape[1]:]
+    lean = bench_decode.FewestOperations(model, capacity=ids.shape[1] + 40)
+    assert torch.equal(lean(ids, image_tokens, 40), shipped)
+    assert len(set(shipped[0].tolist())) > 5  # not one token repeated: the test can tell paths apart
+    with pytest.raises(ValueError, match="exceed the buffer"):
+        lean(ids, image_tokens, 41)
 
 
 def test_bench_vlm_quick_runs_each_precision():

@@ -173,3 +173,17 @@ def test_lean_step_is_not_taken_where_it_must_not_be():
     moe = make_model(use_moe=True)
     with row_decoding(moe), torch.no_grad():
         assert not moe._one_row_step(row, None, cache, False)
+
+
+def test_generated_ids_can_be_trained_on():
+    """generate runs in inference mode, yet what it returns is a plain tensor: the answer can be fed
+    back as training ids (the embedding saves them for backward, which an inference tensor refuses)."""
+    model = make_model()
+    prompt = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(1))
+    out = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert not out.is_inference()
+    assert torch.equal(out[:, :5], prompt) and out.shape == (1, 9)
+    model.train()
+    loss = model(out, labels=out).loss
+    loss.backward()  # would raise "Inference tensors cannot be saved for backward" on the raw output
+    assert model.tok_embeddings.weight.grad is not None
