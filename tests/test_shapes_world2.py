@@ -16,8 +16,9 @@ from collections import Counter
 
 import pytest
 
-from minimind_v.data.shapes import (ANSWER_TYPES, EXTRA_ANSWER_TYPES, ShapesWorldConfig, answer,
-                                    generate_world, names_held_out_pair, questions, random_scene)
+from minimind_v.data.shapes import (ANSWER_TYPES, EXTRA_ANSWER_TYPES, POSITIONS, RELATIONS, ShapesWorldConfig, answer,
+                                    generate_world, names_held_out_pair, position_phrase, questions,
+                                    random_scene)
 
 ALL_TYPES = ANSWER_TYPES + EXTRA_ANSWER_TYPES
 PAIRS = (("red", "circle"), ("blue", "square"))
@@ -71,8 +72,48 @@ def test_hand_worked_relation_answers_in_the_worked_form(question, expected):
     assert answer(SCENE, question, absent_ok=True, relation_answers="worked") == expected
 
 
-def test_worked_relation_answers_ask_the_same_questions_and_only_relations_change(tmp_path):
-    verdict, worked = _world(tmp_path, "verdict"), _world(tmp_path, "worked", relation_answers="worked")
+# Ordered: a yes/no question asking "below" or "right of" names its anchor first, so the verdict
+# says whether the first object named is above (or left of) the second. The rest is as worked.
+@pytest.mark.parametrize("question, expected", [
+    ("Is the circle above the triangle?", "The circle is in the top left, the triangle in the bottom right: yes."),
+    ("Is the triangle below the circle?", "The circle is in the top left, the triangle in the bottom right: yes."),
+    ("Is the circle below the triangle?", "The triangle is in the bottom right, the circle in the top left: no."),
+    ("Is the blue square left of the circle?", "The blue square is in the center, the circle in the top left: no."),
+    ("Is the blue square right of the circle?", "The circle is in the top left, the blue square in the center: yes."),
+    ("Is the triangle right of the small red shape?",
+     "The small red object is in the top left, the triangle in the bottom right: yes."),
+    ("What shape is left of the blue square?", "The blue square is in the center; left of it: circle."),
+    ("Which shape is below the large red shape?", "The large red object is in the bottom right; below it: nothing."),
+])
+def test_hand_worked_relation_answers_in_the_ordered_form(question, expected):
+    assert answer(SCENE, question, absent_ok=True, relation_answers="ordered") == expected
+
+
+def test_ordered_yes_no_answers_say_whether_the_first_object_named_is_above_or_left_of_the_second():
+    """The property the ordered form is made for, checked on many generated scenes: whatever the
+    relation word, the verdict is whether the first position written is above it (above, below)
+    or left of it (left of, right of) the second, read from the answer's own words."""
+    rng = random.Random(11)
+    phrases = sorted(((position_phrase(p), p) for p in POSITIONS), key=lambda x: -len(x[0]))
+    checked = Counter()
+    for _ in range(600):
+        scene = random_scene(rng)
+        for question, reply, kind in questions(scene, rng, ALL_TYPES, relation_answers="ordered"):
+            if kind != "relation" or not question.startswith("Is "):
+                continue
+            relation = next(r for r in RELATIONS if f" {r} " in question)
+            written = sorted((reply.index(phrase), position) for phrase, position in phrases if phrase in reply)
+            (first, second) = [POSITIONS.index(position) for _, position in written]
+            (r1, c1), (r2, c2) = divmod(first, 3), divmod(second, 3)
+            earlier = r1 < r2 if relation in ("above", "below") else c1 < c2
+            assert reply.endswith(": yes." if earlier else ": no."), (question, reply)
+            checked[relation, reply[-4:]] += 1
+    assert {r for r, _ in checked} == set(RELATIONS) and {v for _, v in checked} == {"yes.", " no."}, checked
+
+
+@pytest.mark.parametrize("form", ["worked", "ordered"])
+def test_worked_relation_answers_ask_the_same_questions_and_only_relations_change(tmp_path, form):
+    verdict, worked = _world(tmp_path, "verdict"), _world(tmp_path, form, relation_answers=form)
     for name in ("pretrain_data.json", "sft_data.json", "eval_data.json"):
         a, b = (json.loads((w / name).read_text()) for w in (verdict, worked))
         changed = 0
@@ -86,10 +127,10 @@ def test_worked_relation_answers_ask_the_same_questions_and_only_relations_chang
                 # The worked answer ends in the verdict alone answers, and is re-derived from the scene.
                 assert tb["value"].endswith(f": {ta['value']}."), (ta, tb)
                 question = ra["conversations"][i - 1]["value"]
-                assert answer(rb["scene"], question, absent_ok=True, relation_answers="worked") == tb["value"]
+                assert answer(rb["scene"], question, absent_ok=True, relation_answers=form) == tb["value"]
                 changed += 1
         assert changed > 10 or name == "pretrain_data.json"
-    assert json.loads((worked / "world.json").read_text())["config"]["relation_answers"] == "worked"
+    assert json.loads((worked / "world.json").read_text())["config"]["relation_answers"] == form
     assert "relation_answers" not in json.loads((verdict / "world.json").read_text())["config"]
 
 

@@ -156,15 +156,15 @@ def answer(scene: list[dict], question: str, absent_ok: bool = False, relation_a
         if "subject" in constraints:
             subject = _the_one(scene, constraints["subject"], question)
             verdict = "yes" if related(subject, relation, anchor) else "no"
-            if relation_answers == "worked":
+            if relation_answers != "verdict":
                 return worked_relation_answer(relation, (anchor, constraints["anchor"]), verdict,
-                                              (subject, constraints["subject"]))
+                                              (subject, constraints["subject"]), relation_answers == "ordered")
             return verdict
         found = [o for o in scene if o is not anchor and related(o, relation, anchor)]
         if len(found) > 1:
             raise ValueError(f"answer: {question!r} has {len(found)} answers in the scene {scene!r}")
         verdict = found[0]["shape"] if found else "nothing"
-        if relation_answers == "worked":
+        if relation_answers != "verdict":
             return worked_relation_answer(relation, (anchor, constraints["anchor"]), verdict)
         return verdict
     found = [o for o in scene if _matches(o, constraints)]

@@ -98,8 +98,11 @@ CAPTION_ORDERS = ("random", "reading")
 # How a relation question is answered: "verdict" says the answer alone ("yes", "circle",
 # "nothing"); "worked" first says where the objects the question names are, then the verdict
 # ("The circle is in the top left, the red cross at the bottom: yes."), so the comparison is made
-# between position words the model has just written, not between patches.
-RELATION_ANSWERS = ("verdict", "worked")
+# between position words the model has just written, not between patches. "ordered" is "worked"
+# with the two objects of a yes/no question named in the order the relation reads ("Is the
+# circle below the cross?" -> 'The cross is at the top, the circle at the bottom: yes.'): the
+# verdict is then whether the first is above (or left of) the second, whichever word was asked.
+RELATION_ANSWERS = ("verdict", "worked", "ordered")
 
 
 def caption(scene: list[dict], rng: random.Random, order: str = "random") -> str:
@@ -307,8 +310,8 @@ def _relation_question(scene: list[dict], rng: random.Random,
         anchor = rng.choice(rb)
         question = template.format(ref=subject_phrase, rel=relation, ref2=_noun_phrase(anchor, rng, True))
         verdict = "yes" if related(a, relation, b) else "no"
-        if answers == "worked":
-            verdict = worked_relation_answer(relation, (b, anchor), verdict, (a, subject))
+        if answers != "verdict":
+            verdict = worked_relation_answer(relation, (b, anchor), verdict, (a, subject), answers == "ordered")
         return question, verdict, "relation"
     order = list(range(len(named)))
     rng.shuffle(order)
@@ -320,18 +323,20 @@ def _relation_question(scene: list[dict], rng: random.Random,
             ref = rng.choice(refs)
             question = template.format(rel=relation, ref=_noun_phrase(ref, rng, True))
             verdict = found[0]["shape"] if found else "nothing"
-            if answers == "worked":
+            if answers != "verdict":
                 verdict = worked_relation_answer(relation, (anchor, ref), verdict)
             return question, verdict, "relation"
     return None
 
 
 def worked_relation_answer(relation: str, anchor: tuple[dict, dict], verdict: str,
-                           subject: tuple[dict, dict] | None = None) -> str:
+                           subject: tuple[dict, dict] | None = None, ordered: bool = False) -> str:
     """A relation's verdict after where the named objects are; each is (object, the attributes
     the question names it by).
     "Is the circle above the red cross?" -> 'The circle is in the top left, the red cross at the bottom: yes.'
-    "What shape is left of the blue square?" -> 'The blue square is in the center; left of it: circle.'"""
+    "What shape is left of the blue square?" -> 'The blue square is in the center; left of it: circle.'
+    ``ordered``: a yes/no question asking "below" or "right of" names the anchor first
+    ("Is the circle below the red cross?" -> 'The red cross is at the bottom, the circle in the top left: no.')."""
     def name(named: tuple[dict, dict]) -> str:
         constraints = named[1]
         return " ".join(["the", *(constraints[k] for k in ("size", "colour") if k in constraints),
@@ -341,7 +346,8 @@ def worked_relation_answer(relation: str, anchor: tuple[dict, dict], verdict: st
         return position_phrase(named[0]["position"])
 
     if subject is not None:
-        text = f"{name(subject)} is {at(subject)}, {name(anchor)} {at(anchor)}: {verdict}."
+        first, second = (anchor, subject) if ordered and relation in ("below", "right of") else (subject, anchor)
+        text = f"{name(first)} is {at(first)}, {name(second)} {at(second)}: {verdict}."
     else:
         text = f"{name(anchor)} is {at(anchor)}; {relation} it: {verdict}."
     return text[0].upper() + text[1:]

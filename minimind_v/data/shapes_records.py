@@ -43,8 +43,9 @@ class ShapesWorldConfig:
     # The order captions list their objects in: "random" (the recipe's), or "reading" (top left to
     # bottom right, for the ablation that shows why not).
     caption_order: str = "random"
-    # How relation questions are answered: "verdict" (the answer alone) or "worked" (where the
-    # objects are, then the answer; RELATION_ANSWERS). The same questions either way.
+    # How relation questions are answered: "verdict" (the answer alone), "worked" (where the
+    # objects are, then the answer) or "ordered" (worked, the objects named in the order the
+    # relation reads); RELATION_ANSWERS. The same questions either way.
     relation_answers: str = "verdict"
 
     def validate(self) -> None:

@@ -1,0 +1,128 @@
+"""The relation rule alone, in text: can the book's decoder learn to judge a relation once both
+positions are written out?
+
+World 2 asks "Is the circle above the red cross?". Its worked answers ("The circle is in the top
+left, the red cross at the bottom: yes.") put the two positions in the text, so the verdict asks
+nothing of the picture: it is a function of the relation word and the two position phrases. This
+drill trains a fresh decoder of the book's preset on that last step alone, with the world's own
+questions and answers (``shapes.questions``) and the loss on the verdict token only, and scores it
+on questions it has not seen.
+
+In the worked form the same two positions take opposite verdicts under "above" and "below" (and
+under "left of" and "right of"): the verdict depends on the relation word and both positions at
+once. In the ordered form (``relation_answers="ordered"``) the question's two objects are named in
+the order the relation reads, so the verdict is whether the first position is above (or left of)
+the second; the relation word only says which of the two comparisons to make.
+
+    python -m minimind_v.relation_drill                        # both forms, 600 steps each (~1 min each)
+    python -m minimind_v.relation_drill --forms worked --relations above below
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from .config import PRESETS, MiniMindConfig
+from .data.shapes_questions import RELATION_ANSWERS, questions
+from .data.shapes_scenes import RELATIONS, random_scene
+from .model.llm import IGNORE_INDEX, MiniMindForCausalLM
+from .tokenizer import train_tokenizer
+from .train.trainer import make_optimizer
+
+FORMS = tuple(form for form in RELATION_ANSWERS if form != "verdict")  # the forms that write positions down
+
+
+def drill_examples(n: int, form: str, seed: int, relations=RELATIONS) -> list[tuple[str, str]]:
+    """n yes/no relation questions of the world, as (question, worked answer), drawn from random
+    scenes by the world's own generator; only those whose relation is in ``relations``."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    unknown = set(relations) - set(RELATIONS)
+    if unknown or not relations:
+        raise ValueError(f"relations must be some of {RELATIONS}, got {list(relations)!r}")
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        for question, reply, kind in questions(random_scene(rng), rng, ("relation",), relation_answers=form):
+            if question.startswith("Is ") and any(f" {r} " in question for r in relations):
+                out.append((question, reply))
+    return out[:n]
+
+
+def encode(tokenizer, question: str, reply: str) -> tuple[list[int], list[int]]:
+    """Token ids of the chat turn and its answer, and labels that keep the verdict's tokens alone
+    (the positions before it are given, as the model has written them)."""
+    head, verdict = reply.rsplit(":", 1)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                           add_generation_prompt=True)
+    given = tokenizer(prompt + head + ":", add_special_tokens=False)["input_ids"]
+    target = tokenizer(verdict.rstrip("."), add_special_tokens=False)["input_ids"]
+    return given + target, [IGNORE_INDEX] * len(given) + target
+
+
+def batch_of(tokenizer, examples) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [encode(tokenizer, q, a) for q, a in examples]
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in rows])
+    return ids, labels
+
+
+@torch.no_grad()
+def verdict_accuracy(model, ids: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of rows whose every verdict token is the greedy choice given the text before it."""
+    model.eval()
+    predicted = model(ids).logits[:, :-1].argmax(-1)
+    targets = labels[:, 1:]
+    right = ((predicted == targets) | (targets == IGNORE_INDEX)).all(dim=1)
+    model.train()
+    return float(right.float().mean())
+
+
+def drill(form: str, steps: int = 600, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+          relations=RELATIONS, preset: str = "tiny", n_eval: int = 400, every: int = 100) -> dict:
+    """Train a fresh decoder of ``preset`` on the verdicts of ``form``; returns the held-out verdict
+    accuracy every ``every`` steps, and what answering "no" to everything scores."""
+    train = drill_examples(steps * batch_size, form, seed, relations)
+    held_out = drill_examples(n_eval, form, seed + 10_000, relations)
+    tokenizer = train_tokenizer([f"user\n{q}\nassistant\n{a}" for q, a in train[:5000]], vocab_size=512)
+    torch.manual_seed(seed)
+    model = MiniMindForCausalLM(MiniMindConfig(**PRESETS[preset], vocab_size=len(tokenizer),
+                                               max_position_embeddings=128)).train()
+    optimizer = make_optimizer(model, 0.1, lr)
+    eval_ids, eval_labels = batch_of(tokenizer, held_out)
+    curve = [(0, verdict_accuracy(model, eval_ids, eval_labels))]
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        ids, labels = batch_of(tokenizer, train[(step - 1) * batch_size: step * batch_size])
+        model(ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % every == 0 or step == steps:
+            curve.append((step, verdict_accuracy(model, eval_ids, eval_labels)))
+    majority = sum(a.endswith(": no.") for _, a in held_out) / len(held_out)
+    return {"form": form, "relations": list(relations), "curve": curve, "answer_no": majority,
+            "seconds": time.perf_counter() - start}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS))
+    p.add_argument("--relations", nargs="+", choices=RELATIONS, default=list(RELATIONS))
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for form in args.forms:
+        result = drill(form, args.steps, args.batch_size, args.lr, args.seed, args.relations)
+        curve = ", ".join(f"{step}: {100 * acc:.1f}" for step, acc in result["curve"])
+        print(f"{form:>8} ({', '.join(result['relations'])}): held-out verdicts right at step {curve}% "
+              f"(answering 'no' to all: {100 * result['answer_no']:.1f}%; {result['seconds']:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
