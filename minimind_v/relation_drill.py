@@ -14,7 +14,7 @@ once. In the ordered form (``relation_answers="ordered"``) the question's two ob
 the order the relation reads, so the verdict is whether the first position is above (or left of)
 the second; the relation word only says which of the two comparisons to make.
 
-    python -m minimind_v.relation_drill                        # both forms, 600 steps each (~1 min each)
+    python -m minimind_v.relation_drill                        # both forms, 600 steps each (~30 s each)
     python -m minimind_v.relation_drill --forms worked --relations above below
 """
 
@@ -116,9 +116,10 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--every", type=int, default=100, help="score the held-out questions every N steps")
     args = p.parse_args(argv)
     for form in args.forms:
-        result = drill(form, args.steps, args.batch_size, args.lr, args.seed, args.relations)
+        result = drill(form, args.steps, args.batch_size, args.lr, args.seed, args.relations, every=args.every)
         curve = ", ".join(f"{step}: {100 * acc:.1f}" for step, acc in result["curve"])
         print(f"{form:>8} ({', '.join(result['relations'])}): held-out verdicts right at step {curve}% "
               f"(answering 'no' to all: {100 * result['answer_no']:.1f}%; {result['seconds']:.0f} s)", flush=True)
