@@ -117,11 +117,13 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--every", type=int, default=100, help="score the held-out questions every N steps")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="the decoder's size (config.PRESETS)")
     args = p.parse_args(argv)
     for form in args.forms:
-        result = drill(form, args.steps, args.batch_size, args.lr, args.seed, args.relations, every=args.every)
+        result = drill(form, args.steps, args.batch_size, args.lr, args.seed, args.relations, args.preset,
+                       every=args.every)
         curve = ", ".join(f"{step}: {100 * acc:.1f}" for step, acc in result["curve"])
-        print(f"{form:>8} ({', '.join(result['relations'])}): held-out verdicts right at step {curve}% "
+        print(f"{form:>8} ({', '.join(result['relations'])}; {args.preset}): held-out verdicts right at step {curve}% "
               f"(answering 'no' to all: {100 * result['answer_no']:.1f}%; {result['seconds']:.0f} s)", flush=True)
 
 

@@ -354,7 +354,8 @@ print(f"this run: {sum(map(right, this_model, [q['truth'] for q in asked]))} of 
 # facts down is not the same as learning the rule that joins them. Why, shows a drill on the rule
 # alone (`python -m minimind_v.relation_drill`, half a minute per form): a fresh decoder of this
 # size, given the two positions in text, never gets past answering "no" in 3000 steps, because the
-# same two positions take opposite verdicts under "above" and "below". Named in the order the
+# same two positions take opposite verdicts under "above" and "below" (nor does a decoder 30 times
+# larger in 600). Named in the order the
 # relation reads ("Is the circle below the cross?" → "The cross is at the top, the circle at the
 # bottom: yes."), the rule is learned in 300 steps; in the whole recipe, among eight kinds of
 # question, it was learned only in part (6 of 14 "yes" right, relations no better overall).
