@@ -6,7 +6,7 @@ left, the red cross at the bottom: yes.") put the two positions in the text, so 
 nothing of the picture: it is a function of the relation word and the two position phrases. This
 drill trains a fresh decoder of the book's preset on that last step alone, with the world's own
 questions and answers (``shapes.questions``) and the loss on the verdict token only, and scores it
-on questions it has not seen.
+on 400 questions drawn with another seed (the rule is the same; the words may repeat).
 
 In the worked form the same two positions take opposite verdicts under "above" and "below" (and
 under "left of" and "right of"): the verdict depends on the relation word and both positions at

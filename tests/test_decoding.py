@@ -1,6 +1,8 @@
 """Row decoding and the growing cache: the fast batch-1 path computes what F.linear and
 transformers' DynamicCache compute, and never runs where it must not."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -187,3 +189,67 @@ def test_generated_ids_can_be_trained_on():
     loss = model(out, labels=out).loss
     loss.backward()  # would raise "Inference tensors cannot be saved for backward" on the raw output
     assert model.tok_embeddings.weight.grad is not None
+
+
+class RecordingStreamer:
+    """What generate tells a streamer: every put (as lists) and whether it ended."""
+
+    def __init__(self):
+        self.events = []
+
+    def put(self, value):
+        self.events.append(value.tolist())
+
+    def end(self):
+        self.events.append("end")
+
+
+def reference_generate(model, prompt, **kwargs):
+    """transformers' own loop: a generation config of the caller's always takes it."""
+    return model.generate(prompt, generation_config=copy.deepcopy(model.generation_config), **kwargs)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_one_row_gives_what_transformers_loop_gives(seed):
+    model = make_model(seed)
+    prompt = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(seed))
+    free = reference_generate(model, prompt, max_new_tokens=16, do_sample=False)[0, 9:].tolist()
+    assert len(set(free)) > 3  # a varied answer: the cases below can tell paths apart
+    eos = free[5]  # stops at its first occurrence
+    cases = [dict(max_new_tokens=16), dict(max_new_tokens=16, eos_token_id=eos),
+             dict(max_new_tokens=16, eos_token_id=[eos, 96], min_new_tokens=8),
+             dict(max_new_tokens=16, suppress_tokens=[free[0], free[1]], eos_token_id=eos),
+             dict(max_new_tokens=1), dict(max_new_tokens=16, attention_mask=torch.ones(1, 9, dtype=torch.long))]
+    for case in cases:
+        lean_streamer, loop_streamer = RecordingStreamer(), RecordingStreamer()
+        assert model._greedy_one_row_request(prompt, None, {**case, "do_sample": False}) is not None
+        lean = model.generate(prompt, do_sample=False, streamer=lean_streamer, **case)
+        loop = reference_generate(model, prompt, do_sample=False, streamer=loop_streamer, **case)
+        assert torch.equal(lean, loop), case
+        assert lean_streamer.events == loop_streamer.events, case
+    assert model.generate(prompt, max_new_tokens=16, eos_token_id=eos)[0, 9:].tolist() == free[:free.index(eos) + 1]
+
+
+def test_greedy_one_row_is_taken_only_where_it_gives_the_same():
+    model = make_model()
+    prompt = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(4))
+    greedy = dict(max_new_tokens=5, do_sample=False)
+    assert model._greedy_one_row_request(prompt, None, greedy) is not None
+    assert model._greedy_one_row_request(prompt, None, {**greedy, "attention_mask": torch.ones(1, 9)}) is not None
+    refused = [
+        (prompt.repeat(2, 1), None, greedy),  # a batch
+        (prompt, copy.deepcopy(model.generation_config), greedy),  # the caller's own config
+        (prompt, None, {**greedy, "do_sample": True}),
+        (prompt, None, {**greedy, "repetition_penalty": 1.3}),
+        (prompt, None, {**greedy, "output_scores": True, "return_dict_in_generate": True}),
+        (prompt, None, {**greedy, "attention_mask": torch.tensor([[0] + [1] * 8])}),  # padding
+        (prompt, None, {**greedy, "cache": GrowingCache(model.config.n_layers)}),  # the caller's cache
+        (prompt, None, {"do_sample": False}),  # no max_new_tokens given
+        (prompt, None, {**greedy, "max_new_tokens": 0}),
+    ]
+    for args in refused:
+        assert model._greedy_one_row_request(*args) is None, args
+    model.generation_config.repetition_penalty = 1.2  # the model's own settings count too
+    assert model._greedy_one_row_request(prompt, None, greedy) is None
+    moe = make_model(use_moe=True)
+    assert moe._greedy_one_row_request(prompt, None, greedy) is None

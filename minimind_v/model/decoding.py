@@ -8,6 +8,9 @@ the weights on one core, far below the machine's memory bandwidth; the same prod
 transposed (in, out) weight, cut into one column block per thread and run as one batched
 product, streams them on every core. The matrices that read the same input (the query, key and
 value projections; SwiGLU's gate and up projections) are read as one: fewer, larger products.
+``greedy_one_row`` answers one prompt greedily without transformers' loop around the step (its
+logits processors, stopping criteria and input preparation, about a sixth of a step of the
+``small`` preset), as ``generate`` computes it; ``generate`` takes it for such requests.
 ``benchmarks/bench_decode.py`` measures all of it against the bandwidth and the original code.
 
 ``row_decoding(model)`` switches this on for the duration of a block (``generate`` uses it): a
@@ -140,6 +143,41 @@ def decode_one_row(model: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: to
         gate, up = times_blocks(F.rms_norm(h, (dim,), norm.weight, norm.eps), ffn.w1.blocks_with(ffn.w3)).chunk(2, dim=-1)
         h = h + times_blocks(F.silu(gate) * up, ffn.w2.blocks_with())
     return h
+
+
+def greedy_one_row(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids=(),
+                   suppress_tokens=(), min_new_tokens: int = 0, streamer=None, **prompt_inputs) -> torch.Tensor:
+    """Greedy answer to one prompt (1, T) -> (1, T + new): what transformers' ``generate`` computes
+    for it (the same forward on the prompt, the same one-row step, eos, ``suppress_tokens``,
+    ``min_new_tokens``, the streamer told the prompt, each token, the end), without the loop
+    around the step: no logits processors, stopping criteria or input preparation per token.
+    ``prompt_inputs`` go with the prompt only (its attention mask, its pictures). Called inside
+    ``row_decoding`` and inference mode (``MiniMindForCausalLM.generate``)."""
+    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
+    suppress = torch.tensor(sorted(set(suppress_tokens)), dtype=torch.long)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    cache = GrowingCache(model.config.n_layers)
+    logits = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1, **prompt_inputs).logits[:, -1]
+    tokens, position = [], input_ids.shape[1]
+    for step in range(max_new_tokens):
+        scores = logits.float()
+        if len(suppress):
+            scores[:, suppress] = float("-inf")
+        if step < min_new_tokens and len(eos):
+            scores[:, eos] = float("-inf")
+        token = scores.argmax(-1, keepdim=True)  # (1, 1)
+        tokens.append(token)
+        if streamer is not None:
+            streamer.put(token[0].cpu())
+        if step + 1 == max_new_tokens or bool(torch.isin(token, eos).any()):
+            break
+        h = decode_one_row(model, model.tok_embeddings(token), model.rope_cos[position], model.rope_sin[position], cache)
+        logits = model.output(model.norm(h))[:, -1]
+        position += 1
+    if streamer is not None:
+        streamer.end()
+    return torch.cat([input_ids, *tokens], dim=1)
 
 
 class GrowingLayer(DynamicLayer):

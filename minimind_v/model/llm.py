@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import IGNORE_INDEX, MiniMindConfig, check_attn_implementation
-from .decoding import GrowingCache, RowLinear, decode_one_row, row_decoding, same_input
+from .decoding import GrowingCache, RowLinear, decode_one_row, greedy_one_row, row_decoding, same_input
 from .folders import check_model_folder, load_hub_id, looks_like_local_path
 
 
@@ -346,14 +346,52 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
                     )
                 kwargs.pop("max_length", None)
                 kwargs["max_new_tokens"] = room
+        one_row = self._greedy_one_row_request(inputs, generation_config, kwargs)
         if kwargs.get("use_cache", True) and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
             kwargs["cache"] = GrowingCache(self.config.n_layers)  # appends in place (decoding.py)
         # Batch-1 steps read the weights on every core (decoding.py); inference mode skips autograd's
         # bookkeeping on every operation (about a tenth of a batch-1 step of the small preset).
         with row_decoding(self), torch.inference_mode():
-            out = super().generate(inputs, generation_config, **kwargs)
+            if one_row is not None:  # one prompt, greedy: the same tokens without transformers' loop
+                out = greedy_one_row(self, **one_row)
+            else:
+                out = super().generate(inputs, generation_config, **kwargs)
         # A plain tensor again (inference tensors cannot enter a later autograd graph, e.g. as training ids).
         return out.clone() if torch.is_tensor(out) else out
+
+    # What a batch-1 greedy request may carry and still take decoding.greedy_one_row; anything else
+    # (sampling, beams, penalties, scores asked for, a generation config of the caller's) goes
+    # through transformers' loop.
+    _GREEDY_ONE_ROW_KWARGS = frozenset({"attention_mask", "image_tokens", "pixel_values", "max_new_tokens",
+                                        "eos_token_id", "pad_token_id", "streamer", "do_sample",
+                                        "suppress_tokens", "min_new_tokens", "use_cache"})
+    # Keys of this model's own generation config that leave greedy search as it is.
+    _GREEDY_CONFIG_KEYS = frozenset({"bos_token_id", "eos_token_id", "pad_token_id", "use_cache",
+                                     "output_attentions", "output_hidden_states", "_from_model_config",
+                                     "transformers_version"})
+
+    def _greedy_one_row_request(self, inputs, generation_config, kwargs) -> dict | None:
+        """The arguments of ``decoding.greedy_one_row`` when this request is one prompt decoded
+        greedily on the CPU with nothing transformers' loop would add; else None."""
+        ids = inputs
+        if (generation_config is not None or not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[0] != 1
+                or ids.device.type != "cpu" or self.config.use_moe or not set(kwargs) <= self._GREEDY_ONE_ROW_KWARGS
+                or kwargs.get("do_sample") or kwargs.get("use_cache") is False
+                or int(kwargs.get("max_new_tokens") or 0) < 1):
+            return None
+        own = self.generation_config.to_diff_dict()  # what this model's config sets apart from transformers' defaults
+        if not set(own) <= self._GREEDY_CONFIG_KEYS or own.get("output_attentions") or own.get("output_hidden_states"):
+            return None
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            return None
+        eos = kwargs.get("eos_token_id", self.generation_config.eos_token_id)
+        return dict(input_ids=ids, max_new_tokens=int(kwargs["max_new_tokens"]),
+                    eos_token_ids=[] if eos is None else torch.as_tensor(eos).flatten().tolist(),
+                    suppress_tokens=kwargs.get("suppress_tokens") or (),
+                    min_new_tokens=int(kwargs.get("min_new_tokens") or 0), streamer=kwargs.get("streamer"),
+                    **{k: kwargs[k] for k in ("attention_mask", "image_tokens", "pixel_values")  # for the prompt
+                       if kwargs.get(k) is not None})
 
     def get_input_embeddings(self):
         return self.tok_embeddings
