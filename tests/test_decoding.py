@@ -253,3 +253,7 @@ def test_greedy_one_row_is_taken_only_where_it_gives_the_same():
     assert model._greedy_one_row_request(prompt, None, greedy) is None
     moe = make_model(use_moe=True)
     assert moe._greedy_one_row_request(prompt, None, greedy) is None
+    written_out = make_model()
+    written_out.set_attn_implementation("eager")  # its steps keep the layers' own attention
+    assert written_out._greedy_one_row_request(prompt, None, greedy) is None
+    assert make_model().train()._greedy_one_row_request(prompt, None, greedy) is None

@@ -375,7 +375,8 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         greedily on the CPU with nothing transformers' loop would add; else None."""
         ids = inputs
         if (generation_config is not None or not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[0] != 1
-                or ids.device.type != "cpu" or self.config.use_moe or not set(kwargs) <= self._GREEDY_ONE_ROW_KWARGS
+                or ids.device.type != "cpu" or self.training or self.config.use_moe or self.uses_eager_attention
+                or not set(kwargs) <= self._GREEDY_ONE_ROW_KWARGS
                 or kwargs.get("do_sample") or kwargs.get("use_cache") is False
                 or int(kwargs.get("max_new_tokens") or 0) < 1):
             return None
