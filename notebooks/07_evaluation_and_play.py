@@ -351,14 +351,14 @@ print(f"this run: {sum(map(right, this_model, [q['truth'] for q in asked]))} of 
 # left, the red cross at the bottom: yes.") lets the model write down where both objects are before
 # it judges; trained so on one seed, it wrote the positions right for 112 of 125 relation questions
 # and then still answered not one "yes" right, and 5 of 23 shapes (README, world 2). Writing the
-# facts down is not the same as learning the rule that joins them. Why, shows a drill on the rule
-# alone (`python -m minimind_v.relation_drill`, half a minute per form): a fresh decoder of this
-# size, given the two positions in text, never gets past answering "no" in 3000 steps, because the
-# same two positions take opposite verdicts under "above" and "below" (nor does a decoder 30 times
-# larger in 600). Named in the order the
-# relation reads ("Is the circle below the cross?" → "The cross is at the top, the circle at the
-# bottom: yes."), the rule is learned in 300 steps; in the whole recipe, among eight kinds of
-# question, it was learned only in part (6 of 14 "yes" right, relations no better overall).
+# facts down is not the same as learning the rule that joins them. A drill on the rule alone shows
+# why (`python -m minimind_v.relation_drill`, half a minute per form): a fresh decoder of this size,
+# given the two positions in text, never gets past answering "no" in 3000 steps (nor does one 30
+# times larger in 600), because the same two positions take opposite verdicts under "above" and
+# "below". With the objects named in the order the relation reads ("Is the circle below the
+# cross?" → "The cross is at the top, the circle at the bottom: yes.") the rule is learned in 300
+# steps; in the whole recipe, among eight kinds of question, it was learned only in part (6 of 14
+# "yes" right, relations no better overall).
 
 # %%
 display(Markdown(table_markdown(WORLD2_RECORD)))
