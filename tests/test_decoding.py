@@ -205,8 +205,10 @@ class RecordingStreamer:
 
 
 def reference_generate(model, prompt, **kwargs):
-    """transformers' own loop: a generation config of the caller's always takes it."""
-    return model.generate(prompt, generation_config=copy.deepcopy(model.generation_config), **kwargs)
+    """transformers' own loop: any setting the greedy one-row path does not take sends a request
+    there (a repetition penalty of 1 changes no score)."""
+    assert model._greedy_one_row_request(prompt, None, {**kwargs, "repetition_penalty": 1.0}) is None
+    return model.generate(prompt, repetition_penalty=1.0, **kwargs)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

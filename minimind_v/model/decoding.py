@@ -9,8 +9,8 @@ transposed (in, out) weight, cut into one column block per thread and run as one
 product, streams them on every core. The matrices that read the same input (the query, key and
 value projections; SwiGLU's gate and up projections) are read as one: fewer, larger products.
 ``greedy_one_row`` answers one prompt greedily without transformers' loop around the step (its
-logits processors, stopping criteria and input preparation, about a sixth of a step of the
-``small`` preset), as ``generate`` computes it; ``generate`` takes it for such requests.
+logits processors, stopping criteria and input preparation), as ``generate`` computes it;
+``generate`` takes it for such requests.
 ``benchmarks/bench_decode.py`` measures all of it against the bandwidth and the original code.
 
 ``row_decoding(model)`` switches this on for the duration of a block (``generate`` uses it): a

@@ -347,10 +347,11 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
                 kwargs.pop("max_length", None)
                 kwargs["max_new_tokens"] = room
         one_row = self._greedy_one_row_request(inputs, generation_config, kwargs)
-        if kwargs.get("use_cache", True) and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+        if (one_row is None and kwargs.get("use_cache", True) and kwargs.get("cache") is None
+                and kwargs.get("past_key_values") is None):
             kwargs["cache"] = GrowingCache(self.config.n_layers)  # appends in place (decoding.py)
         # Batch-1 steps read the weights on every core (decoding.py); inference mode skips autograd's
-        # bookkeeping on every operation (about a tenth of a batch-1 step of the small preset).
+        # bookkeeping on every operation.
         with row_decoding(self), torch.inference_mode():
             if one_row is not None:  # one prompt, greedy: the same tokens without transformers' loop
                 out = greedy_one_row(self, **one_row)
