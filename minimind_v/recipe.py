@@ -66,7 +66,7 @@ class Recipe:
     held_out_pairs: tuple = ()  # colour-shape pairs kept out of training (the seen/unseen split)
     caption_order: str = "random"  # or "reading" (the ablation of chapter 08)
     sft_turns: tuple = (6, 8)  # questions per SFT record, fewest and most
-    relation_answers: str = "verdict"  # or "worked", "ordered" (shapes.RELATION_ANSWERS)
+    relation_answers: str = "verdict"  # or "worked", "ordered", "regions" (shapes.RELATION_ANSWERS)
     # tiny CLIP
     clip_steps: int = TRAINING["clip"]["steps"]  # ~3.6 min on 2 CPU cores
     clip_batch: int = TRAINING["clip"]["batch_size"]

@@ -12,9 +12,13 @@ In the worked form the same two positions take opposite verdicts under "above" a
 under "left of" and "right of"): the verdict depends on the relation word and both positions at
 once. In the ordered form (``relation_answers="ordered"``) the question's two objects are named in
 the order the relation reads, so the verdict is whether the first position is above (or left of)
-the second; the relation word only says which of the two comparisons to make.
+the second; the relation word only says which of the two comparisons to make. In the regions form
+(``relation_answers="regions"``) the relation and the anchor's place meet once, in the rows or
+columns the answer names ("above it: the top and middle rows"), and the verdict is whether the
+subject's row is among them; the drill trains both, the region and the verdict, the text before
+each given.
 
-    python -m minimind_v.relation_drill                        # both forms, 600 steps each (~30 s each)
+    python -m minimind_v.relation_drill                        # every form, 600 steps each (~30-45 s each)
     python -m minimind_v.relation_drill --forms worked --relations above below
 """
 
@@ -52,15 +56,29 @@ def drill_examples(n: int, form: str, seed: int, relations=RELATIONS) -> list[tu
     return out[:n]
 
 
-def encode(tokenizer, question: str, reply: str) -> tuple[list[int], list[int]]:
-    """Token ids of the chat turn and its answer, and labels that keep the verdict's tokens alone
-    (the positions before it are given, as the model has written them)."""
+def answer_parts(reply: str) -> list[tuple[str, bool]]:
+    """The answer cut into (text, learned) pieces: learned are the parts its earlier words decide
+    (the verdict; in the regions form also the region), given are the places the picture decides."""
     head, verdict = reply.rsplit(":", 1)
+    if " it: " not in head:  # worked, ordered: every place given, the verdict learned
+        return [(head + ":", False), (verdict.rstrip("."), True)]
+    anchor, rest = head.split(" it: ", 1)
+    region, subject = rest.split(";", 1)
+    return [(anchor + " it: ", False), (region, True), (";" + subject + ":", False), (verdict.rstrip("."), True)]
+
+
+def encode(tokenizer, question: str, reply: str) -> tuple[list[int], list[int]]:
+    """Token ids of the chat turn and its answer, and labels that keep the learned parts' tokens
+    alone (``answer_parts``; the places are given, as the model has written them)."""
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                            add_generation_prompt=True)
-    given = tokenizer(prompt + head + ":", add_special_tokens=False)["input_ids"]
-    target = tokenizer(verdict.rstrip("."), add_special_tokens=False)["input_ids"]
-    return given + target, [IGNORE_INDEX] * len(given) + target
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for text, learned in answer_parts(reply):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if learned else [IGNORE_INDEX] * len(piece)
+    return ids, labels
 
 
 def batch_of(tokenizer, examples) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +91,7 @@ def batch_of(tokenizer, examples) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def verdict_accuracy(model, ids: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of rows whose every verdict token is the greedy choice given the text before it."""
+    """Share of rows whose every learned token is the greedy choice given the text before it."""
     model.eval()
     predicted = model(ids).logits[:, :-1].argmax(-1)
     targets = labels[:, 1:]
@@ -91,7 +109,7 @@ def drill(form: str, steps: int = 600, batch_size: int = 32, lr: float = 1e-3, s
     tokenizer = train_tokenizer([f"user\n{q}\nassistant\n{a}" for q, a in train[:5000]], vocab_size=512)
     torch.manual_seed(seed)
     model = MiniMindForCausalLM(MiniMindConfig(**PRESETS[preset], vocab_size=len(tokenizer),
-                                               max_position_embeddings=128)).train()
+                                               max_position_embeddings=192)).train()
     optimizer = make_optimizer(model, 0.1, lr)
     eval_ids, eval_labels = batch_of(tokenizer, held_out)
     curve = [(0, verdict_accuracy(model, eval_ids, eval_labels))]
@@ -123,7 +141,7 @@ def main(argv=None) -> None:
         result = drill(form, args.steps, args.batch_size, args.lr, args.seed, args.relations, args.preset,
                        every=args.every)
         curve = ", ".join(f"{step}: {100 * acc:.1f}" for step, acc in result["curve"])
-        print(f"{form:>8} ({', '.join(result['relations'])}; {args.preset}): held-out verdicts right at step {curve}% "
+        print(f"{form:>8} ({', '.join(result['relations'])}; {args.preset}): held-out {'regions and verdicts' if form == 'regions' else 'verdicts'} right at step {curve}% "
               f"(answering 'no' to all: {100 * result['answer_no']:.1f}%; {result['seconds']:.0f} s)", flush=True)
 
 

@@ -1,4 +1,4 @@
-"""The relation drill: the world's own yes/no relation questions, the loss on the verdict alone."""
+"""The relation drill: the world's own yes/no relation questions, the loss on what the text before decides."""
 
 import pytest
 
@@ -6,7 +6,7 @@ from minimind_v.relation_drill import batch_of, drill, drill_examples, encode
 from minimind_v.tokenizer import train_tokenizer
 
 
-@pytest.mark.parametrize("form", ["worked", "ordered"])
+@pytest.mark.parametrize("form", ["worked", "ordered", "regions"])
 def test_drill_examples_are_the_worlds_yes_no_relation_questions(form):
     examples = drill_examples(200, form, seed=3, relations=("above", "below"))
     assert len(examples) == 200
@@ -36,6 +36,21 @@ def test_labels_keep_the_verdict_alone():
         assert [labels[i] for i in kept] == [ids[i] for i in kept]
     ids, labels = batch_of(tokenizer, examples[:8])
     assert ids.shape == labels.shape and ids.shape[0] == 8
+
+
+def test_regions_labels_keep_the_region_and_the_verdict():
+    examples = drill_examples(100, "regions", 2)
+    tokenizer = train_tokenizer([f"user\n{q}\nassistant\n{a}" for q, a in examples], vocab_size=400)
+    # "The red cross is at the bottom; above it: the top and middle rows; the circle is in the top row: yes."
+    for question, reply in examples[:20]:
+        ids, labels = encode(tokenizer, question, reply)
+        kept = [i for i, label in enumerate(labels) if label != -100]
+        region = reply.split(" it: ", 1)[1].split(";")[0]
+        verdict = reply.rsplit(": ", 1)[1].rstrip(".")
+        gaps = [b for a, b in zip(kept, kept[1:]) if b != a + 1]
+        assert len(gaps) == 1 and kept[-1] == len(ids) - 1  # two runs of learned tokens, the verdict last
+        assert tokenizer.decode([ids[i] for i in kept if i < gaps[0]]).strip() == region
+        assert tokenizer.decode([ids[i] for i in kept if i >= gaps[0]]).strip() == verdict
 
 
 def test_drill_runs_and_reports_its_curve():

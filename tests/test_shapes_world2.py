@@ -18,7 +18,7 @@ import pytest
 
 from minimind_v.data.shapes import (ANSWER_TYPES, EXTRA_ANSWER_TYPES, POSITIONS, RELATIONS, ShapesWorldConfig, answer,
                                     generate_world, names_held_out_pair, position_phrase, questions,
-                                    random_scene)
+                                    random_scene, region_phrase)
 
 ALL_TYPES = ANSWER_TYPES + EXTRA_ANSWER_TYPES
 PAIRS = (("red", "circle"), ("blue", "square"))
@@ -111,7 +111,77 @@ def test_ordered_yes_no_answers_say_whether_the_first_object_named_is_above_or_l
     assert {r for r, _ in checked} == set(RELATIONS) and {v for _, v in checked} == {"yes.", " no."}, checked
 
 
-@pytest.mark.parametrize("form", ["worked", "ordered"])
+# Regions: the anchor's place, the rows or columns the relation points to from it, then (yes/no)
+# the subject's row or column, then the verdict.
+@pytest.mark.parametrize("question, expected", [
+    ("What shape is left of the blue square?", "The blue square is in the center; left of it: the left column: circle."),
+    ("What shape is right of the blue square?",
+     "The blue square is in the center; right of it: the right column: triangle."),
+    ("Which shape is above the small object?", "The small object is in the top left; above it: no row: nothing."),
+    ("Which shape is below the large red shape?",
+     "The large red object is in the bottom right; below it: no row: nothing."),
+    ("Which shape is above the large red shape?",
+     "The large red object is in the bottom right; above it: the top and middle rows: nothing."),  # two: not asked
+    ("Is the circle above the triangle?",
+     "The triangle is in the bottom right; above it: the top and middle rows; the circle is in the top row: yes."),
+    ("Is the blue square left of the circle?",
+     "The circle is in the top left; left of it: no column; the blue square is in the center column: no."),
+    ("Is the triangle right of the small red shape?",
+     "The small red object is in the top left; right of it: the center and right columns; "
+     "the triangle is in the right column: yes."),
+    ("Is the circle below the blue square?",
+     "The blue square is in the center; below it: the bottom row; the circle is in the top row: no."),
+])
+def test_hand_worked_relation_answers_in_the_regions_form(question, expected):
+    if "above the large red" in question:  # the circle and the square are both above: two right answers
+        with pytest.raises(ValueError, match="has 2 answers"):
+            answer(SCENE, question, absent_ok=True, relation_answers="regions")
+        return
+    assert answer(SCENE, question, absent_ok=True, relation_answers="regions") == expected
+
+
+@pytest.mark.parametrize("relation, position, expected", [
+    ("left of", "top left", "no column"), ("left of", "top", "the left column"),
+    ("left of", "bottom right", "the left and center columns"), ("right of", "left", "the center and right columns"),
+    ("right of", "center", "the right column"), ("right of", "right", "no column"),
+    ("above", "bottom", "the top and middle rows"), ("above", "left", "the top row"), ("above", "top right", "no row"),
+    ("below", "top left", "the middle and bottom rows"), ("below", "center", "the bottom row"),
+    ("below", "bottom left", "no row"),
+])
+def test_region_phrases_as_worked_out_by_hand(relation, position, expected):
+    assert region_phrase(relation, position) == expected
+
+
+def test_regions_answers_are_a_lookup_in_the_region_they_name():
+    """What the regions form is made for, on many generated scenes, read from the answer's own words
+    and the scene: a yes/no verdict is "yes" exactly when the subject's row or column is one the
+    region names; a shape answer is the one object in the cells of the named region, "nothing"
+    that there is none there."""
+    rng = random.Random(12)
+    checked = Counter()
+    for _ in range(600):
+        scene = random_scene(rng)
+        for question, reply, kind in questions(scene, rng, ALL_TYPES, relation_answers="regions"):
+            if kind != "relation":
+                continue
+            head, verdict = reply[:-1].rsplit(": ", 1)
+            region = head.split(" it: ", 1)[1].split(";")[0].split(":")[0]
+            lines = region.split()[1:-1] if region.startswith("the ") else []  # "the top and middle rows"
+            lines = [w for w in lines if w != "and"]
+            if question.startswith("Is "):
+                line = head.rsplit(" is in the ", 1)[1].split()[0]
+                assert verdict == ("yes" if line in lines else "no"), (question, reply)
+            else:
+                vertical = region.endswith(("row", "rows"))
+                names = ("top", "middle", "bottom") if vertical else ("left", "center", "right")
+                inside = [o["shape"] for o in scene
+                          if names[divmod(POSITIONS.index(o["position"]), 3)[0 if vertical else 1]] in lines]
+                assert len(inside) <= 1 and verdict == (inside[0] if inside else "nothing"), (question, reply)
+            checked[question.startswith("Is "), verdict in ("yes", "nothing")] += 1
+    assert len(checked) == 4 and min(checked.values()) > 20, checked
+
+
+@pytest.mark.parametrize("form", ["worked", "ordered", "regions"])
 def test_worked_relation_answers_ask_the_same_questions_and_only_relations_change(tmp_path, form):
     verdict, worked = _world(tmp_path, "verdict"), _world(tmp_path, form, relation_answers=form)
     for name in ("pretrain_data.json", "sft_data.json", "eval_data.json"):

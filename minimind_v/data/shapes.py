@@ -39,8 +39,9 @@ from ..machine import usable_cores
 from ..runfiles import atomic_write_text
 from .shapes_answers import answer, answer_two_pictures, parse_question, question_form
 from .shapes_questions import (CAPTION_REQUESTS, CAPTION_TEMPLATES, QUESTION_TEMPLATES, TWO_PICTURE_TEMPLATES,
-                               RELATION_ANSWERS, absent_answer, caption, questions, related,
-                               single_picture_types, two_picture_question, worked_relation_answer)
+                               RELATION_ANSWERS, absent_answer, caption, questions, region_phrase, related,
+                               regions_relation_answer, single_picture_types, two_picture_question,
+                               worked_relation_answer)
 from .shapes_records import (MAX_SFT_TURNS, ShapesWorldConfig, demo_images, eval_records, has_held_out_pair,
                              names_held_out_pair, pretrain_records, record_images, record_scenes, sft_records)
 from .shapes_scenes import (ANSWER_TYPES, BACKGROUND_RGB, COLOUR_RGB, COLOURS, EXTRA_ANSWER_TYPES, NUMBER_WORDS,
@@ -57,7 +58,8 @@ __all__ = [
     'TWO_PICTURES', 'TWO_PICTURE_ANSWERS', 'TWO_PICTURE_TEMPLATES', 'absent_answer', 'answer',
     'answer_two_pictures', 'caption', 'describe_object', 'generate_world', 'has_held_out_pair', 'main',
     'max_offset', 'names_held_out_pair', 'object_box', 'parse_question', 'position_phrase', 'question_form',
-    'questions', 'random_scene', 'record_images', 'record_scenes', 'related', 'render_scene', 'scene_key',
+    'questions', 'random_scene', 'record_images', 'record_scenes', 'region_phrase', 'regions_relation_answer', 'related',
+    'render_scene', 'scene_key',
     'single_picture_types', 'stored_image_name', 'two_picture_question', 'validate_scene', 'worked_relation_answer',
 ]
 
@@ -265,8 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help=f"comma-separated kinds of question (default: {','.join(defaults.question_types)}); "
                         f"any of {', '.join(ANSWER_TYPES + EXTRA_ANSWER_TYPES + (TWO_PICTURES,))}")
     p.add_argument("--relation-answers", choices=RELATION_ANSWERS, default=defaults.relation_answers,
-                   help="relation questions answered by the verdict alone, or worked: where the named objects "
-                        "are, then the verdict")
+                   help="relation questions answered by the verdict alone; worked, ordered: where the named "
+                        "objects are, then the verdict; regions: the anchor's place, the rows or columns the "
+                        "relation points to, then the verdict")
     p.add_argument("--overwrite", action="store_true", help="replace the shapes-world files in a non-empty --out")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from .shapes_questions import (QUESTION_TEMPLATES, RELATION_ANSWERS, TWO_PICTURE_TEMPLATES, _count_in, _matches,
-                               absent_answer, related, worked_relation_answer)
+                               absent_answer, related, relation_reply)
 from .shapes_scenes import COLOURS, NUMBER_WORDS, PLURAL_SHAPES, POSITIONS, RELATIONS, SHAPES, SINGULAR, SIZES
 
 _PLURAL_TWO = rf"(?:(?P<colour>{'|'.join(COLOURS)}) objects|(?P<shapes>{'|'.join(PLURAL_SHAPES.values())}))"
@@ -156,17 +156,13 @@ def answer(scene: list[dict], question: str, absent_ok: bool = False, relation_a
         if "subject" in constraints:
             subject = _the_one(scene, constraints["subject"], question)
             verdict = "yes" if related(subject, relation, anchor) else "no"
-            if relation_answers != "verdict":
-                return worked_relation_answer(relation, (anchor, constraints["anchor"]), verdict,
-                                              (subject, constraints["subject"]), relation_answers == "ordered")
-            return verdict
+            return relation_reply(relation_answers, relation, (anchor, constraints["anchor"]), verdict,
+                                  (subject, constraints["subject"]))
         found = [o for o in scene if o is not anchor and related(o, relation, anchor)]
         if len(found) > 1:
             raise ValueError(f"answer: {question!r} has {len(found)} answers in the scene {scene!r}")
         verdict = found[0]["shape"] if found else "nothing"
-        if relation_answers != "verdict":
-            return worked_relation_answer(relation, (anchor, constraints["anchor"]), verdict)
-        return verdict
+        return relation_reply(relation_answers, relation, (anchor, constraints["anchor"]), verdict)
     found = [o for o in scene if _matches(o, constraints)]
     if kind == "count":
         return NUMBER_WORDS[len(found)]

@@ -102,7 +102,13 @@ CAPTION_ORDERS = ("random", "reading")
 # with the two objects of a yes/no question named in the order the relation reads ("Is the
 # circle below the cross?" -> 'The cross is at the top, the circle at the bottom: yes.'): the
 # verdict is then whether the first is above (or left of) the second, whichever word was asked.
-RELATION_ANSWERS = ("verdict", "worked", "ordered")
+# "regions" names the rows or columns the relation points to from the anchor, then looks there
+# ("What shape is left of the blue square?" -> 'The blue square is in the center; left of it: the
+# left column: circle.'; "Is the circle above the red cross?" -> 'The red cross is at the bottom;
+# above it: the top and middle rows; the circle is in the top row: yes.'): the relation and the
+# anchor's place meet once, in a region the model writes, and what follows is a lookup in that
+# region or a match of the subject's row against its words.
+RELATION_ANSWERS = ("verdict", "worked", "ordered", "regions")
 
 
 def caption(scene: list[dict], rng: random.Random, order: str = "random") -> str:
@@ -310,9 +316,7 @@ def _relation_question(scene: list[dict], rng: random.Random,
         anchor = rng.choice(rb)
         question = template.format(ref=subject_phrase, rel=relation, ref2=_noun_phrase(anchor, rng, True))
         verdict = "yes" if related(a, relation, b) else "no"
-        if answers != "verdict":
-            verdict = worked_relation_answer(relation, (b, anchor), verdict, (a, subject), answers == "ordered")
-        return question, verdict, "relation"
+        return question, relation_reply(answers, relation, (b, anchor), verdict, (a, subject)), "relation"
     order = list(range(len(named)))
     rng.shuffle(order)
     for i in order:
@@ -323,10 +327,60 @@ def _relation_question(scene: list[dict], rng: random.Random,
             ref = rng.choice(refs)
             question = template.format(rel=relation, ref=_noun_phrase(ref, rng, True))
             verdict = found[0]["shape"] if found else "nothing"
-            if answers != "verdict":
-                verdict = worked_relation_answer(relation, (anchor, ref), verdict)
-            return question, verdict, "relation"
+            return question, relation_reply(answers, relation, (anchor, ref), verdict), "relation"
     return None
+
+
+def relation_reply(form: str, relation: str, anchor: tuple[dict, dict], verdict: str,
+                   subject: tuple[dict, dict] | None = None) -> str:
+    """A relation question's answer in ``form`` (one of RELATION_ANSWERS); ``anchor`` and ``subject``
+    are (object, the attributes the question names it by), ``verdict`` the answer alone."""
+    if form == "verdict":
+        return verdict
+    if form == "regions":
+        return regions_relation_answer(relation, anchor, verdict, subject)
+    return worked_relation_answer(relation, anchor, verdict, subject, form == "ordered")
+
+
+def _named(named: tuple[dict, dict]) -> str:
+    constraints = named[1]
+    return " ".join(["the", *(constraints[k] for k in ("size", "colour") if k in constraints),
+                     constraints.get("shape", "object")])
+
+
+ROW_NAMES, COLUMN_NAMES = ("top", "middle", "bottom"), ("left", "center", "right")
+
+
+def region_phrase(relation: str, position: str) -> str:
+    """The rows or columns ``relation`` points to from a cell: ("left of", "right") -> 'the left
+    and center columns', ("above", "top left") -> 'no row'."""
+    row, column = divmod(POSITIONS.index(position), 3)
+    vertical = relation in ("above", "below")
+    here, names, unit = (row, ROW_NAMES, "row") if vertical else (column, COLUMN_NAMES, "column")
+    lines = [i for i in range(3) if (i < here if relation in ("above", "left of") else i > here)]
+    if not lines:
+        return f"no {unit}"
+    return f"the {' and '.join(names[i] for i in lines)} {unit}{'s' if len(lines) > 1 else ''}"
+
+
+def line_phrase(relation: str, position: str) -> str:
+    """The row (above, below) or column (left of, right of) of a cell: 'the top row', 'the right column'."""
+    row, column = divmod(POSITIONS.index(position), 3)
+    return f"the {ROW_NAMES[row]} row" if relation in ("above", "below") else f"the {COLUMN_NAMES[column]} column"
+
+
+def regions_relation_answer(relation: str, anchor: tuple[dict, dict], verdict: str,
+                            subject: tuple[dict, dict] | None = None) -> str:
+    """A relation's verdict after the anchor's place and the region the relation points to from it.
+    "What shape is left of the blue square?" -> 'The blue square is in the center; left of it: the left column: circle.'
+    "Is the circle above the red cross?" -> 'The red cross is at the bottom; above it: the top and
+    middle rows; the circle is in the top row: yes.' (the subject's row, or column, is in the region or not)."""
+    where = position_phrase(anchor[0]["position"])
+    text = f"{_named(anchor)} is {where}; {relation} it: {region_phrase(relation, anchor[0]['position'])}"
+    if subject is not None:
+        text += f"; {_named(subject)} is in {line_phrase(relation, subject[0]['position'])}"
+    text += f": {verdict}."
+    return text[0].upper() + text[1:]
 
 
 def worked_relation_answer(relation: str, anchor: tuple[dict, dict], verdict: str,
@@ -337,10 +391,7 @@ def worked_relation_answer(relation: str, anchor: tuple[dict, dict], verdict: st
     "What shape is left of the blue square?" -> 'The blue square is in the center; left of it: circle.'
     ``ordered``: a yes/no question asking "below" or "right of" names the anchor first
     ("Is the circle below the red cross?" -> 'The red cross is at the bottom, the circle in the top left: no.')."""
-    def name(named: tuple[dict, dict]) -> str:
-        constraints = named[1]
-        return " ".join(["the", *(constraints[k] for k in ("size", "colour") if k in constraints),
-                         constraints.get("shape", "object")])
+    name = _named
 
     def at(named: tuple[dict, dict]) -> str:
         return position_phrase(named[0]["position"])

@@ -44,8 +44,9 @@ class ShapesWorldConfig:
     # bottom right, for the ablation that shows why not).
     caption_order: str = "random"
     # How relation questions are answered: "verdict" (the answer alone), "worked" (where the
-    # objects are, then the answer) or "ordered" (worked, the objects named in the order the
-    # relation reads); RELATION_ANSWERS. The same questions either way.
+    # objects are, then the answer), "ordered" (worked, the objects named in the order the
+    # relation reads) or "regions" (the anchor's place and the rows or columns the relation points
+    # to, then the answer); RELATION_ANSWERS. The same questions either way.
     relation_answers: str = "verdict"
 
     def validate(self) -> None:
