@@ -1,0 +1,96 @@
+"""How a run answered its relation questions, step by step.
+
+A relation answer may be the verdict alone ("yes", "circle", "nothing") or a worked one that writes
+steps before it (the world's ``relation_answers``: "worked", "ordered", "regions"). Accuracy judges
+the whole answer; this report splits it, per kind of verdict the truth has (yes, no, nothing, a
+shape): how often the whole answer is right, the verdict alone, and each written step (the anchor's
+place, the region, the subject's row or column), and the verdict where every step before it is
+right, so a reader sees which step fails.
+
+    python -m minimind_v.relation_report runs/default/eval/answers.json [more answers.json ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+VERDICT_KINDS = ("yes", "no", "nothing", "a shape")
+STEPS = ("places", "region", "subject's line")
+
+
+def answer_steps(reply: str) -> dict[str, str]:
+    """The parts of a relation answer: its verdict and the steps written before it.
+    'The red cross is at the bottom; above it: the top and middle rows; the circle is in the top row: yes.'
+    -> {"verdict": "yes", "places": "The red cross is at the bottom", "region": "the top and middle rows",
+    "subject's line": "the circle is in the top row"}; 'nothing' -> {"verdict": "nothing"}."""
+    head, sep, verdict = reply.strip().rstrip(".").rpartition(": ")
+    if not sep:
+        return {"verdict": verdict}
+    parts = [p.strip() for p in head.split(";")]
+    steps = {"verdict": verdict, "places": parts[0]}
+    regions = [i for i, part in enumerate(parts) if " it: " in part]  # "above it: the top row"
+    if regions:
+        steps["region"] = parts[regions[0]].split(" it: ", 1)[1]
+        if len(parts) > regions[0] + 1:
+            steps["subject's line"] = parts[regions[0] + 1]
+    return steps
+
+
+def verdict_kind(verdict: str) -> str:
+    return verdict if verdict in ("yes", "no", "nothing") else "a shape"
+
+
+def relation_steps(answers: list[dict]) -> dict[str, Counter]:
+    """Per verdict kind of the truth: 'questions', 'whole answer', 'verdict' and each step of STEPS
+    that the truth writes, counted right (a step the prediction lacks is wrong), and 'after right
+    steps': the verdict right among the answers whose every written step is right."""
+    counts = {kind: Counter() for kind in VERDICT_KINDS}
+    for row in answers:
+        if row["type"] != "relation":
+            continue
+        truth, said = answer_steps(row["answer"]), answer_steps(row["prediction"])
+        c = counts[verdict_kind(truth["verdict"])]
+        c["questions"] += 1
+        c["whole answer"] += row["correct"]
+        for step in ("verdict", *STEPS):
+            if step in truth:
+                c[step] += said.get(step) == truth[step]
+                c[f"{step} asked"] += 1
+        # The last step alone: the verdict where every step written before it is right.
+        if all(said.get(step) == truth[step] for step in STEPS if step in truth):
+            c["after right steps asked"] += 1
+            c["after right steps"] += said["verdict"] == truth["verdict"]
+    return counts
+
+
+def table_markdown(counts: dict[str, Counter]) -> str:
+    """'right / asked' per verdict kind and step; '-' where the answers write no such step."""
+    columns = ["whole answer", "verdict", *STEPS, "after right steps"]
+    names = [*columns[:-1], "verdict, every step right"]
+    lines = ["| truth's verdict | questions | " + " | ".join(names) + " |", "|---|" + "---:|" * (len(columns) + 1)]
+    for kind in (*VERDICT_KINDS, "all"):
+        c = sum(counts.values(), Counter()) if kind == "all" else counts[kind]
+        cells = [f"{c['whole answer']} / {c['questions']}"]
+        cells += [f"{c[s]} / {c[f'{s} asked']}" if c[f"{s} asked"] else "-" for s in columns[1:]]
+        lines.append(f"| {kind} | {c['questions']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("answers", nargs="+", help="an evaluation's answers.json (its eval/ folder)")
+    args = p.parse_args(argv)
+    for path in args.answers:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and {"type", "answer", "prediction", "correct"} <= r.keys()
+                                                for r in rows):
+            raise SystemExit(f"relation_report: {path} is not an evaluation's answers.json (a list of answers with "
+                             "type, answer, prediction and correct)")
+        print(f"{path}\n\n{table_markdown(relation_steps(rows))}\n")
+
+
+if __name__ == "__main__":
+    main()
