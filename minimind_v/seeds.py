@@ -2,6 +2,7 @@
 
     python -m minimind_v.seeds --world 2 --seeds 3 4 5 --record docs/seeds_world2.json
     python -m minimind_v.seeds --world 1 --seeds 0 --record docs/seeds_world1.json
+    python -m minimind_v.seeds --world 2 --seeds 3 4 5 --relation-answers regions --folder runs/regions
 
 A seed changes everything a run is built from: the world's pictures and questions, every stage's
 initial weights, the order of every batch. Each seed is an ordinary recipe run folder
@@ -27,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from statistics import mean
 
+from .data.shapes_questions import RELATION_ANSWERS
 from .evaluate import LAYOUT_COLUMNS, layout_split
 from .recipe import STAGE_DIRS, WORLDS, default_recipe, home, recipe_record, run_recipe, stage_dir, with_world
 from .runfiles import atomic_write_json
@@ -93,13 +95,17 @@ def seed_figures(run: Path) -> dict:
 
 
 def run_seeds(world: int, seeds: list[int], folder: Path | None = None, nproc: int = 1,
-              record: Path | None = None) -> dict:
+              record: Path | None = None, relation_answers: str | None = None) -> dict:
     """Train (or reuse) the recipe of ``world`` on each seed, one after the other; the record grows
-    as each seed finishes (``folder/world<N>_seeds.json``, and ``record`` if given)."""
+    as each seed finishes (``folder/world<N>_seeds.json``, and ``record`` if given).
+    ``relation_answers``, if given, replaces the recipe's form of relation answers
+    (``shapes.RELATION_ANSWERS``); the record's recipe says which was trained."""
     from .machine import describe_speed
 
     folder = Path(folder or home() / "runs")
     base = with_world(default_recipe(), world)
+    if relation_answers is not None:
+        base = replace(base, relation_answers=relation_answers)
     # The recipe as the file holds it (tuples become lists), its seed left out: the seeds vary.
     results = {"world": world, "recipe": recipe_record(replace(base, seed=-1)), "seeds": {}}
     out = folder / f"world{world}_seeds.json"
@@ -258,6 +264,8 @@ def main(argv=None) -> dict:
     p.add_argument("--folder", default=None, help="where the run folders go (default: runs/ in the project root)")
     p.add_argument("--nproc", type=int, default=1, help="processes per training stage (torchrun if > 1)")
     p.add_argument("--record", default=None, help="also write the record (JSON) to this file")
+    p.add_argument("--relation-answers", choices=RELATION_ANSWERS, default=None,
+                   help="how relation questions are answered (default: the recipe's, the verdict alone)")
     p.add_argument("--against", default=None,
                    help="another record (JSON) whose minutes go beside these: today's recipe on this machine")
     ns = p.parse_args(argv)
@@ -267,7 +275,7 @@ def main(argv=None) -> dict:
         p.error(f"--nproc must be at least 1, got {ns.nproc}")
     against = json.loads(Path(ns.against).read_text(encoding="utf-8")) if ns.against else None
     results = run_seeds(ns.world, ns.seeds, Path(ns.folder) if ns.folder else None, ns.nproc,
-                        Path(ns.record) if ns.record else None)
+                        Path(ns.record) if ns.record else None, ns.relation_answers)
     print(table_markdown(results, against))
     return results
 

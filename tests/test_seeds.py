@@ -135,6 +135,19 @@ def test_a_quick_run_records_each_seed_and_keeps_its_minutes_when_reused(tmp_pat
     assert third["overall"] == entry["overall"]
 
 
+def test_the_record_says_which_relation_answers_were_trained(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(seeds, "run_recipe", lambda run, recipe, nproc=1: trained.append(recipe) or {"timings": {}})
+    monkeypatch.setattr(seeds, "seed_figures", lambda run: {"overall": 0.5})
+    record = seeds.run_seeds(2, [6, 7], folder=tmp_path, relation_answers="regions")
+    assert [r.relation_answers for r in trained] == ["regions", "regions"] and [r.seed for r in trained] == [6, 7]
+    assert record["recipe"]["relation_answers"] == "regions"
+    assert "relation_answers" not in seeds.run_seeds(2, [6], folder=tmp_path)["recipe"]  # the verdict, as ever
+    assert set(json.loads((tmp_path / "world2_seeds.json").read_text())["seeds"]) == {"6"}  # another recipe: anew
+    with pytest.raises(SystemExit):
+        seeds.main(["--seeds", "6", "--relation-answers", "sideways"])
+
+
 def test_a_stage_run_again_keeps_the_minutes_of_the_others():
     earlier = {"machine": "old", "minutes": {"world": 1.0, "sft": 5.0, "eval": 0.2}, "total_minutes": 6.5,
                "stages_trained": ["eval", "sft", "world"]}
