@@ -141,7 +141,8 @@ def main(argv=None) -> None:
         result = drill(form, args.steps, args.batch_size, args.lr, args.seed, args.relations, args.preset,
                        every=args.every)
         curve = ", ".join(f"{step}: {100 * acc:.1f}" for step, acc in result["curve"])
-        print(f"{form:>8} ({', '.join(result['relations'])}; {args.preset}): held-out {'regions and verdicts' if form == 'regions' else 'verdicts'} right at step {curve}% "
+        scored = "regions and verdicts" if form == "regions" else "verdicts"
+        print(f"{form:>8} ({', '.join(result['relations'])}; {args.preset}): held-out {scored} right at step {curve}% "
               f"(answering 'no' to all: {100 * result['answer_no']:.1f}%; {result['seconds']:.0f} s)", flush=True)
 
 

@@ -8,6 +8,8 @@ place, the region, the subject's row or column), and the verdict where every ste
 right, so a reader sees which step fails.
 
     python -m minimind_v.relation_report runs/default/eval/answers.json [more answers.json ...]
+
+Given several runs' answers, it prints each run's table and then the counts of all together.
 """
 
 from __future__ import annotations
@@ -83,13 +85,19 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("answers", nargs="+", help="an evaluation's answers.json (its eval/ folder)")
     args = p.parse_args(argv)
+    every = {kind: Counter() for kind in VERDICT_KINDS}
     for path in args.answers:
         rows = json.loads(Path(path).read_text(encoding="utf-8"))
         if not isinstance(rows, list) or not all(isinstance(r, dict) and {"type", "answer", "prediction", "correct"} <= r.keys()
                                                 for r in rows):
             raise SystemExit(f"relation_report: {path} is not an evaluation's answers.json (a list of answers with "
                              "type, answer, prediction and correct)")
-        print(f"{path}\n\n{table_markdown(relation_steps(rows))}\n")
+        counts = relation_steps(rows)
+        for kind in VERDICT_KINDS:
+            every[kind] += counts[kind]
+        print(f"{path}\n\n{table_markdown(counts)}\n")
+    if len(args.answers) > 1:
+        print(f"all {len(args.answers)} together\n\n{table_markdown(every)}\n")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ def test_command_reads_answers_and_refuses_other_files(tmp_path, capsys):
     good.write_text(json.dumps(ROWS))
     main([str(good)])
     assert "| all | 5 |" in capsys.readouterr().out
+    main([str(good), str(good)])  # two runs: each, then the two counted together
+    out = capsys.readouterr().out
+    assert out.count("| all | 5 | 1 / 5 |") == 2 and "all 2 together" in out
+    assert "| all | 10 | 2 / 10 | 4 / 10 | 6 / 10 | 6 / 10 | 6 / 6 | 2 / 6 |" in out
     bad = tmp_path / "other.json"
     bad.write_text(json.dumps({"overall": 0.9}))
     with pytest.raises(SystemExit, match="not an evaluation's answers.json"):
