@@ -361,12 +361,13 @@ print(f"this run: {sum(map(right, this_model, [q['truth'] for q in asked]))} of 
 # "yes" right, relations no better overall). A fourth form, *regions*, leaves nothing to compare at
 # the end: "Is the circle above the red cross?" → "The red cross is at the bottom; above it: the top
 # and middle rows; the circle is in the top row: yes." The relation word and the anchor's place meet
-# once, in a region the model names, and the verdict is a match of words. With it the models of two
-# seeds write the anchor's place and the region right for over nine in ten relation questions and
-# answer "yes" right for the first time (6 of 13 and 10 of 14); shapes stay hard, because the last
+# once, in a region the model names, and the verdict is a match of words. Trained so on the three
+# fresh seeds, the models write the anchor's place and the region right for nine relation questions
+# in ten and answer "yes" right for the first time (18 of 37); shapes stay hard, because the last
 # step, finding the one object in a row or column of the picture, is a lookup no other question
-# teaches (`python -m minimind_v.relation_report <run>/eval/answers.json` splits a run's answers
-# into these steps; README, world 2).
+# teaches; and the longer answers cost the other questions more than they give (89.0% overall
+# against 90.5%). `python -m minimind_v.relation_report <run>/eval/answers.json` splits a run's
+# answers into these steps (README, world 2).
 
 # %%
 display(Markdown(table_markdown(WORLD2_RECORD)))
