@@ -87,7 +87,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     every = {kind: Counter() for kind in VERDICT_KINDS}
     for path in args.answers:
-        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+        try:
+            rows = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"relation_report: cannot read {path}: {error}") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) and {"type", "answer", "prediction", "correct"} <= r.keys()
                                                 for r in rows):
             raise SystemExit(f"relation_report: {path} is not an evaluation's answers.json (a list of answers with "

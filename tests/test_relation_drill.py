@@ -25,26 +25,27 @@ def test_ordered_and_worked_drills_ask_the_same_questions():
     assert any(a != b for (_, a), (_, b) in zip(worked, ordered))  # below / right of: the names swap
 
 
-def test_labels_keep_the_verdict_alone():
-    examples = drill_examples(100, "ordered", 1)
+def _encoded(form: str, seed: int, n: int = 20):
+    """The first n drill examples of ``form`` encoded: (reply, ids, labels, the labelled positions)."""
+    examples = drill_examples(100, form, seed)
     tokenizer = train_tokenizer([f"user\n{q}\nassistant\n{a}" for q, a in examples], vocab_size=400)
-    for question, reply in examples[:20]:
+    for question, reply in examples[:n]:
         ids, labels = encode(tokenizer, question, reply)
-        kept = [i for i, label in enumerate(labels) if label != -100]
+        yield reply, ids, labels, [i for i, label in enumerate(labels) if label != -100], tokenizer
+
+
+def test_labels_keep_the_verdict_alone():
+    for reply, ids, labels, kept, tokenizer in _encoded("ordered", 1):
         assert kept and kept[-1] == len(ids) - 1  # the verdict is last
         assert tokenizer.decode([ids[i] for i in kept]).strip() == reply.rsplit(": ", 1)[1].rstrip(".")
         assert [labels[i] for i in kept] == [ids[i] for i in kept]
-    ids, labels = batch_of(tokenizer, examples[:8])
+    ids, labels = batch_of(tokenizer, drill_examples(8, "ordered", 1))
     assert ids.shape == labels.shape and ids.shape[0] == 8
 
 
 def test_regions_labels_keep_the_region_and_the_verdict():
-    examples = drill_examples(100, "regions", 2)
-    tokenizer = train_tokenizer([f"user\n{q}\nassistant\n{a}" for q, a in examples], vocab_size=400)
     # "The red cross is at the bottom; above it: the top and middle rows; the circle is in the top row: yes."
-    for question, reply in examples[:20]:
-        ids, labels = encode(tokenizer, question, reply)
-        kept = [i for i, label in enumerate(labels) if label != -100]
+    for reply, ids, labels, kept, tokenizer in _encoded("regions", 2):
         region = reply.split(" it: ", 1)[1].split(";")[0]
         verdict = reply.rsplit(": ", 1)[1].rstrip(".")
         gaps = [b for a, b in zip(kept, kept[1:]) if b != a + 1]

@@ -71,3 +71,6 @@ def test_command_reads_answers_and_refuses_other_files(tmp_path, capsys):
     bad.write_text(json.dumps({"overall": 0.9}))
     with pytest.raises(SystemExit, match="not an evaluation's answers.json"):
         main([str(bad)])
+    (tmp_path / "half.json").write_text("[{")
+    with pytest.raises(SystemExit, match="cannot read .*half.json"):
+        main([str(tmp_path / "half.json")])
