@@ -34,6 +34,7 @@ from .config import PRESETS, MiniMindConfig
 from .data.shapes_questions import RELATION_ANSWERS, questions
 from .data.shapes_scenes import RELATIONS, random_scene
 from .model.llm import IGNORE_INDEX, MiniMindForCausalLM
+from .relation_report import answer_steps
 from .tokenizer import train_tokenizer
 from .train.trainer import make_optimizer
 
@@ -57,14 +58,17 @@ def drill_examples(n: int, form: str, seed: int, relations=RELATIONS) -> list[tu
 
 
 def answer_parts(reply: str) -> list[tuple[str, bool]]:
-    """The answer cut into (text, learned) pieces: learned are the parts its earlier words decide
-    (the verdict; in the regions form also the region), given are the places the picture decides."""
-    head, verdict = reply.rsplit(":", 1)
-    if " it: " not in head:  # worked, ordered: every place given, the verdict learned
-        return [(head + ":", False), (verdict.rstrip("."), True)]
-    anchor, rest = head.split(" it: ", 1)
-    region, subject = rest.split(";", 1)
-    return [(anchor + " it: ", False), (region, True), (";" + subject + ":", False), (verdict.rstrip("."), True)]
+    """The answer cut into (text, learned) pieces that join back into it: learned are the parts its
+    earlier words decide (the verdict; in the regions form also the region, as
+    ``relation_report.answer_steps`` finds it), given are the places the picture decides."""
+    cut = reply.rindex(":") + 1  # the verdict follows the last colon
+    verdict = (reply[cut:].rstrip("."), True)
+    region = answer_steps(reply).get("region")
+    if region is None:  # worked, ordered: every place given, the verdict learned
+        return [(reply[:cut], False), verdict]
+    start = reply.index(" it: ") + len(" it: ")
+    end = start + len(region)
+    return [(reply[:start], False), (reply[start:end], True), (reply[end:cut], False), verdict]
 
 
 def encode(tokenizer, question: str, reply: str) -> tuple[list[int], list[int]]:
