@@ -14,7 +14,8 @@ each stage's minutes, the model's answers to questions about absent objects on h
 pictures (chapter 07 asks the book's model the same ones), how much of each scene a linear probe
 reads from the frozen tokens the decoder was given (``probes.scene_probe``: what the eyes offer,
 against what the model answers), and, where the world holds colour-shape pairs out, how well the
-eyes read objects of those pairs (``probes.pair_probe``).
+eyes read objects of those pairs (``probes.pair_probe``) and how the model answers questions about
+them, beside questions about the other objects (``pair_report``).
 ``table_markdown`` gives mean, min and max over the seeds, and ``goal_rows`` the worst seed
 against the goals in ``GOALS``.
 """
@@ -72,6 +73,7 @@ def seed_figures(run: Path) -> dict:
     from .data.records import read_records
     from .evaluate import accuracy_by_layout, accuracy_by_objects
     from .inference import answer, load_vlm
+    from .pair_report import pair_answers_of_run
     from .probes import pair_probe_of_run, scene_probe_of_run
 
     world = stage_dir(run, "world")
@@ -90,8 +92,9 @@ def seed_figures(run: Path) -> dict:
             "by_objects": {kind: {str(k): v for k, v in per_n.items()} for kind, per_n in by_objects.items()},
             "absent_answers": [{**q, "answer": a} for q, a in zip(absent, replies)],
             "scene_probe": scene_probe_of_run(run),
-            # the eyes on pairs no training picture showed (worlds that hold some out)
-            **({"pair_probe": pair_probe_of_run(run)} if results.get("by_combination") else {})}
+            # the eyes, and the answers, on pairs no training picture showed (worlds that hold some out)
+            **({"pair_probe": pair_probe_of_run(run), "pair_answers": pair_answers_of_run(run)}
+               if results.get("by_combination") else {})}
 
 
 def run_seeds(world: int, seeds: list[int], folder: Path | None = None, nproc: int = 1,
@@ -234,6 +237,15 @@ def table_markdown(results: dict, against: dict | None = None) -> str:
             lines += [f"| {label} | {_cell([f['pair_probe'][key] for f in figures])} |" for key, label in
                       (("seen", "held-out pictures: objects of a pair seen in training (shape, colour, size)"),
                        ("unseen", "held-out pictures: objects of a pair no training picture showed"))]
+    if all("pair_answers" in f for f in figures):
+        lines += ["", "| questions about an object the picture shows | right | wrong answers that say it is not there |",
+                  "|---|---:|---:|"]
+        for group in next(iter(figures))["pair_answers"]:
+            per_seed = [f["pair_answers"][group] for f in figures]
+            wrong = sum(c["questions"] - c["right"] for c in per_seed)
+            rates = [c["right"] / c["questions"] for c in per_seed if c["questions"]]
+            lines.append(f"| {group} | {_cell(rates) if rates else '–'} | "
+                         f"{sum(c['says absent'] for c in per_seed)} of {wrong} |")
     lines += ["", "| goal | at least | mean | worst seed | |", "|---|---:|---:|---:|---|"]
     for row in goal_rows(results):
         signed = row["goal"] == "unseen vs seen"

@@ -100,6 +100,20 @@ def test_the_table_shows_what_a_probe_reads_from_the_tokens_when_every_seed_has_
     table = seeds.table_markdown(paired)
     assert "| held-out pictures: objects of a pair seen in training (shape, colour, size) | 98.0 (97.0 – 99.0) |" in table
     assert "| held-out pictures: objects of a pair no training picture showed | 85.0 (80.0 – 90.0) |" in table
+    assert "wrong answers that say it is not there" not in table  # no seed has the pair answers
+
+
+def test_the_table_splits_questions_by_the_object_they_name_when_every_seed_has_it():
+    def answers(right_pair, questions_pair, denied):
+        return {"picture without a held-out pair": {"questions": 100, "right": 96, "says absent": 1},
+                "another object, picture with one": {"questions": 50, "right": 47, "says absent": 0},
+                "the held-out pair's object": {"questions": questions_pair, "right": right_pair, "says absent": denied}}
+    paired = {"world": 2, "seeds": {s: {**f, "pair_answers": answers(*a)}
+                                    for (s, f), a in zip(RECORD["seeds"].items(), [(40, 50, 6), (36, 45, 3)])}}
+    table = seeds.table_markdown(paired)
+    # 40/50 = 80%, 36/45 = 80%; wrong 10 + 9, of them denials 6 + 3
+    assert "| the held-out pair's object | 80.0 (80.0 – 80.0) | 9 of 19 |" in table
+    assert "| picture without a held-out pair | 96.0 (96.0 – 96.0) | 2 of 8 |" in table
 
 
 def test_a_quick_run_records_each_seed_and_keeps_its_minutes_when_reused(tmp_path, monkeypatch):
@@ -119,6 +133,9 @@ def test_a_quick_run_records_each_seed_and_keeps_its_minutes_when_reused(tmp_pat
     assert set(probe) == {"cells", "objects", "scenes"} and 0 <= probe["scenes"] <= probe["cells"] <= 1
     pairs = entry["pair_probe"]  # world 2 holds two pairs out: half the held-out pictures show one
     assert pairs["n_unseen"] > 0 and pairs["n_seen"] > 0 and 0 <= pairs["unseen"] <= 1
+    named = entry["pair_answers"]  # the same questions the report splits (tests/test_pair_report.py)
+    assert named["the held-out pair's object"]["questions"] > 0
+    assert all(0 <= c["says absent"] <= c["questions"] - c["right"] for c in named.values())
     assert json.loads(record.read_text()) == json.loads((tmp_path / "world2_seeds.json").read_text())
     asked = entry["as_written"]  # the same questions asked with the picture where each is written
     assert set(asked["by_layout"]["overall"]) == {"picture first", "question first"}
