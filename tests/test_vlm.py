@@ -338,3 +338,37 @@ def test_vision_tokens_is_kept_in_the_saved_config(tmp_path):
     model.config.vision_tokens = "cls"
     model.save_pretrained(tmp_path)
     assert VLMConfig.from_pretrained(tmp_path).vision_tokens == "cls"
+
+
+def test_image_dropout_drops_encoder_tokens_in_training_only():
+    """`--image-dropout p`: in training, the substitution is that of the encoder's tokens through
+    dropout (the same random draw, made by hand); in evaluation, nothing changes."""
+    import torch.nn.functional as F
+
+    pattern = PATTERNS["repeated token"]
+    model = make_vlm(pattern)
+    model.image_dropout = 0.5
+    ids, mask = right_pad([words(5) + pattern + words(6, 7), pattern + words(8)])
+    image_tokens = torch.randn(2, len(pattern), WIDTH, generator=torch.Generator().manual_seed(1))
+    check_substitution(model, ids, mask, image_tokens)  # eval mode: untouched
+    model.train()
+    torch.manual_seed(3)
+    got, _ = decoder_inputs(model, input_ids=ids, attention_mask=mask, image_tokens=image_tokens)
+    torch.manual_seed(3)
+    dropped = F.dropout(image_tokens, 0.5)
+    assert 0 < int((dropped == 0).sum()) < dropped.numel()
+    torch.testing.assert_close(got, expected_embeddings(model, ids, dropped), rtol=0, atol=0)
+    model.image_dropout = 0.0  # the default: training substitutes the tokens as they are
+    got, _ = decoder_inputs(model, input_ids=ids, attention_mask=mask, image_tokens=image_tokens)
+    torch.testing.assert_close(got, expected_embeddings(model, ids, image_tokens), rtol=0, atol=0)
+
+
+def test_image_dropout_flag_is_range_checked():
+    from minimind_v.train.vlm import build_parser
+
+    parser = build_parser("sft")
+    base = ["--data", "d", "--init", "i", "--out", "o"]
+    assert parser.parse_args(base).image_dropout == 0.0
+    assert parser.parse_args(base + ["--image-dropout", "0.2"]).image_dropout == 0.2
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--image-dropout", "0.95"])

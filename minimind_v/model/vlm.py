@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..config import MiniMindConfig
 from ..tokenizer import image_placeholder
@@ -81,6 +82,8 @@ class MiniMindVLM(MiniMindForCausalLM):
         super().__init__(config)  # the decoder, initialised by its post_init (the only one)
         self.vision_proj = VisionProjector(config.vision_width, config.dim, config.projector)
         self._vision_encoder = None
+        # Dropout on the encoder's tokens, in training only (a training setting, not saved: `--image-dropout`)
+        self.image_dropout = 0.0
         # The projection, added after post_init, gets the same init rule: init_weights touches only
         # modules not yet initialised (none while from_pretrained builds on the meta device), in the
         # order, and so with the random draws, that seeded models always had.
@@ -170,6 +173,8 @@ class MiniMindVLM(MiniMindForCausalLM):
             )
         if self.config.vision_tokens == "cls":  # the encoder's CLS token (index 0) in every place
             image_tokens = image_tokens[:, :1].expand(-1, N, -1)
+        if self.training and self.image_dropout:
+            image_tokens = F.dropout(image_tokens, self.image_dropout)
         projected = self.vision_proj(image_tokens.to(inputs_embeds.dtype))  # (n, N, W) -> (n, N, dim)
         # (bfloat16 under autocast: the text's embeddings, and so the residual stream, stay as they are)
         return inputs_embeds.masked_scatter(mask[..., None], projected.to(inputs_embeds.dtype))

@@ -63,6 +63,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                    help="add this fraction (0..1, of the records) of caption samples from pretrain_data.json")
     p.add_argument("--max-length", type=checked(int, low=MIN_TEXT_TOKENS), default=256,
                    help="tokens per sample, image tokens included (more than the encoder's tokens)")
+    p.add_argument("--image-dropout", type=checked(float, low=0, high=0.9), default=0.0,
+                   help="dropout on each picture's encoder tokens while training (0..0.9; 0: none)")
     p.add_argument("--skip-bad-samples", action="store_true",
                    help="skip malformed records and unreadable images, and report how many")
     add_train_flags(p, **spec["train"])
@@ -149,6 +151,7 @@ def prepare_stage(stage: str, argv=None) -> dict:
     model = load_start_model(str(init), tokenizer, encoder, ns.projector, ns.vision_tokens).to(info.device)
     model.attach_vision_encoder(encoder)
     model.config.vision_preprocessing = encoder.preprocessing  # saved with the model (config.json)
+    model.image_dropout = ns.image_dropout
     trainable, total = set_trainable(model, ns.freeze)
     dataset = build_dataset(ns, Path(args.out_dir), tokenizer, encoder, info)
     print0(f"{stage}: {len(dataset)} samples; training {trainable / 1e6:.3f}M of {total / 1e6:.3f}M "
@@ -163,6 +166,8 @@ def prepare_stage(stage: str, argv=None) -> dict:
                 "skip_bad_samples": ns.skip_bad_samples}
     if ns.vision_tokens != "all":  # (absent at the default: checkpoints from before the flag still resume)
         settings["vision_tokens"] = ns.vision_tokens
+    if ns.image_dropout:  # (the same)
+        settings["image_dropout"] = ns.image_dropout
     return dict(parser=parser, ns=ns, args=args, info=info, model=model, dataset=dataset, settings=settings,
                 collate=functools.partial(collate, pad_id=tokenizer.pad_token_id or 0),
                 save=lambda m, out: save_with_tokenizer(m, tokenizer, out, vision_source))
