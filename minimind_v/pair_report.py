@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .data.shapes_answers import parse_question
 from .evaluate import normalise
+from .relation_report import print_each_and_together, read_rows
 
 GROUPS = ("picture without a held-out pair", "another object, picture with one", "the held-out pair's object")
 ASKED_TYPES = ("colour", "shape", "size", "position", "existence")  # the types whose question names one object
@@ -90,27 +91,20 @@ def table_markdown(counts: dict[str, Counter]) -> str:
 def read_run(run: Path) -> tuple[list[dict], dict[str, dict], set]:
     """(answers, held-out records by id, held-out pairs) of a run folder; ValueError naming the file
     that cannot be read or is not what it should be."""
-    def load(relative: str):
-        path = run / relative
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise ValueError(f"pair_report: cannot read {path}: {error}") from None
-
-    config = load("world/world.json").get("config", {})
-    pairs = {tuple(p) for p in config.get("held_out_pairs") or ()}
+    world = run / "world" / "world.json"
+    try:
+        config = json.loads(world.read_text(encoding="utf-8"))["config"]
+        pairs = {tuple(p) for p in config.get("held_out_pairs") or ()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"pair_report: cannot read the world's settings from {world}: {error!r}") from None
     if not pairs:
-        raise ValueError(f"pair_report: {run / 'world/world.json'} holds out no colour-shape pair (world 2 does)")
-    records = load("world/eval_data.json")
-    answers = load("eval/answers.json")
-    if not isinstance(answers, list) or not all(isinstance(r, dict) and {"id", "type", "question", "answer",
-                                                                          "prediction", "correct"} <= r.keys()
-                                                 for r in answers):
-        raise ValueError(f"pair_report: {run / 'eval/answers.json'} is not an evaluation's answers.json (a list of "
-                         "answers with id, type, question, answer, prediction and correct)")
-    if not isinstance(records, list) or not all(isinstance(r, dict) and {"id", "scene"} <= r.keys() for r in records):
-        raise ValueError(f"pair_report: {run / 'world/eval_data.json'} is not a world's held-out records "
-                         "(a list of records with id and scene)")
+        raise ValueError(f"pair_report: {world} holds out no colour-shape pair (world 2 does)")
+    try:
+        records = read_rows(run / "world" / "eval_data.json", ("id", "scene"), "a world's held-out records")
+        answers = read_rows(run / "eval" / "answers.json", ("id", "type", "question", "answer", "prediction", "correct"),
+                            "an evaluation's answers.json")
+    except ValueError as error:
+        raise ValueError(f"pair_report: {error}") from None
     return answers, {r["id"]: r for r in records}, pairs
 
 
@@ -125,19 +119,16 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="a run folder of world 2 (with world/ and eval/)")
     args = p.parse_args(argv)
-    every = {group: Counter() for group in GROUPS}
-    for run in map(Path, args.runs):
-        try:
-            answers, records, pairs = read_run(run)
-            counts = pair_counts(answers, records, pairs)
-        except ValueError as error:
-            raise SystemExit(f"{error} (in {run})") from None
-        for group in GROUPS:
-            every[group] += counts[group]
-        print(f"{run} (held out: {', '.join(' '.join(p) for p in sorted(pairs))})\n\n{table_markdown(counts)}\n")
-    if len(args.runs) > 1:
-        print(f"all {len(args.runs)} together\n\n{table_markdown(every)}\n")
+    def each_run():
+        for run in map(Path, args.runs):
+            try:
+                answers, records, pairs = read_run(run)
+                counts = pair_counts(answers, records, pairs)
+            except ValueError as error:
+                raise SystemExit(f"{error} (in {run})") from None
+            yield f"{run} (held out: {', '.join(' '.join(p) for p in sorted(pairs))})", counts
 
+    print_each_and_together(each_run(), table_markdown)
 
 if __name__ == "__main__":
     main()

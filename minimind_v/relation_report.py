@@ -81,27 +81,44 @@ def table_markdown(counts: dict[str, Counter]) -> str:
     return "\n".join(lines)
 
 
+def read_rows(path: Path, fields: tuple[str, ...], what: str) -> list[dict]:
+    """A JSON file holding a list of rows, each with ``fields``; ValueError naming the file and what
+    it should have been."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and set(fields) <= r.keys() for r in rows):
+        raise ValueError(f"{path} is not {what} (a list of rows with {', '.join(fields)})")
+    return rows
+
+
+def print_each_and_together(runs, table) -> None:
+    """Print each (label, {row: Counter}) of ``runs`` as ``table`` draws it, then, for more than one,
+    their counts summed."""
+    every, n = {}, 0
+    for label, counts in runs:
+        n += 1
+        for row, c in counts.items():
+            every[row] = every.get(row, Counter()) + c
+        print(f"{label}\n\n{table(counts)}\n")
+    if n > 1:
+        print(f"all {n} together\n\n{table(every)}\n")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("answers", nargs="+", help="an evaluation's answers.json (its eval/ folder)")
     args = p.parse_args(argv)
-    every = {kind: Counter() for kind in VERDICT_KINDS}
-    for path in args.answers:
-        try:
-            rows = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"relation_report: cannot read {path}: {error}") from None
-        if not isinstance(rows, list) or not all(isinstance(r, dict) and {"type", "answer", "prediction", "correct"} <= r.keys()
-                                                for r in rows):
-            raise SystemExit(f"relation_report: {path} is not an evaluation's answers.json (a list of answers with "
-                             "type, answer, prediction and correct)")
-        counts = relation_steps(rows)
-        for kind in VERDICT_KINDS:
-            every[kind] += counts[kind]
-        print(f"{path}\n\n{table_markdown(counts)}\n")
-    if len(args.answers) > 1:
-        print(f"all {len(args.answers)} together\n\n{table_markdown(every)}\n")
+    def each_run():
+        for path in args.answers:
+            try:
+                rows = read_rows(Path(path), ("type", "answer", "prediction", "correct"), "an evaluation's answers.json")
+            except ValueError as error:
+                raise SystemExit(f"relation_report: {error}") from None
+            yield path, relation_steps(rows)
 
+    print_each_and_together(each_run(), table_markdown)
 
 if __name__ == "__main__":
     main()

@@ -94,7 +94,7 @@ def test_the_command_prints_each_run_and_all_together(tmp_path, capsys):
 def test_the_command_names_what_it_cannot_use(tmp_path):
     with pytest.raises(SystemExit, match="holds out no colour-shape pair"):
         main([str(_run(tmp_path / "w1", ANSWERS, RECORDS, pairs=()))])
-    with pytest.raises(SystemExit, match=r"cannot read .*missing.*world\.json"):
+    with pytest.raises(SystemExit, match=r"cannot read the world's settings from .*missing.*world\.json"):
         main([str(tmp_path / "missing")])
     run = _run(tmp_path / "broken", ANSWERS, RECORDS)
     (run / "world" / "eval_data.json").write_text("{not json")
