@@ -130,5 +130,6 @@ def main(argv=None) -> None:
 
     print_each_and_together(each_run(), table_markdown)
 
+
 if __name__ == "__main__":
     main()
