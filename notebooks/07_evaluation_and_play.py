@@ -418,7 +418,10 @@ for seed, f in WORLD2_RECORD["seeds"].items():
 # colour of a red triangle, a decoder that has only seen triangles of four other colours names one
 # of those, or says there is no triangle. Every training picture and answer said that triangles
 # are never red, and the decoder learned that too: exactly what the data taught, and not what we
-# meant. (Records written from now on keep these counts, and the table above then shows them.)
+# meant. It is not the last word: SFT learns the seen pairs' statistics first and the composition
+# later, and the recipe stops in between. On seed 3, SFT 4500 steps instead of 3000 answered the
+# pair's object 95.4% right (colour 34 of 36) and 94.1% of all questions (README, world 2: one
+# seed so far). (Records written from now on keep these counts, and the table above then shows them.)
 
 # %% [markdown]
 # ## Ask your own questions
