@@ -3,6 +3,7 @@
     python -m minimind_v.seeds --world 2 --seeds 3 4 5 --record docs/seeds_world2.json
     python -m minimind_v.seeds --world 1 --seeds 0 --record docs/seeds_world1.json
     python -m minimind_v.seeds --world 2 --seeds 3 4 5 --relation-answers regions --folder runs/regions
+    python -m minimind_v.seeds --world 2 --seeds 3 4 5 --sft-steps 4500 --folder runs/w2s4500
 
 A seed changes everything a run is built from: the world's pictures and questions, every stage's
 initial weights, the order of every batch. Each seed is an ordinary recipe run folder
@@ -98,17 +99,23 @@ def seed_figures(run: Path) -> dict:
 
 
 def run_seeds(world: int, seeds: list[int], folder: Path | None = None, nproc: int = 1,
-              record: Path | None = None, relation_answers: str | None = None) -> dict:
+              record: Path | None = None, relation_answers: str | None = None,
+              sft_steps: int | None = None) -> dict:
     """Train (or reuse) the recipe of ``world`` on each seed, one after the other; the record grows
     as each seed finishes (``folder/world<N>_seeds.json``, and ``record`` if given).
     ``relation_answers``, if given, replaces the recipe's form of relation answers
-    (``shapes.RELATION_ANSWERS``); the record's recipe says which was trained."""
+    (``shapes.RELATION_ANSWERS``), and ``sft_steps`` the recipe's SFT steps (its learning-rate
+    schedule spans the new count); the record's recipe says what was trained."""
     from .machine import describe_speed
 
     folder = Path(folder or home() / "runs")
     base = with_world(default_recipe(), world)
     if relation_answers is not None:
         base = replace(base, relation_answers=relation_answers)
+    if sft_steps is not None:
+        if sft_steps < 1:
+            raise ValueError(f"sft_steps must be at least 1, got {sft_steps}")
+        base = replace(base, sft_steps=sft_steps)
     # The recipe as the file holds it (tuples become lists), its seed left out: the seeds vary.
     results = {"world": world, "recipe": recipe_record(replace(base, seed=-1)), "seeds": {}}
     out = folder / f"world{world}_seeds.json"
@@ -278,16 +285,20 @@ def main(argv=None) -> dict:
     p.add_argument("--record", default=None, help="also write the record (JSON) to this file")
     p.add_argument("--relation-answers", choices=RELATION_ANSWERS, default=None,
                    help="how relation questions are answered (default: the recipe's, the verdict alone)")
+    p.add_argument("--sft-steps", type=int, default=None,
+                   help="SFT steps in place of the recipe's (the record's recipe says which were trained)")
     p.add_argument("--against", default=None,
                    help="another record (JSON) whose minutes go beside these: today's recipe on this machine")
     ns = p.parse_args(argv)
     if any(s < 0 for s in ns.seeds):
         p.error(f"--seeds must be >= 0, got {ns.seeds}")
+    if ns.sft_steps is not None and ns.sft_steps < 1:
+        p.error(f"--sft-steps must be at least 1, got {ns.sft_steps}")
     if ns.nproc < 1:
         p.error(f"--nproc must be at least 1, got {ns.nproc}")
     against = json.loads(Path(ns.against).read_text(encoding="utf-8")) if ns.against else None
     results = run_seeds(ns.world, ns.seeds, Path(ns.folder) if ns.folder else None, ns.nproc,
-                        Path(ns.record) if ns.record else None, ns.relation_answers)
+                        Path(ns.record) if ns.record else None, ns.relation_answers, ns.sft_steps)
     print(table_markdown(results, against))
     return results
 

@@ -12,7 +12,7 @@ import pytest
 from minimind_v import seeds
 from minimind_v.data.images import load_image
 from minimind_v.data.shapes import ShapesWorldConfig, generate_world, render_scene
-from minimind_v.recipe import TRAINING_STAGES, WORLD2, stage_dir
+from minimind_v.recipe import TRAINING_STAGES, WORLD2, default_recipe, stage_dir, with_world
 
 
 def test_absent_questions_ask_about_what_the_picture_lacks(tmp_path):
@@ -163,6 +163,21 @@ def test_the_record_says_which_relation_answers_were_trained(tmp_path, monkeypat
     assert set(json.loads((tmp_path / "world2_seeds.json").read_text())["seeds"]) == {"6"}  # another recipe: anew
     with pytest.raises(SystemExit):
         seeds.main(["--seeds", "6", "--relation-answers", "sideways"])
+
+
+def test_the_record_says_how_many_sft_steps_were_trained(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(seeds, "run_recipe", lambda run, recipe, nproc=1: trained.append(recipe) or {"timings": {}})
+    monkeypatch.setattr(seeds, "seed_figures", lambda run: {"overall": 0.5})
+    recipe_steps = with_world(default_recipe(), 2).sft_steps
+    record = seeds.run_seeds(2, [6], folder=tmp_path, sft_steps=recipe_steps + 1500)
+    assert [(r.sft_steps, r.seed) for r in trained] == [(recipe_steps + 1500, 6)]
+    assert record["recipe"]["sft_steps"] == recipe_steps + 1500
+    assert seeds.run_seeds(2, [7], folder=tmp_path)["recipe"]["sft_steps"] == recipe_steps
+    assert set(json.loads((tmp_path / "world2_seeds.json").read_text())["seeds"]) == {"7"}  # another recipe: anew
+    for bad in ("0", "-3"):
+        with pytest.raises(SystemExit):
+            seeds.main(["--seeds", "6", "--sft-steps", bad])
 
 
 def test_a_stage_run_again_keeps_the_minutes_of_the_others():
