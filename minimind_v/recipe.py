@@ -79,6 +79,8 @@ class Recipe:
     pretrain_freeze: str = FREEZE["pretrain"]
     sft_steps: int = TRAINING["sft"]["steps"]
     sft_freeze: str = FREEZE["sft"]
+    # SFT takes a record with k objects sft_object_repeats[k-1] times an epoch (None: once each)
+    sft_object_repeats: tuple | None = None
     mix_captions: float = 0.1
     batch_size: int = TRAINING["sft"]["batch_size"]  # the text LM, pretraining and SFT alike
     sft_batch_size: int | None = None  # SFT's own batch, where it differs (None: batch_size)
@@ -137,7 +139,7 @@ def with_world(r: Recipe, world: int) -> Recipe:
 
 # Recipe fields added after records of the recipe were written: a record leaves them out while
 # they hold their default, so that records of the recipe as it was still match it.
-_FIELDS_ADDED_LATER = {"sft_batch_size": None, "relation_answers": "verdict"}
+_FIELDS_ADDED_LATER = {"sft_batch_size": None, "relation_answers": "verdict", "sft_object_repeats": None}
 
 
 def recipe_record(r: Recipe) -> dict:
@@ -216,6 +218,8 @@ def stage_commands(run: Path, r: Recipe) -> dict[str, tuple[str, list[str]]]:
     saves = ["--save-every", str(r.save_every)]
     common = ["--seed", str(r.seed), "--batch-size", str(r.batch_size), *saves]
     sft_common = ["--seed", str(r.seed), "--batch-size", str(r.sft_batch_size or r.batch_size), *saves]
+    if r.sft_object_repeats:
+        sft_common += ["--object-repeats", ",".join(str(n) for n in r.sft_object_repeats)]
     return {
         "clip": ("minimind_v.train.clip", ["--data", world, "--out", str(stage_dir(run, "clip")),
                                             "--steps", str(r.clip_steps), "--batch-size", str(r.clip_batch),

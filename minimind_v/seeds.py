@@ -4,6 +4,7 @@
     python -m minimind_v.seeds --world 1 --seeds 0 --record docs/seeds_world1.json
     python -m minimind_v.seeds --world 2 --seeds 3 4 5 --relation-answers regions --folder runs/regions
     python -m minimind_v.seeds --world 2 --seeds 3 4 5 --sft-steps 4500 --folder runs/w2s4500
+    python -m minimind_v.seeds --world 2 --seeds 3 4 5 --sft-object-repeats 1,2,3 --folder runs/objects
 
 A seed changes everything a run is built from: the world's pictures and questions, every stage's
 initial weights, the order of every batch. Each seed is an ordinary recipe run folder
@@ -34,6 +35,7 @@ from .data.shapes_questions import RELATION_ANSWERS
 from .evaluate import LAYOUT_COLUMNS, layout_split
 from .recipe import STAGE_DIRS, WORLDS, default_recipe, home, recipe_record, run_recipe, stage_dir, with_world
 from .runfiles import atomic_write_json
+from .train.vlm import object_repeats
 
 # (what is measured, at least): the worst seed is judged against each. "count, 3 objects" is the count
 # accuracy on pictures with three objects; "unseen vs seen" the overall accuracy on pictures with
@@ -100,12 +102,13 @@ def seed_figures(run: Path) -> dict:
 
 def run_seeds(world: int, seeds: list[int], folder: Path | None = None, nproc: int = 1,
               record: Path | None = None, relation_answers: str | None = None,
-              sft_steps: int | None = None) -> dict:
+              sft_steps: int | None = None, object_repeats: tuple[int, ...] | None = None) -> dict:
     """Train (or reuse) the recipe of ``world`` on each seed, one after the other; the record grows
     as each seed finishes (``folder/world<N>_seeds.json``, and ``record`` if given).
     ``relation_answers``, if given, replaces the recipe's form of relation answers
     (``shapes.RELATION_ANSWERS``), and ``sft_steps`` the recipe's SFT steps (its learning-rate
-    schedule spans the new count); the record's recipe says what was trained."""
+    schedule spans the new count), and ``object_repeats`` how often SFT takes a record by its number of
+    objects (``--object-repeats`` of the SFT stage); the record's recipe says what was trained."""
     from .machine import describe_speed
 
     folder = Path(folder or home() / "runs")
@@ -116,6 +119,10 @@ def run_seeds(world: int, seeds: list[int], folder: Path | None = None, nproc: i
         if sft_steps < 1:
             raise ValueError(f"sft_steps must be at least 1, got {sft_steps}")
         base = replace(base, sft_steps=sft_steps)
+    if object_repeats is not None:
+        if not object_repeats or any(n < 1 for n in object_repeats):
+            raise ValueError(f"object_repeats must be whole numbers >= 1, got {object_repeats!r}")
+        base = replace(base, sft_object_repeats=tuple(object_repeats))
     # The recipe as the file holds it (tuples become lists), its seed left out: the seeds vary.
     results = {"world": world, "recipe": recipe_record(replace(base, seed=-1)), "seeds": {}}
     out = folder / f"world{world}_seeds.json"
@@ -287,6 +294,8 @@ def main(argv=None) -> dict:
                    help="how relation questions are answered (default: the recipe's, the verdict alone)")
     p.add_argument("--sft-steps", type=int, default=None,
                    help="SFT steps in place of the recipe's (the record's recipe says which were trained)")
+    p.add_argument("--sft-object-repeats", type=object_repeats, default=None, metavar="N1,N2,...",
+                   help="SFT takes a record with k objects N_k times an epoch, e.g. 1,2,3 (default: once each)")
     p.add_argument("--against", default=None,
                    help="another record (JSON) whose minutes go beside these: today's recipe on this machine")
     ns = p.parse_args(argv)
@@ -298,7 +307,8 @@ def main(argv=None) -> dict:
         p.error(f"--nproc must be at least 1, got {ns.nproc}")
     against = json.loads(Path(ns.against).read_text(encoding="utf-8")) if ns.against else None
     results = run_seeds(ns.world, ns.seeds, Path(ns.folder) if ns.folder else None, ns.nproc,
-                        Path(ns.record) if ns.record else None, ns.relation_answers, ns.sft_steps)
+                        Path(ns.record) if ns.record else None, ns.relation_answers, ns.sft_steps,
+                        ns.sft_object_repeats)
     print(table_markdown(results, against))
     return results
 

@@ -54,6 +54,7 @@ def test_a_changed_setting_changes_its_stage_and_every_stage_built_from_it():
     assert changed_stages(base, replace(base, seed=1)) == set(recipe_module.STAGE_DIRS)
     assert changed_stages(base, replace(base, held_out_pairs=(("red", "circle"),))) == set(recipe_module.STAGE_DIRS)
     assert changed_stages(base, replace(base, extra={"sft": ["--projector", "mlp"]})) == {"sft", "eval"}
+    assert changed_stages(base, replace(base, sft_object_repeats=(1, 2, 3))) == {"sft", "eval"}
     assert changed_stages(base, replace(base, caption_order="reading")) == set(recipe_module.STAGE_DIRS)
     assert changed_stages(base, replace(base, sft_turns=(1, 1))) == set(recipe_module.STAGE_DIRS)
     # How often a stage saves does not change what it learns; how many processes share a batch does.

@@ -12,7 +12,7 @@ import pytest
 from minimind_v import seeds
 from minimind_v.data.images import load_image
 from minimind_v.data.shapes import ShapesWorldConfig, generate_world, render_scene
-from minimind_v.recipe import TRAINING_STAGES, WORLD2, default_recipe, stage_dir, with_world
+from minimind_v.recipe import TRAINING_STAGES, WORLD2, default_recipe, stage_commands, stage_dir, with_world
 
 
 def test_absent_questions_ask_about_what_the_picture_lacks(tmp_path):
@@ -178,6 +178,21 @@ def test_the_record_says_how_many_sft_steps_were_trained(tmp_path, monkeypatch):
     for bad in ("0", "-3"):
         with pytest.raises(SystemExit):
             seeds.main(["--seeds", "6", "--sft-steps", bad])
+
+
+def test_the_record_says_how_often_sft_took_records_by_their_objects(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(seeds, "run_recipe", lambda run, recipe, nproc=1: trained.append(recipe) or {"timings": {}})
+    monkeypatch.setattr(seeds, "seed_figures", lambda run: {"overall": 0.5})
+    record = seeds.run_seeds(2, [6], folder=tmp_path, object_repeats=(1, 2, 3))
+    assert [(r.sft_object_repeats, r.seed) for r in trained] == [((1, 2, 3), 6)]
+    assert record["recipe"]["sft_object_repeats"] == [1, 2, 3]
+    _, argv = stage_commands(tmp_path / "run", trained[0])["sft"]
+    assert argv[argv.index("--object-repeats") + 1] == "1,2,3"  # what the SFT stage is launched with
+    assert "sft_object_repeats" not in seeds.run_seeds(2, [7], folder=tmp_path)["recipe"]  # once each, as ever
+    for bad in ("0,1", "1,x"):
+        with pytest.raises(SystemExit):
+            seeds.main(["--seeds", "6", "--sft-object-repeats", bad])
 
 
 def test_a_stage_run_again_keeps_the_minutes_of_the_others():

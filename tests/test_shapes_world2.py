@@ -323,3 +323,15 @@ def test_world_two_is_still_the_world_its_recorded_seeds_trained_on(tmp_path):
 def test_bad_world_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         ShapesWorldConfig(**overrides).validate()
+
+
+def test_repeat_by_objects_counts_the_fuller_picture_and_refuses_records_without_scenes():
+    from minimind_v.data.shapes_records import repeat_by_objects
+
+    one, three = [{"shape": "circle"}], [{"shape": "circle"}, {"shape": "square"}, {"shape": "cross"}]
+    records = [{"id": "a", "scene": three}, {"id": "b", "scene": one},
+               {"id": "c", "scenes": [one, three[:2]]}]  # two pictures: the fuller one has 2 objects
+    assert [r["id"] for r in repeat_by_objects(records, (1, 4, 2))] == ["a", "a", "b", "c", "c", "c", "c"]
+    assert repeat_by_objects(records, (1, 1, 1)) == records
+    with pytest.raises(ValueError, match=r"here\[1\]: no scene description"):
+        repeat_by_objects([records[0], {"id": "x", "image": "x.png"}], (1, 2, 3), where="here")

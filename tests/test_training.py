@@ -331,6 +331,44 @@ def test_sft_cli_skips_and_counts_bad_samples(tiny_world, tiny_lm_dir, tiny_clip
                           "--out", str(tmp_path / "sft2"), *SMALL_STEPS])
 
 
+def test_sft_object_repeats_takes_each_record_as_often_as_its_objects_say(tiny_world, tiny_lm_dir, tiny_clip_dir,
+                                                                          tmp_path, alone):
+    """`--object-repeats 1,3,2`: a record whose scene holds k objects is in the SFT set N_k times
+    (counted here from the scene descriptions), and the setting goes into the run's settings."""
+    from collections import Counter
+
+    from minimind_v.train.vlm import prepare_stage
+
+    records = read_records(tiny_world / "sft_data.json")
+    repeats = {1: 1, 2: 3, 3: 2}
+    objects = {r["id"]: len(r["scene"]) for r in records}
+    assert set(objects.values()) == {1, 2, 3}  # the tiny world holds every count
+    base = ["--data", str(tiny_world), "--init", str(tiny_lm_dir), "--vision", str(tiny_clip_dir), *SMALL_STEPS]
+    built = prepare_stage("sft", [*base, "--out", str(tmp_path / "sft"), "--object-repeats", "1,3,2"])
+    dataset = built["dataset"]
+    taken = Counter(r["id"] for r in dataset.records)
+    assert taken == {rid: repeats[k] for rid, k in objects.items()}
+    assert len(dataset) == sum(repeats[k] for k in objects.values())
+    assert built["settings"]["object_repeats"] == [1, 3, 2]
+    plain = prepare_stage("sft", [*base, "--out", str(tmp_path / "plain")])
+    assert len(plain["dataset"]) == len(records) and "object_repeats" not in plain["settings"]
+    # A record with more objects than the repeats name is refused, by name.
+    with pytest.raises(ValueError, match=r"sft_data.json\[\d+\] \(shapes_sft_\d+\): 3 objects, but the repeats 1,2 stop at 2"):
+        prepare_stage("sft", [*base, "--out", str(tmp_path / "short"), "--object-repeats", "1,2"])
+
+
+def test_object_repeats_flag_is_checked():
+    from minimind_v.train.vlm import build_parser
+
+    parser = build_parser("sft")
+    base = ["--data", "d", "--init", "i", "--out", "o"]
+    assert parser.parse_args(base).object_repeats is None
+    assert parser.parse_args(base + ["--object-repeats", "1,2,3"]).object_repeats == (1, 2, 3)
+    for bad in ("1,0,2", "1,two", ""):
+        with pytest.raises(SystemExit):
+            parser.parse_args(base + ["--object-repeats", bad])
+
+
 DDP_SCRIPT = textwrap.dedent("""
     # Run the SFT entry point, recording each micro-batch's (loss * targets, targets, ids) and the
     # gradients of the first optimizer step (after DDP's all-reduce, before the update).

@@ -114,6 +114,23 @@ def record_scenes(record: dict) -> list[list[dict]]:
     return record["scenes"] if "scenes" in record else [record["scene"]]
 
 
+def repeat_by_objects(records: list[dict], repeats: tuple[int, ...], where: str = "records") -> list[dict]:
+    """Each record ``repeats[k - 1]`` times, k its number of objects (with two pictures, the fuller
+    one's), the copies side by side in the records' order: an epoch then meets crowded pictures,
+    where lookup and counting are hard, more often than one-object pictures, without new ones."""
+    out = []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not ("scene" in record or "scenes" in record):
+            raise ValueError(f"{where}[{i}]: no scene description ('scene'): repeating records by their "
+                             f"objects needs the shapes world's records")
+        k = max(len(scene) for scene in record_scenes(record))
+        if not 1 <= k <= len(repeats):
+            raise ValueError(f"{where}[{i}] ({record.get('id', '?')}): {k} objects, but the repeats "
+                             f"{','.join(map(str, repeats))} stop at {len(repeats)}")
+        out += [record] * repeats[k - 1]
+    return out
+
+
 def record_images(record: dict) -> list[str]:
     """A record's image names, in the order of its <image> tags."""
     return record["image"] if isinstance(record["image"], list) else [record["image"]]

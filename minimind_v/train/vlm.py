@@ -14,8 +14,9 @@ from pathlib import Path
 
 from torch.utils.data import ConcatDataset
 
-from ..data.datasets import collate, open_chat_dataset, read_records, resolve_data, skip_summary
+from ..data.datasets import DataError, collate, open_chat_dataset, read_records, resolve_data, skip_summary
 from ..data.parquet import ParquetIndex, dataset_picture_names, parquet_files
+from ..data.shapes_records import repeat_by_objects
 from ..defaults import FREEZE, TRAINING
 from ..model.projector import PROJECTORS
 from ..model.vision import DEFAULT_CLIP, VisionEncoder
@@ -65,10 +66,24 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                    help="tokens per sample, image tokens included (more than the encoder's tokens)")
     p.add_argument("--image-dropout", type=checked(float, low=0, high=0.9), default=0.0,
                    help="dropout on each picture's encoder tokens while training (0..0.9; 0: none)")
+    p.add_argument("--object-repeats", type=object_repeats, default=None, metavar="N1,N2,...",
+                   help="shapes world: each record with k objects taken N_k times an epoch (e.g. 1,2,3: "
+                        "three-object pictures three times as often as one-object ones)")
     p.add_argument("--skip-bad-samples", action="store_true",
                    help="skip malformed records and unreadable images, and report how many")
     add_train_flags(p, **spec["train"])
     return p
+
+
+def object_repeats(text: str) -> tuple[int, ...]:
+    """"1,2,3" -> (1, 2, 3): how many times a record is taken, by its number of objects."""
+    try:
+        repeats = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+    if any(n < 1 for n in repeats):
+        raise argparse.ArgumentTypeError(f"every repeat must be >= 1, got {text!r}")
+    return repeats
 
 
 def parse_args(stage: str, argv=None):
@@ -109,7 +124,14 @@ def build_dataset(ns, stage_dir: Path, tokenizer, encoder, info):
                                  feature_cache=cache, max_length=ns.max_length,
                                  skip_bad_samples=ns.skip_bad_samples, records=records, rows=rows)
 
-    parts = [part(ns.json, ns.images)]
+    records = None
+    if ns.object_repeats:
+        path, image_dir = resolve_data(data, ns.json, ns.images)
+        if image_dir is None:
+            raise DataError(f"--object-repeats: {path} holds parquet rows, which describe no scenes; "
+                            f"it takes the shapes world's JSON records")
+        records = repeat_by_objects(read_records(path), ns.object_repeats, where=str(path))
+    parts = [part(ns.json, ns.images, records)]
     if ns.mix_captions > 0:
         pretrain = STAGES["pretrain"]
         path, image_dir = resolve_data(data, pretrain["json"], pretrain["images"])
@@ -168,6 +190,8 @@ def prepare_stage(stage: str, argv=None) -> dict:
         settings["vision_tokens"] = ns.vision_tokens
     if ns.image_dropout:  # (the same)
         settings["image_dropout"] = ns.image_dropout
+    if ns.object_repeats:  # (the same)
+        settings["object_repeats"] = list(ns.object_repeats)
     return dict(parser=parser, ns=ns, args=args, info=info, model=model, dataset=dataset, settings=settings,
                 collate=functools.partial(collate, pad_id=tokenizer.pad_token_id or 0),
                 save=lambda m, out: save_with_tokenizer(m, tokenizer, out, vision_source))
