@@ -12,6 +12,7 @@ import json
 import pickle
 import random
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -308,3 +309,12 @@ def test_world_texts_reads_the_parquet_layout(tiny_world, parquet_world):
     assert from_parquet == from_json
     assert from_parquet[0].startswith("user\n") and from_parquet[1].startswith("assistant\n")
     assert not any(IMAGE_TAG in text for text in from_parquet)
+
+
+def test_object_repeats_needs_records_that_describe_their_scenes(parquet_world, world_tokenizer, tiny_encoder):
+    from minimind_v.train.vlm import build_dataset, build_parser
+
+    ns = build_parser("sft").parse_args(["--data", str(parquet_world), "--init", "i", "--out", "o",
+                                         "--object-repeats", "1,2,3"])
+    with pytest.raises(DataError, match=r"--object-repeats: .*\.parquet holds parquet rows, which describe no scenes"):
+        build_dataset(ns, Path("o"), world_tokenizer, tiny_encoder, None)
