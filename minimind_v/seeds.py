@@ -4,7 +4,7 @@
     python -m minimind_v.seeds --world 1 --seeds 0 --record docs/seeds_world1.json
     python -m minimind_v.seeds --world 2 --seeds 3 4 5 --relation-answers regions --folder runs/regions
     python -m minimind_v.seeds --world 2 --seeds 3 4 5 --sft-steps 4500 --folder runs/w2s4500
-    python -m minimind_v.seeds --world 2 --seeds 3 4 5 --sft-object-repeats 1,2,3 --folder runs/objects
+    python -m minimind_v.seeds --world 2 --seeds 3 4 5 --sft-object-repeats 1,1,1 --folder runs/once_each
 
 A seed changes everything a run is built from: the world's pictures and questions, every stage's
 initial weights, the order of every batch. Each seed is an ordinary recipe run folder

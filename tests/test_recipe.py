@@ -187,6 +187,13 @@ def test_the_books_seed_and_world_settings_reach_the_recipe(tmp_path, monkeypatc
     assert r.held_out_pairs == WORLD2["held_out_pairs"]
     assert world_config(r).held_out_pairs == (("red", "triangle"), ("blue", "cross"))
     assert r.sft_turns == WORLD2["sft_turns"] != Recipe.sft_turns
+    # World 2's SFT meets a picture of k objects k times an epoch; world 1's takes every record once.
+    _, sft_argv = recipe_module.stage_commands(tmp_path, r)["sft"]
+    assert sft_argv[sft_argv.index("--object-repeats") + 1] == "1,2,3"
+    _, sft_argv = recipe_module.stage_commands(tmp_path, recipe_module.with_world(r, 1))["sft"]
+    assert "--object-repeats" not in sft_argv
+    _, sft_argv = recipe_module.stage_commands(tmp_path, replace(r, sft_object_repeats=(1, 1, 1)))["sft"]
+    assert "--object-repeats" not in sft_argv  # all ones: the same thing, said by leaving the flag out
     # A world that sets a size gets it, except in quick mode, which keeps its tiny sizes.
     monkeypatch.setitem(recipe_module.WORLDS, 2, {**WORLD2, "n_sft": 48000})
     assert default_recipe().n_sft == 48000

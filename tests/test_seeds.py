@@ -184,12 +184,16 @@ def test_the_record_says_how_often_sft_took_records_by_their_objects(tmp_path, m
     trained = []
     monkeypatch.setattr(seeds, "run_recipe", lambda run, recipe, nproc=1: trained.append(recipe) or {"timings": {}})
     monkeypatch.setattr(seeds, "seed_figures", lambda run: {"overall": 0.5})
-    record = seeds.run_seeds(2, [6], folder=tmp_path, object_repeats=(1, 2, 3))
-    assert [(r.sft_object_repeats, r.seed) for r in trained] == [((1, 2, 3), 6)]
-    assert record["recipe"]["sft_object_repeats"] == [1, 2, 3]
+    record = seeds.run_seeds(2, [6], folder=tmp_path, object_repeats=(1, 3, 5))
+    assert [(r.sft_object_repeats, r.seed) for r in trained] == [((1, 3, 5), 6)]
+    assert record["recipe"]["sft_object_repeats"] == [1, 3, 5]
     _, argv = stage_commands(tmp_path / "run", trained[0])["sft"]
-    assert argv[argv.index("--object-repeats") + 1] == "1,2,3"  # what the SFT stage is launched with
-    assert "sft_object_repeats" not in seeds.run_seeds(2, [7], folder=tmp_path)["recipe"]  # once each, as ever
+    assert argv[argv.index("--object-repeats") + 1] == "1,3,5"  # what the SFT stage is launched with
+    assert seeds.run_seeds(2, [7], folder=tmp_path)["recipe"]["sft_object_repeats"] == [1, 2, 3]  # world 2's own
+    assert set(json.loads((tmp_path / "world2_seeds.json").read_text())["seeds"]) == {"7"}  # another recipe: anew
+    assert seeds.run_seeds(2, [8], folder=tmp_path, object_repeats=(1, 1, 1))["recipe"]["sft_object_repeats"] == [1, 1, 1]
+    _, argv = stage_commands(tmp_path / "run", trained[-1])["sft"]
+    assert "--object-repeats" not in argv  # every record once: the recipe before world 2 repeated any
     for bad in ("0,1", "1,x"):
         with pytest.raises(SystemExit):
             seeds.main(["--seeds", "6", "--sft-object-repeats", bad])
