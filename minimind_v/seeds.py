@@ -5,6 +5,7 @@
     python -m minimind_v.seeds --world 2 --seeds 3 4 5 --relation-answers regions --folder runs/regions
     python -m minimind_v.seeds --world 2 --seeds 3 4 5 --sft-steps 4500 --folder runs/w2s4500
     python -m minimind_v.seeds --world 2 --seeds 3 4 5 --sft-object-repeats 1,1,1 --folder runs/once_each
+    python -m minimind_v.seeds --world 2 --seeds 4 3 5 --sft-flags="--object-curriculum" --folder runs/curriculum
 
 A seed changes everything a run is built from: the world's pictures and questions, every stage's
 initial weights, the order of every batch. Each seed is an ordinary recipe run folder
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -102,13 +104,16 @@ def seed_figures(run: Path) -> dict:
 
 def run_seeds(world: int, seeds: list[int], folder: Path | None = None, nproc: int = 1,
               record: Path | None = None, relation_answers: str | None = None,
-              sft_steps: int | None = None, object_repeats: tuple[int, ...] | None = None) -> dict:
+              sft_steps: int | None = None, object_repeats: tuple[int, ...] | None = None,
+              sft_flags: list[str] | None = None) -> dict:
     """Train (or reuse) the recipe of ``world`` on each seed, one after the other; the record grows
     as each seed finishes (``folder/world<N>_seeds.json``, and ``record`` if given).
     ``relation_answers``, if given, replaces the recipe's form of relation answers
     (``shapes.RELATION_ANSWERS``), and ``sft_steps`` the recipe's SFT steps (its learning-rate
     schedule spans the new count), and ``object_repeats`` how often SFT takes a record by its number of
-    objects (``--object-repeats`` of the SFT stage); the record's recipe says what was trained."""
+    objects (``--object-repeats`` of the SFT stage); ``sft_flags`` are more flags of the SFT stage
+    (the recipe's ``extra``, checked against the stage's parser first); the record's recipe says
+    what was trained."""
     from .machine import describe_speed
 
     folder = Path(folder or home() / "runs")
@@ -123,6 +128,9 @@ def run_seeds(world: int, seeds: list[int], folder: Path | None = None, nproc: i
         if not object_repeats or any(n < 1 for n in object_repeats):
             raise ValueError(f"object_repeats must be whole numbers >= 1, got {object_repeats!r}")
         base = replace(base, sft_object_repeats=tuple(object_repeats))
+    if sft_flags:
+        check_stage_flags("sft", sft_flags)
+        base = replace(base, extra={**base.extra, "sft": [*base.extra.get("sft", []), *sft_flags]})
     # The recipe as the file holds it (tuples become lists), its seed left out: the seeds vary.
     results = {"world": world, "recipe": recipe_record(replace(base, seed=-1)), "seeds": {}}
     out = folder / f"world{world}_seeds.json"
@@ -151,6 +159,21 @@ def run_seeds(world: int, seeds: list[int], folder: Path | None = None, nproc: i
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(path, results)
     return results
+
+
+def check_stage_flags(stage: str, flags: list[str]) -> None:
+    """Refuse, before anything trains, flags that the stage's own parser would refuse at its start."""
+    from .train.vlm import build_parser
+
+    parser = build_parser(stage)
+    parser.exit_on_error = False
+    try:
+        parser.parse_args(["--data", "-", "--init", "-", "--out", "-", *flags])
+    except argparse.ArgumentError as err:
+        raise ValueError(f"flags for the {stage} stage {' '.join(flags)!r}: {err}") from None
+    except SystemExit:  # (argparse exits on some errors whatever exit_on_error says)
+        raise ValueError(f"flags for the {stage} stage {' '.join(flags)!r}: refused by its parser "
+                         f"(above)") from None
 
 
 def again_in_part(earlier: dict, minutes: dict, machine: str) -> dict:
@@ -296,6 +319,8 @@ def main(argv=None) -> dict:
                    help="SFT steps in place of the recipe's (the record's recipe says which were trained)")
     p.add_argument("--sft-object-repeats", type=object_repeats, default=None, metavar="N1,N2,...",
                    help="SFT takes a record with k objects N_k times an epoch, e.g. 1,2,3 (default: once each)")
+    p.add_argument("--sft-flags", default=None, metavar='"--flag value ..."',
+                   help="more flags for the SFT stage, as one string (write --sft-flags=\"--lr 5e-4\")")
     p.add_argument("--against", default=None,
                    help="another record (JSON) whose minutes go beside these: today's recipe on this machine")
     ns = p.parse_args(argv)
@@ -305,10 +330,16 @@ def main(argv=None) -> dict:
         p.error(f"--sft-steps must be at least 1, got {ns.sft_steps}")
     if ns.nproc < 1:
         p.error(f"--nproc must be at least 1, got {ns.nproc}")
+    sft_flags = shlex.split(ns.sft_flags) if ns.sft_flags else None
+    if sft_flags:
+        try:
+            check_stage_flags("sft", sft_flags)
+        except ValueError as err:
+            p.error(f"--sft-flags: {err}")
     against = json.loads(Path(ns.against).read_text(encoding="utf-8")) if ns.against else None
     results = run_seeds(ns.world, ns.seeds, Path(ns.folder) if ns.folder else None, ns.nproc,
                         Path(ns.record) if ns.record else None, ns.relation_answers, ns.sft_steps,
-                        ns.sft_object_repeats)
+                        ns.sft_object_repeats, sft_flags)
     print(table_markdown(results, against))
     return results
 

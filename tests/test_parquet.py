@@ -318,3 +318,7 @@ def test_object_repeats_needs_records_that_describe_their_scenes(parquet_world, 
                                          "--object-repeats", "1,2,3"])
     with pytest.raises(DataError, match=r"--object-repeats: .*\.parquet holds parquet rows, which describe no scenes"):
         build_dataset(ns, Path("o"), world_tokenizer, tiny_encoder, None)
+    ns = build_parser("sft").parse_args(["--data", str(parquet_world), "--init", "i", "--out", "o",
+                                         "--object-curriculum"])
+    with pytest.raises(DataError, match=r"--object-curriculum: .*\.parquet holds parquet rows, which describe no"):
+        build_dataset(ns, Path("o"), world_tokenizer, tiny_encoder, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import pytest
 from minimind_v import seeds
 from minimind_v.data.images import load_image
 from minimind_v.data.shapes import ShapesWorldConfig, generate_world, render_scene
-from minimind_v.recipe import TRAINING_STAGES, WORLD2, default_recipe, stage_commands, stage_dir, with_world
+from minimind_v.recipe import (TRAINING_STAGES, WORLD2, default_recipe, stage_commands, stage_dir,
+                              stage_fingerprints, with_world)
 
 
 def test_absent_questions_ask_about_what_the_picture_lacks(tmp_path):
@@ -197,6 +199,25 @@ def test_the_record_says_how_often_sft_took_records_by_their_objects(tmp_path, m
     for bad in ("0,1", "1,x"):
         with pytest.raises(SystemExit):
             seeds.main(["--seeds", "6", "--sft-object-repeats", bad])
+
+
+def test_sft_flags_go_to_the_sft_stage_alone_and_bad_ones_are_refused_before_anything_trains(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(seeds, "run_recipe", lambda run, recipe, nproc=1: trained.append(recipe) or {"timings": {}})
+    monkeypatch.setattr(seeds, "seed_figures", lambda run: {"overall": 0.5})
+    monkeypatch.setattr(seeds, "table_markdown", lambda results, against=None: "")
+    record = seeds.main(["--seeds", "6", "--folder", str(tmp_path), "--sft-flags=--object-curriculum --lr 5e-4"])
+    assert record["recipe"]["extra"] == {"sft": ["--object-curriculum", "--lr", "5e-4"]}
+    base = replace(with_world(default_recipe(), 2), seed=6)
+    assert trained == [replace(base, extra={"sft": ["--object-curriculum", "--lr", "5e-4"]})]
+    before, after = stage_fingerprints(base), stage_fingerprints(trained[0])
+    assert {k for k in before if before[k] != after[k]} == {"sft", "eval"}  # the earlier stages are reused
+    for bad in ("--no-such-flag", "--lr fast", "--object-curriculum=yes"):
+        with pytest.raises(SystemExit):
+            seeds.main(["--seeds", "6", "--folder", str(tmp_path), f"--sft-flags={bad}"])
+        with pytest.raises(ValueError, match="flags for the sft stage"):
+            seeds.run_seeds(2, [6], folder=tmp_path, sft_flags=bad.split())
+    assert len(trained) == 1  # nothing trained for a refused flag
 
 
 def test_a_stage_run_again_keeps_the_minutes_of_the_others():

@@ -106,6 +106,27 @@ def test_step_batches_split_one_global_batch_and_resume_where_they_stopped():
         StepBatches(5, 3, 0, 2, 0, 0, 1)
 
 
+def test_step_batches_curriculum_orders_the_first_epoch_by_level_and_leaves_the_rest_random():
+    n, B = 24, 4
+    levels = [i % 3 + 1 for i in range(n)]  # 1, 2, 3, 1, 2, 3, ...
+    plain = list(StepBatches(n, B, 0, 1, seed=7, start_micro_step=0, n_micro_steps=12))
+    ordered = list(StepBatches(n, B, 0, 1, seed=7, start_micro_step=0, n_micro_steps=12,
+                               first_epoch_levels=levels))
+    first, plain_first = sum(ordered[:6], []), sum(plain[:6], [])
+    assert sorted(first) == list(range(n))  # an epoch still takes every sample once
+    assert [levels[i] for i in first] == sorted(levels)  # fewest objects first
+    # Within a level, the order is the random one the plain epoch would have had.
+    for level in (1, 2, 3):
+        assert [i for i in first if levels[i] == level] == [i for i in plain_first if levels[i] == level]
+    assert ordered[6:] == plain[6:]  # the second epoch is random, as without a curriculum
+    # Resuming inside the curriculum epoch gives the same batches; two ranks split each global batch.
+    assert list(StepBatches(n, B, 0, 1, 7, 3, 9, first_epoch_levels=levels)) == ordered[3:]
+    ranks = [list(StepBatches(n, B // 2, r, 2, 7, 0, 12, first_epoch_levels=levels)) for r in range(2)]
+    assert [a + b for a, b in zip(*ranks)] == ordered
+    with pytest.raises(ValueError, match=r"first_epoch_levels holds \(23,\) values for a dataset of 24 samples"):
+        StepBatches(n, B, 0, 1, 7, 0, 1, first_epoch_levels=levels[:-1])
+
+
 # ----------------------------------------------------------------------------- the loss of a step
 
 
@@ -355,6 +376,26 @@ def test_sft_object_repeats_takes_each_record_as_often_as_its_objects_say(tiny_w
     # A record with more objects than the repeats name is refused, by name.
     with pytest.raises(ValueError, match=r"sft_data.json\[\d+\] \(shapes_sft_\d+\): 3 objects, but the repeats 1,2 stop at 2"):
         prepare_stage("sft", [*base, "--out", str(tmp_path / "short"), "--object-repeats", "1,2"])
+
+
+def test_sft_object_curriculum_gives_each_sample_its_pictures_objects(tiny_world, tiny_lm_dir, tiny_clip_dir,
+                                                                      tmp_path, alone):
+    """`--object-curriculum`: one level per sample, the number of objects in its picture (counted
+    here from each sample's own record, the repeated SFT records and the mixed-in captions alike),
+    handed to the sampler, and written into the run's settings."""
+    from minimind_v.train.vlm import prepare_stage
+
+    base = ["--data", str(tiny_world), "--init", str(tiny_lm_dir), "--vision", str(tiny_clip_dir), *SMALL_STEPS]
+    built = prepare_stage("sft", [*base, "--out", str(tmp_path / "sft"), "--object-curriculum",
+                                  "--object-repeats", "1,3,2", "--mix-captions", "0.5"])
+    parts = built["dataset"].datasets
+    samples = [r for part in parts for r in part.records]
+    assert len(parts) == 2 and len(samples) == len(built["dataset"])
+    assert built["first_epoch_levels"] == [len(r["scene"]) for r in samples]
+    assert set(built["first_epoch_levels"]) == {1, 2, 3}
+    assert built["settings"]["object_curriculum"] is True
+    plain = prepare_stage("sft", [*base, "--out", str(tmp_path / "plain")])
+    assert plain["first_epoch_levels"] is None and "object_curriculum" not in plain["settings"]
 
 
 def test_object_repeats_flag_is_checked():

@@ -119,15 +119,23 @@ def repeat_by_objects(records: list[dict], repeats: tuple[int, ...], where: str 
     one's), the copies side by side in the records' order: an epoch then meets crowded pictures,
     where lookup and counting are hard, more often than one-object pictures, without new ones."""
     out = []
-    for i, record in enumerate(records):
-        if not isinstance(record, dict) or not ("scene" in record or "scenes" in record):
-            raise ValueError(f"{where}[{i}]: no scene description ('scene'): repeating records by their "
-                             f"objects needs the shapes world's records")
-        k = max(len(scene) for scene in record_scenes(record))
+    for i, (record, k) in enumerate(zip(records, objects_per_record(records, where, "repeating records"))):
         if not 1 <= k <= len(repeats):
             raise ValueError(f"{where}[{i}] ({record.get('id', '?')}): {k} objects, but the repeats "
                              f"{','.join(map(str, repeats))} stop at {len(repeats)}")
         out += [record] * repeats[k - 1]
+    return out
+
+
+def objects_per_record(records: list[dict], where: str = "records", purpose: str = "this") -> list[int]:
+    """Each record's number of objects (with two pictures, the fuller one's), from its scene
+    description; a record without one is refused by its place in ``where``."""
+    out = []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not ("scene" in record or "scenes" in record):
+            raise ValueError(f"{where}[{i}]: no scene description ('scene'): {purpose} by their "
+                             f"objects needs the shapes world's records")
+        out.append(max(len(scene) for scene in record_scenes(record)))
     return out
 
 

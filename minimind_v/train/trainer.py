@@ -189,13 +189,19 @@ class StepBatches(Sampler):
 
     Micro-step m's global batch is slice m of a permutation of the dataset seeded by
     (seed, epoch); rank r takes rows [r*B, (r+1)*B) of it. Last partial batches are dropped so
-    every rank takes the same number of steps.
+    every rank takes the same number of steps. ``first_epoch_levels`` (one number per sample)
+    makes the first epoch a curriculum: its permutation sorted by level, stably, so samples of
+    one level stay in random order; later epochs are random throughout.
     """
 
     def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 start_micro_step: int, n_micro_steps: int):
+                 start_micro_step: int, n_micro_steps: int, first_epoch_levels=None):
         self.n, self.B, self.rank, self.world = n, batch_size, rank, world_size
         self.seed, self.start, self.count = seed, start_micro_step, n_micro_steps
+        self.levels = None if first_epoch_levels is None else torch.as_tensor(first_epoch_levels)
+        if self.levels is not None and self.levels.shape != (n,):
+            raise ValueError(f"first_epoch_levels holds {tuple(self.levels.shape)} values for a dataset "
+                             f"of {n} samples: one level per sample")
         self.per_epoch = n // (batch_size * world_size)
         if self.per_epoch == 0:
             raise ValueError(f"dataset of {n} samples is smaller than one global batch "
@@ -211,6 +217,8 @@ class StepBatches(Sampler):
             if epoch != perm_epoch:
                 g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
                 perm, perm_epoch = torch.randperm(self.n, generator=g), epoch
+                if epoch == 0 and self.levels is not None:
+                    perm = perm[torch.argsort(self.levels[perm], stable=True)]
             lo = within * G + self.rank * self.B
             yield perm[lo : lo + self.B].tolist()
 
@@ -268,6 +276,7 @@ def fit(
     step_loss: Callable,
     save_final: Callable[[torch.nn.Module, Path], None],
     settings: dict | None = None,
+    first_epoch_levels=None,
 ) -> dict:
     """Train ``model`` (already on ``info.device``) and save it with ``save_final(model, out_dir)``.
 
@@ -275,6 +284,7 @@ def fit(
     runs one micro-batch; the extra loss (e.g. MoE balance) is added as is. ``settings``: the
     stage's own settings that decide the result (data, model, freezing, ...; plain values), stored
     in the checkpoint and compared on resume with the training arguments (see :func:`run_settings`).
+    ``first_epoch_levels``: a curriculum for the first epoch, one level per sample (StepBatches).
     Returns a summary dict (final loss, steps, seconds, samples/s, tokens/s).
     """
     args.validate()
@@ -297,7 +307,8 @@ def fit(
     # A checkpoint past stop_at is never relabelled: stop_at only ends a run early.
     end_step = max(start_step, args.steps if args.stop_at is None else min(args.steps, args.stop_at))
     sampler = StepBatches(len(dataset), args.batch_size, info.rank, info.world_size, args.seed,
-                          start_step * args.grad_accum, (end_step - start_step) * args.grad_accum)
+                          start_step * args.grad_accum, (end_step - start_step) * args.grad_accum,
+                          first_epoch_levels)
     trainable, total = count_trainable(model)
     if info.is_main:
         prepare_out_dir(out_dir, start_step, {"total_steps": args.steps, "trainable_params": trainable,

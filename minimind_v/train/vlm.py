@@ -16,7 +16,7 @@ from torch.utils.data import ConcatDataset
 
 from ..data.datasets import DataError, collate, open_chat_dataset, read_records, resolve_data, skip_summary
 from ..data.parquet import ParquetIndex, dataset_picture_names, parquet_files
-from ..data.shapes_records import repeat_by_objects
+from ..data.shapes_records import objects_per_record, repeat_by_objects
 from ..defaults import FREEZE, TRAINING
 from ..model.projector import PROJECTORS
 from ..model.vision import DEFAULT_CLIP, VisionEncoder
@@ -69,6 +69,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     p.add_argument("--object-repeats", type=object_repeats, default=None, metavar="N1,N2,...",
                    help="shapes world: each record with k objects taken N_k times an epoch (e.g. 1,2,3: "
                         "three-object pictures three times as often as one-object ones)")
+    p.add_argument("--object-curriculum", action="store_true",
+                   help="shapes world: the first epoch takes pictures from fewer objects to more (in random "
+                        "order within each count); later epochs in random order")
     p.add_argument("--skip-bad-samples", action="store_true",
                    help="skip malformed records and unreadable images, and report how many")
     add_train_flags(p, **spec["train"])
@@ -124,13 +127,19 @@ def build_dataset(ns, stage_dir: Path, tokenizer, encoder, info):
                                  feature_cache=cache, max_length=ns.max_length,
                                  skip_bad_samples=ns.skip_bad_samples, records=records, rows=rows)
 
-    records = None
-    if ns.object_repeats:
+    records, levels = None, None
+    by_objects = [flag for flag, on in (("--object-repeats", ns.object_repeats),
+                                        ("--object-curriculum", ns.object_curriculum)) if on]
+    if by_objects:
         path, image_dir = resolve_data(data, ns.json, ns.images)
         if image_dir is None:
-            raise DataError(f"--object-repeats: {path} holds parquet rows, which describe no scenes; "
+            raise DataError(f"{' and '.join(by_objects)}: {path} holds parquet rows, which describe no scenes; "
                             f"it takes the shapes world's JSON records")
-        records = repeat_by_objects(read_records(path), ns.object_repeats, where=str(path))
+        records = read_records(path)
+        if ns.object_repeats:
+            records = repeat_by_objects(records, ns.object_repeats, where=str(path))
+        if ns.object_curriculum:
+            levels = objects_per_record(records, str(path), "a curriculum")
     parts = [part(ns.json, ns.images, records)]
     if ns.mix_captions > 0:
         pretrain = STAGES["pretrain"]
@@ -145,10 +154,12 @@ def build_dataset(ns, stage_dir: Path, tokenizer, encoder, info):
             k = min(len(captions), int(ns.mix_captions * len(parts[0])))
             chosen = random.Random(ns.seed).sample(captions, k)
             parts.append(part(pretrain["json"], pretrain["images"], chosen))
+            if levels is not None:  # a caption comes when pictures as full as its own do
+                levels += objects_per_record(chosen, str(path), "a curriculum")
     skipped = [s for p in parts for s in p.skipped]
     if skipped:  # how many, for what, and the first few by name
         print0(skip_summary(skipped))
-    return ConcatDataset(parts) if len(parts) > 1 else parts[0]
+    return (ConcatDataset(parts) if len(parts) > 1 else parts[0]), levels
 
 
 def prepare_stage(stage: str, argv=None) -> dict:
@@ -175,7 +186,7 @@ def prepare_stage(stage: str, argv=None) -> dict:
     model.config.vision_preprocessing = encoder.preprocessing  # saved with the model (config.json)
     model.image_dropout = ns.image_dropout
     trainable, total = set_trainable(model, ns.freeze)
-    dataset = build_dataset(ns, Path(args.out_dir), tokenizer, encoder, info)
+    dataset, levels = build_dataset(ns, Path(args.out_dir), tokenizer, encoder, info)
     print0(f"{stage}: {len(dataset)} samples; training {trainable / 1e6:.3f}M of {total / 1e6:.3f}M "
            f"parameters (freeze={ns.freeze}: {FREEZE_STRATEGIES[ns.freeze]}); "
            f"images from {'the feature cache' if ns.feature_cache else 'files'}")
@@ -192,7 +203,10 @@ def prepare_stage(stage: str, argv=None) -> dict:
         settings["image_dropout"] = ns.image_dropout
     if ns.object_repeats:  # (the same)
         settings["object_repeats"] = list(ns.object_repeats)
+    if ns.object_curriculum:  # (the same)
+        settings["object_curriculum"] = True
     return dict(parser=parser, ns=ns, args=args, info=info, model=model, dataset=dataset, settings=settings,
+                first_epoch_levels=levels,
                 collate=functools.partial(collate, pad_id=tokenizer.pad_token_id or 0),
                 save=lambda m, out: save_with_tokenizer(m, tokenizer, out, vision_source))
 
@@ -201,7 +215,7 @@ def run_stage(stage: str, argv=None) -> dict:
     s = prepare_stage(stage, argv)
     try:
         summary = fit(s["model"], s["dataset"], s["collate"], s["args"], s["info"], lm_step_loss, s["save"],
-                      s["settings"])
+                      s["settings"], s["first_epoch_levels"])
     except TrainSetupError as err:
         s["parser"].error(str(err))
     print0(f"done: {summary}")
