@@ -335,3 +335,58 @@ def test_repeat_by_objects_counts_the_fuller_picture_and_refuses_records_without
     assert repeat_by_objects(records, (1, 1, 1)) == records
     with pytest.raises(ValueError, match=r"here\[1\]: no scene description"):
         repeat_by_objects([records[0], {"id": "x", "image": "x.png"}], (1, 2, 3), where="here")
+
+
+def counted(question: str) -> str:
+    """What a count question counts: "How many red objects are there?" -> "red objects"."""
+    import re
+
+    return re.search(r"(circles|squares|triangles|crosses|\w+ objects)", question).group(1)
+
+
+def test_count_shared_asks_what_objects_share_and_answers_from_the_scene(tmp_path):
+    """`--count-shared`: count questions answered "one" are asked again about a shape or colour that
+    several objects share; worked by hand on one record, then re-derived from the scenes of a world."""
+    import copy
+
+    from minimind_v.data.shapes_records import count_shared
+
+    scene = [{"shape": "cross", "colour": "red", "size": "small", "position": "top left", "offset": [0, 0]},
+             {"shape": "cross", "colour": "blue", "size": "large", "position": "center", "offset": [0, 0]},
+             {"shape": "circle", "colour": "red", "size": "small", "position": "bottom", "offset": [0, 0]}]
+    turns = [("<image>\nWhat colour is the circle?", "red"), ("How many circles are there?", "one"),
+             ("Count the blue objects in the image.", "one"), ("How many objects are there?", "three")]
+    record = {"id": "r", "scene": scene, "answer_types": ["colour", "count", "count", "count"],
+              "conversations": [{"from": f, "value": v} for q, a in turns for f, v in (("human", q), ("gpt", a))]}
+    (after,) = count_shared([record], seed=1)
+    said = [t["value"] for t in after["conversations"]]
+    assert said[:2] == ["<image>\nWhat colour is the circle?", "red"]  # not a count: left as it was
+    assert said[6:] == ["How many objects are there?", "three"]  # not "one": left as it was
+    assert said[3] == said[5] == "two"  # two crosses, two red objects: each asked once
+    assert {counted(said[2]), counted(said[4])} == {"crosses", "red objects"}
+    assert record["conversations"][3]["value"] == "one"  # the input is not changed
+
+    sft = json.loads((_world(tmp_path, "a") / "sft_data.json").read_text())
+    kept = copy.deepcopy(sft)
+    out = count_shared(sft, seed=3)
+    assert sft == kept and count_shared(sft, seed=3) == out  # the same seed, the same records
+    changed = 0
+    for before, now in zip(sft, out):
+        assert (now["id"], now.get("answer_types")) == (before["id"], before.get("answer_types"))
+        if "scenes" in before:  # two pictures: left alone
+            assert now == before
+            continue
+        asked = []
+        pairs = zip(before["conversations"][::2], before["conversations"][1::2], now["conversations"][::2],
+                    now["conversations"][1::2], before["answer_types"])
+        for q0, a0, q1, a1, kind in pairs:
+            if (q0, a0) == (q1, a1):
+                continue
+            changed += 1
+            assert kind == "count" and a0["value"] == "one"
+            assert answer(before["scene"], q1["value"], absent_ok=True) == a1["value"] in ("two", "three")
+            assert q0["value"].startswith("<image>\n") == q1["value"].startswith("<image>\n")
+            assert q0["value"].endswith("\n<image>") == q1["value"].endswith("\n<image>")
+            asked.append(counted(q1["value"]))
+        assert len(asked) == len(set(asked))
+    assert changed > 10

@@ -398,6 +398,22 @@ def test_sft_object_curriculum_gives_each_sample_its_pictures_objects(tiny_world
     assert plain["first_epoch_levels"] is None and "object_curriculum" not in plain["settings"]
 
 
+def test_sft_count_shared_trains_on_the_records_with_their_counts_asked_again(tiny_world, tiny_lm_dir,
+                                                                             tiny_clip_dir, tmp_path, alone):
+    """`--count-shared` (with the repeats): the SFT set holds data.shapes_records.count_shared of the
+    world's records, seeded by the stage's --seed, and the setting goes into the run's settings."""
+    from minimind_v.data.shapes_records import count_shared, repeat_by_objects
+    from minimind_v.train.vlm import prepare_stage
+
+    base = ["--data", str(tiny_world), "--init", str(tiny_lm_dir), "--vision", str(tiny_clip_dir), *SMALL_STEPS]
+    built = prepare_stage("sft", [*base, "--out", str(tmp_path / "sft"), "--count-shared", "--seed", "4",
+                                  "--object-repeats", "1,2,3"])
+    records = read_records(tiny_world / "sft_data.json")
+    assert built["dataset"].records == repeat_by_objects(count_shared(records, 4), (1, 2, 3))
+    assert built["dataset"].records != repeat_by_objects(records, (1, 2, 3))  # some count was asked again
+    assert built["settings"]["count_shared"] is True
+
+
 def test_object_repeats_flag_is_checked():
     from minimind_v.train.vlm import build_parser
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .shapes_questions import (CAPTION_ORDERS, CAPTION_REQUESTS, RELATION_ANSWERS, caption, questions,
-                               single_picture_types, two_picture_question)
-from .shapes_scenes import (ANSWER_TYPES, COLOURS, EXTRA_ANSWER_TYPES, POSITIONS, SHAPES, SINGULAR, TWO_PICTURES,
-                            describe_object, random_scene, scene_key)
+from .shapes_questions import (CAPTION_ORDERS, CAPTION_REQUESTS, QUESTION_TEMPLATES, RELATION_ANSWERS, caption,
+                               questions, single_picture_types, two_picture_question)
+from .shapes_scenes import (ANSWER_TYPES, COLOURS, EXTRA_ANSWER_TYPES, NUMBER_WORDS, PLURAL_SHAPES, POSITIONS, SHAPES,
+                            SINGULAR, TWO_PICTURES, describe_object, random_scene, scene_key)
 
 MAX_SFT_TURNS = 10
 
@@ -136,6 +136,40 @@ def objects_per_record(records: list[dict], where: str = "records", purpose: str
             raise ValueError(f"{where}[{i}]: no scene description ('scene'): {purpose} by their "
                              f"objects needs the shapes world's records")
         out.append(max(len(scene) for scene in record_scenes(record)))
+    return out
+
+
+def count_shared(records: list[dict], seed: int, where: str = "records") -> list[dict]:
+    """The records with each count question answered "one" asked again, where the picture allows,
+    about a shape or a colour that two or more of its objects share ("How many crosses are there?"
+    -> "two", the crosses of different colours), each such shape or colour once in a record: most
+    shapes and colours occur once in a picture, so most count questions of the world's data that
+    name one answer "one". The answer is counted from the scene; the picture's tag stays where it
+    was; other turns and records are left as they are."""
+    rng = random.Random(f"count-shared/{seed}")
+    out = []
+    for i, (record, _) in enumerate(zip(records, objects_per_record(records, where, "asking counts"))):
+        shared = [] if "scenes" in record else [
+            (PLURAL_SHAPES[value] if kind == "shape" else f"{value} objects", n)
+            for kind in ("shape", "colour")
+            for value in sorted({o[kind] for o in record["scene"]})
+            if (n := sum(o[kind] == value for o in record["scene"])) >= 2]
+        kinds = record.get("answer_types", [])
+        if not shared or "count" not in kinds:
+            out.append(record)
+            continue
+        conversations = [dict(turn) for turn in record["conversations"]]
+        rng.shuffle(shared)
+        for t, kind in enumerate(kinds):
+            if kind != "count" or conversations[2 * t + 1]["value"] != NUMBER_WORDS[1] or not shared:
+                continue
+            plural, n = shared.pop()
+            question = rng.choice(QUESTION_TEMPLATES["count"]).format(plural=plural)
+            asked = conversations[2 * t]["value"]
+            conversations[2 * t]["value"] = ("<image>\n" + question if asked.startswith("<image>\n") else
+                                             question + "\n<image>" if asked.endswith("\n<image>") else question)
+            conversations[2 * t + 1]["value"] = NUMBER_WORDS[n]
+        out.append({**record, "conversations": conversations})
     return out
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import ConcatDataset
 
 from ..data.datasets import DataError, collate, open_chat_dataset, read_records, resolve_data, skip_summary
 from ..data.parquet import ParquetIndex, dataset_picture_names, parquet_files
-from ..data.shapes_records import objects_per_record, repeat_by_objects
+from ..data.shapes_records import count_shared, objects_per_record, repeat_by_objects
 from ..defaults import FREEZE, TRAINING
 from ..model.projector import PROJECTORS
 from ..model.vision import DEFAULT_CLIP, VisionEncoder
@@ -72,6 +72,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     p.add_argument("--object-curriculum", action="store_true",
                    help="shapes world: the first epoch takes pictures from fewer objects to more (in random "
                         "order within each count); later epochs in random order")
+    p.add_argument("--count-shared", action="store_true",
+                   help="shapes world: count questions answered \"one\" asked instead, where the picture "
+                        "allows, about a shape or colour that several of its objects share")
     p.add_argument("--skip-bad-samples", action="store_true",
                    help="skip malformed records and unreadable images, and report how many")
     add_train_flags(p, **spec["train"])
@@ -129,13 +132,16 @@ def build_dataset(ns, stage_dir: Path, tokenizer, encoder, info):
 
     records, levels = None, None
     by_objects = [flag for flag, on in (("--object-repeats", ns.object_repeats),
-                                        ("--object-curriculum", ns.object_curriculum)) if on]
+                                        ("--object-curriculum", ns.object_curriculum),
+                                        ("--count-shared", ns.count_shared)) if on]
     if by_objects:
         path, image_dir = resolve_data(data, ns.json, ns.images)
         if image_dir is None:
             raise DataError(f"{' and '.join(by_objects)}: {path} holds parquet rows, which describe no scenes; "
                             f"it takes the shapes world's JSON records")
         records = read_records(path)
+        if ns.count_shared:
+            records = count_shared(records, ns.seed, where=str(path))
         if ns.object_repeats:
             records = repeat_by_objects(records, ns.object_repeats, where=str(path))
         if ns.object_curriculum:
@@ -205,6 +211,8 @@ def prepare_stage(stage: str, argv=None) -> dict:
         settings["object_repeats"] = list(ns.object_repeats)
     if ns.object_curriculum:  # (the same)
         settings["object_curriculum"] = True
+    if ns.count_shared:  # (the same)
+        settings["count_shared"] = True
     return dict(parser=parser, ns=ns, args=args, info=info, model=model, dataset=dataset, settings=settings,
                 first_epoch_levels=levels,
                 collate=functools.partial(collate, pad_id=tokenizer.pad_token_id or 0),
