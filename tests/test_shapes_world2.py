@@ -365,6 +365,8 @@ def test_count_shared_asks_what_objects_share_and_answers_from_the_scene(tmp_pat
     assert said[3] == said[5] == "two"  # two crosses, two red objects: each asked once
     assert {counted(said[2]), counted(said[4])} == {"crosses", "red objects"}
     assert record["conversations"][3]["value"] == "one"  # the input is not changed
+    with pytest.raises(ValueError, match=r"here\[0\] \(r\): 4 answer types for 6 turns"):
+        count_shared([{**record, "conversations": record["conversations"][:6]}], seed=1, where="here")
 
     sft = json.loads((_world(tmp_path, "a") / "sft_data.json").read_text())
     kept = copy.deepcopy(sft)

@@ -147,8 +147,9 @@ def count_shared(records: list[dict], seed: int, where: str = "records") -> list
     name one answer "one". The answer is counted from the scene; the picture's tag stays where it
     was; other turns and records are left as they are."""
     rng = random.Random(f"count-shared/{seed}")
+    objects_per_record(records, where, "asking counts")  # (every record describes its scene)
     out = []
-    for i, (record, _) in enumerate(zip(records, objects_per_record(records, where, "asking counts"))):
+    for i, record in enumerate(records):
         shared = [] if "scenes" in record else [
             (PLURAL_SHAPES[value] if kind == "shape" else f"{value} objects", n)
             for kind in ("shape", "colour")
@@ -159,6 +160,9 @@ def count_shared(records: list[dict], seed: int, where: str = "records") -> list
             out.append(record)
             continue
         conversations = [dict(turn) for turn in record["conversations"]]
+        if len(conversations) != 2 * len(kinds):
+            raise ValueError(f"{where}[{i}] ({record.get('id', '?')}): {len(kinds)} answer types for "
+                             f"{len(conversations)} turns; a question and its answer per answer type")
         rng.shuffle(shared)
         for t, kind in enumerate(kinds):
             if kind != "count" or conversations[2 * t + 1]["value"] != NUMBER_WORDS[1] or not shared:

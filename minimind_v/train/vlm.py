@@ -131,13 +131,13 @@ def build_dataset(ns, stage_dir: Path, tokenizer, encoder, info):
                                  skip_bad_samples=ns.skip_bad_samples, records=records, rows=rows)
 
     records, levels = None, None
-    by_objects = [flag for flag, on in (("--object-repeats", ns.object_repeats),
+    by_scene = [flag for flag, on in (("--object-repeats", ns.object_repeats),
                                         ("--object-curriculum", ns.object_curriculum),
                                         ("--count-shared", ns.count_shared)) if on]
-    if by_objects:
+    if by_scene:
         path, image_dir = resolve_data(data, ns.json, ns.images)
         if image_dir is None:
-            raise DataError(f"{' and '.join(by_objects)}: {path} holds parquet rows, which describe no scenes; "
+            raise DataError(f"{' and '.join(by_scene)}: {path} holds parquet rows, which describe no scenes; "
                             f"it takes the shapes world's JSON records")
         records = read_records(path)
         if ns.count_shared:

@@ -1,0 +1,108 @@
+"""How a run answered its held-out count questions, split by what they count.
+
+A count question counts every object, a size ("small objects"), or a shape or a colour
+("crosses", "red objects"). Most shapes and colours occur once in a picture, so most questions of
+the last kind answer "one", even in pictures of two or three objects; a model that guesses from
+the question can score well on them without counting. This report finds, from the question's
+words and the scene, what is counted and how many objects fit, and splits the answers: every
+object; a size; a shape or colour in a one-object picture; in a busier picture, one object fits;
+several fit and they look alike otherwise (two red crosses); several fit and they differ in the
+other attribute (a red cross and a blue one, counted as crosses). Per group: questions, right
+answers, and how many answers say "one".
+
+    python -m minimind_v.count_report runs/world2_seed3 [more run folders ...]
+
+It reads a run's world/eval_data.json (each question's scene) and eval/answers.json; given several
+runs, it prints each run's table and then all together.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+from .data.shapes_answers import parse_question
+from .data.shapes_scenes import NUMBER_WORDS
+from .evaluate import normalise
+from .relation_report import print_each_and_together, read_rows
+
+GROUPS = ("every object", "a size", "a shape or colour, one-object picture",
+          "a shape or colour, busier picture, one fits", "a shape or colour, several fit, alike otherwise",
+          "a shape or colour, several fit, differing otherwise")
+OTHER = {"shape": "colour", "colour": "shape"}  # what two objects of one shape (colour) may differ in
+
+
+def count_group(question: str, scene: list[dict]) -> str:
+    """The group of GROUPS a count question falls in, from what its words count in the scene."""
+    _, constraints = parse_question(question)
+    if not constraints:
+        return GROUPS[0]
+    if "size" in constraints:
+        return GROUPS[1]
+    if len(scene) == 1:
+        return GROUPS[2]
+    (kind, value), = constraints.items()
+    fits = [o for o in scene if o[kind] == value]
+    if len(fits) < 2:
+        return GROUPS[3]
+    return GROUPS[4] if len({o[OTHER[kind]] for o in fits}) == 1 else GROUPS[5]
+
+
+def count_counts(answers: list[dict], records: dict[str, dict]) -> dict[str, Counter]:
+    """Per group: 'questions', 'right', 'says one'. ``records`` maps a question's id to its held-out
+    record (with its 'scene')."""
+    counts = {group: Counter() for group in GROUPS}
+    for row in answers:
+        if row["type"] != "count":
+            continue
+        if row["id"] not in records:
+            raise ValueError(f"count_report: answer {row['id']!r} has no held-out record of that id")
+        c = counts[count_group(row["question"], records[row["id"]]["scene"])]
+        c["questions"] += 1
+        c["right"] += row["correct"]
+        c["says one"] += normalise(row["prediction"]) == NUMBER_WORDS[1]
+    return counts
+
+
+def table_markdown(counts: dict[str, Counter]) -> str:
+    def cell(n: int, asked: int) -> str:
+        return f"{100 * n / asked:.1f}% ({n} / {asked})" if asked else "-"
+
+    lines = ["| counting | right | says \"one\" |", "|---|---:|---:|"]
+    for group in GROUPS:
+        c = counts[group]
+        lines.append(f"| {group} | {cell(c['right'], c['questions'])} | {cell(c['says one'], c['questions'])} |")
+    return "\n".join(lines)
+
+
+def read_run(run: Path) -> tuple[list[dict], dict[str, dict]]:
+    """(answers, held-out records by id) of a run folder; ValueError naming the file that cannot be
+    read or is not what it should be."""
+    try:
+        records = read_rows(run / "world" / "eval_data.json", ("id", "scene"), "a world's held-out records")
+        answers = read_rows(run / "eval" / "answers.json", ("id", "type", "question", "prediction", "correct"),
+                            "an evaluation's answers.json")
+    except ValueError as error:
+        raise ValueError(f"count_report: {error}") from None
+    return answers, {r["id"]: r for r in records}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="a run folder of the shapes world (with world/ and eval/)")
+    args = p.parse_args(argv)
+
+    def each_run():
+        for run in map(Path, args.runs):
+            try:
+                counts = count_counts(*read_run(run))
+            except ValueError as error:
+                raise SystemExit(f"{error} (in {run})") from None
+            yield str(run), counts
+
+    print_each_and_together(each_run(), table_markdown)
+
+
+if __name__ == "__main__":
+    main()
