@@ -11,18 +11,24 @@ other attribute (a red cross and a blue one, counted as crosses). Per group: que
 answers, and how many answers say "one".
 
     python -m minimind_v.count_report runs/world2_seed3 [more run folders ...]
+    python -m minimind_v.count_report --sft [--count-shared] runs/world2_seed3
 
 It reads a run's world/eval_data.json (each question's scene) and eval/answers.json; given several
-runs, it prints each run's table and then all together.
+runs, it prints each run's table and then all together. With ``--sft`` it splits the count turns
+of the run's SFT records instead (world/sft_data.json, one-picture records), the answers being
+the truth: what SFT showed the model; ``--count-shared`` first asks them as the SFT flag of that
+name does, with the run's seed (its recipe.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections import Counter
 from pathlib import Path
 
 from .data.shapes_answers import parse_question
+from .data.shapes_records import count_shared
 from .data.shapes_scenes import NUMBER_WORDS
 from .evaluate import normalise
 from .relation_report import print_each_and_together, read_rows
@@ -65,6 +71,21 @@ def count_counts(answers: list[dict], records: dict[str, dict]) -> dict[str, Cou
     return counts
 
 
+def sft_counts(records: list[dict]) -> dict[str, Counter]:
+    """The same split for the count turns of SFT records, their answers taken as given: 'questions',
+    'right' (all of them) and 'says one'."""
+    rows = []
+    for record in records:
+        if "scene" not in record:  # two pictures: no one scene to count in
+            continue
+        turns = record["conversations"]
+        for t, kind in enumerate(record.get("answer_types", [])):
+            if kind == "count":
+                rows.append({"id": record["id"], "type": kind, "question": turns[2 * t]["value"],
+                             "prediction": turns[2 * t + 1]["value"], "correct": True})
+    return count_counts(rows, {r["id"]: r for r in records if "scene" in r})
+
+
 def table_markdown(counts: dict[str, Counter]) -> str:
     def cell(n: int, asked: int) -> str:
         return f"{100 * n / asked:.1f}% ({n} / {asked})" if asked else "-"
@@ -88,18 +109,38 @@ def read_run(run: Path) -> tuple[list[dict], dict[str, dict]]:
     return answers, {r["id"]: r for r in records}
 
 
+def read_sft(run: Path, shared: bool) -> list[dict]:
+    """A run's SFT records, asked as ``--count-shared`` asks them where ``shared``."""
+    try:
+        records = read_rows(run / "world" / "sft_data.json", ("id", "conversations"), "a world's SFT records")
+        if not shared:
+            return records
+        recipe = run / "recipe.json"
+        try:
+            seed = json.loads(recipe.read_text(encoding="utf-8"))["recipe"]["seed"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"cannot read the run's seed from {recipe}: {error!r}") from None
+        return count_shared(records, seed, where=str(run / "world" / "sft_data.json"))
+    except ValueError as error:
+        raise ValueError(f"count_report: {error}") from None
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="a run folder of the shapes world (with world/ and eval/)")
+    p.add_argument("--sft", action="store_true", help="split the SFT records' count turns instead of the answers")
+    p.add_argument("--count-shared", action="store_true", help="with --sft: as the SFT flag --count-shared asks them")
     args = p.parse_args(argv)
+    if args.count_shared and not args.sft:
+        p.error("--count-shared goes with --sft")
 
     def each_run():
         for run in map(Path, args.runs):
             try:
-                counts = count_counts(*read_run(run))
+                counts = sft_counts(read_sft(run, args.count_shared)) if args.sft else count_counts(*read_run(run))
             except ValueError as error:
                 raise SystemExit(f"{error} (in {run})") from None
-            yield str(run), counts
+            yield f"{run}{' (SFT records' + (', --count-shared)' if args.count_shared else ')') if args.sft else ''}", counts
 
     print_each_and_together(each_run(), table_markdown)
 

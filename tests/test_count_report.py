@@ -71,3 +71,28 @@ def test_the_report_reads_a_run_folder_and_refuses_a_broken_one(tmp_path, capsys
     (run / "eval" / "answers.json").write_text("[{\"id\": 1}]")
     with pytest.raises(SystemExit, match=r"count_report: .*answers.json is not an evaluation's answers.json"):
         main([str(run)])
+
+
+def test_the_sft_split_counts_what_sft_showed_and_asks_it_again_as_count_shared_does(tmp_path, capsys):
+    from minimind_v.data.shapes_records import count_shared
+
+    turns = [("How many circles are there?", "one"), ("How many objects are there?", "three"),
+             ("What colour is the circle?", "red")]
+    record = {"id": "r", "scene": TWO_CROSSES, "answer_types": ["count", "count", "colour"],
+              "conversations": [{"from": f, "value": v} for q, a in turns for f, v in (("human", q), ("gpt", a))]}
+    two_pictures = {"id": "t", "scenes": [ONE, ONE], "answer_types": ["count"], "conversations": []}
+    run = tmp_path / "run"
+    (run / "world").mkdir(parents=True)
+    (run / "world" / "sft_data.json").write_text(json.dumps([record, two_pictures]))
+    (run / "recipe.json").write_text(json.dumps({"recipe": {"seed": 3}}))
+    main(["--sft", str(run)])
+    out = capsys.readouterr().out
+    assert f"| {GROUPS[3]} | 100.0% (1 / 1) | 100.0% (1 / 1) |" in out  # "one" circle of three objects
+    assert f"| {GROUPS[0]} | 100.0% (1 / 1) | 0.0% (0 / 1) |" in out
+    main(["--sft", "--count-shared", str(run)])
+    out = capsys.readouterr().out
+    assert f"| {GROUPS[3]} | - | - |" in out  # asked again about the two crosses or the two red objects
+    assert f"| {GROUPS[5]} | 100.0% (1 / 1) | 0.0% (0 / 1) |" in out
+    assert count_shared([record], 3)[0]["conversations"][1]["value"] == "two"
+    with pytest.raises(SystemExit):
+        main(["--count-shared", str(run)])
