@@ -111,16 +111,19 @@ def read_run(run: Path) -> tuple[list[dict], dict[str, dict]]:
 
 def read_sft(run: Path, shared: bool) -> list[dict]:
     """A run's SFT records, asked as ``--count-shared`` asks them where ``shared``."""
+    path, recipe = run / "world" / "sft_data.json", run / "recipe.json"
     try:
-        records = read_rows(run / "world" / "sft_data.json", ("id", "conversations"), "a world's SFT records")
-        if not shared:
-            return records
-        recipe = run / "recipe.json"
-        try:
-            seed = json.loads(recipe.read_text(encoding="utf-8"))["recipe"]["seed"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"cannot read the run's seed from {recipe}: {error!r}") from None
-        return count_shared(records, seed, where=str(run / "world" / "sft_data.json"))
+        records = read_rows(path, ("id", "conversations"), "a world's SFT records")
+    except ValueError as error:
+        raise ValueError(f"count_report: {error}") from None
+    if not shared:
+        return records
+    try:
+        seed = json.loads(recipe.read_text(encoding="utf-8"))["recipe"]["seed"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"count_report: cannot read the run's seed from {recipe}: {error!r}") from None
+    try:
+        return count_shared(records, seed, where=str(path))
     except ValueError as error:
         raise ValueError(f"count_report: {error}") from None
 
@@ -140,7 +143,8 @@ def main(argv=None) -> None:
                 counts = sft_counts(read_sft(run, args.count_shared)) if args.sft else count_counts(*read_run(run))
             except ValueError as error:
                 raise SystemExit(f"{error} (in {run})") from None
-            yield f"{run}{' (SFT records' + (', --count-shared)' if args.count_shared else ')') if args.sft else ''}", counts
+            shared = ", --count-shared" if args.count_shared else ""
+            yield (f"{run} (SFT records{shared})" if args.sft else str(run)), counts
 
     print_each_and_together(each_run(), table_markdown)
 

@@ -489,9 +489,10 @@ for seed, ordered in sorted(IN_ORDER["seeds"].items(), key=lambda item: int(item
 # Why does counting fail? The wrong counts have a pattern: asked to count a shape or a colour
 # whose objects differ in the other ("How many crosses are there?", a red cross and a blue one),
 # the three models answer 8 such questions in 31 right, while they count all the objects of a
-# picture right 118 times in 122 (`python -m minimind_v.count_report <run>` splits the counts). In the world's SFT data, 70% of the questions that count a named shape or colour
-# in a busy picture answer "one" (most shapes and colours occur once), and the models say "one"
-# to 106 of 125 such held-out questions, where 92 are right. Is that a count, or a guess from the
+# picture right 118 times in 122 (`python -m minimind_v.count_report <run>` splits the counts).
+# In the world's SFT data, 70% of the questions that count a named shape or colour in a busy
+# picture answer "one" (most shapes and colours occur once), and the models say "one" to 106 of
+# 125 such held-out questions, where 92 are right. Is that a count, or a guess from the
 # question? `--count-shared` asks those questions again about a shape or colour that several
 # objects share, where the picture has one (34% of them then answer "one"); same pictures, same
 # steps (`docs/seeds_world2_count_shared.json`):
@@ -505,8 +506,8 @@ for seed, shared in sorted(SHARED["seeds"].items(), key=lambda item: int(item[0]
 
 # %% [markdown]
 # Counting falls on every seed. Shapes and colours whose objects differ are now counted right 26
-# times in 31, but the models say "one" to only 44 of the 125 questions, and "two" where one fits: the
-# answers moved with the mix of answers SFT showed, not with the picture. This decoder has
+# times in 31, but the models say "one" to only 44 of the 125 questions, and "two" where one
+# fits: the answers moved with the mix of answers SFT showed, not with the picture. This decoder has
 # learned how often each number answers such a question, not to count; the README gives the
 # whole measurement ("Counting is a guess from the question").
 
