@@ -510,6 +510,70 @@ for seed, shared in sorted(SHARED["seeds"].items(), key=lambda item: int(item[0]
 # fits: the answers moved with the mix of answers SFT showed, not with the picture. This decoder has
 # learned how often each number answers such a question, not to count; the README gives the
 # whole measurement ("Counting is a guess from the question").
+#
+# **Where does it look when it fails?** Earlier in this chapter the attention of one answer lit up
+# the object it named. The same measurement, made on every held-out colour, count and relation
+# question of the three world-2 models, says which step of a failing answer is missing.
+# `python -m minimind_v.attention_report <runs> --record docs/attention_world2.json` asks each
+# question again and keeps the attention of the position that chooses the first answer token (for
+# a count or a relation, the whole answer is that word), averaged over heads, over the picture's
+# 50 tokens. Each object of the scene gets, in each layer, the share of that attention that lands
+# on the patches holding any of its pixels. The three models look objects up in different layers
+# (the maps below), so a question counts the *peak* share, the most that any one layer puts on
+# the objects; *spread evenly* is what those objects' patches would get if attention were spread
+# evenly over all 50 picture tokens, the level of a layer that does not look for them. The tables
+# are the three seeds together, in % of the picture's attention.
+
+# %%
+from pathlib import Path
+
+from minimind_v.attention_report import tables_markdown
+
+ATTENTION = json.loads((ROOT / "docs" / "attention_world2.json").read_text(encoding="utf-8"))
+display(Markdown(tables_markdown(ATTENTION["together"])))
+
+# %% [markdown]
+# The first wrong answer of each kind on the worst seed, seed 4: a count that says "one" where two
+# objects fit, and a relation whose answer is "yes" or a shape. The picture, then each layer's
+# attention from the position that chose the answer, every map on its own scale.
+
+# %%
+import textwrap
+
+from minimind_v.viz import plot_patch_maps
+
+shown = [e for e in ATTENTION["examples"] if e["run"].endswith("seed4")]
+fig = plot_patch_maps(
+    [render_scene(e["scene"], e["image_size"]) for e in shown], [e["patch_attention"] for e in shown],
+    ["\n".join(textwrap.wrap(f"{e['question']} truth: {e['answer']}; said: {e['prediction']}", 30)) for e in shown],
+    [f"layer {k + 1}" for k in range(len(shown[0]["patch_attention"]))])
+plt.show()
+for run, figures in ATTENTION["runs"].items():
+    counts = {c["right"]: c for c in figures["counts"]}
+    relations = {(r["truth"], r["right"]): r for r in figures["relations"]}
+    yes, no = relations["yes", False], relations["no", True]
+    print(f"{Path(run).name}: counting where several objects fit, the one looked at least gets "
+          f"{100 * counts[True]['least']:.0f}% at its peak when the count is right, {100 * counts[False]['least']:.0f}% "
+          f"when it is wrong; \"yes\" answered wrong ({yes['questions']}): anchor {100 * yes['anchor']:.0f}%, subject "
+          f"{100 * yes['other']:.0f}%; \"no\" answered right ({no['questions']}): {100 * no['anchor']:.0f}%, {100 * no['other']:.0f}%")
+
+# %% [markdown]
+# Asked a colour, the model finds the object the question names: at its peak a layer puts 86% of
+# the picture's attention on it, where an even spread gives 12%. The failures are not of that step.
+# Asked whether the circle is left of the cross where it is, the models answer "no" 34 times in
+# 37; they look at both objects (69% and 51% at the peak), as much as on the "no" questions they
+# answer right (61% and 45%): what they look at does not tell the two cases apart, and the verdict
+# does not follow from it. The comparison of two places is what is missing, as the relation drill
+# found in text alone. Asked to count where several objects fit, the wrong answers (nearly all
+# "one") give the fitting object they look at least as much attention as the right answers do (24%
+# against 25% at the peak, an even spread 10%; on each seed within two points): every cross is
+# looked at, and the number is not read off them. Asked what is left of the blue square where
+# something is, the models answer "nothing" most of the time (36 of 45 wrong); there the object
+# the relation points to gets a third of the anchor's attention (36% against 73%, an even spread
+# 12%), and half again as much in the answers that name it (51%): the step from the anchor to the
+# cells beside it is taken weakly. Attention says where a layer reads, not what it does with what
+# it reads; but it clears the lookup and puts the failures in the step after it, where the
+# decoder has to combine what it found.
 
 # %% [markdown]
 # ## Ask your own questions

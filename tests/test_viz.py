@@ -408,6 +408,35 @@ def test_head_choice_reads_that_heads_row(trace):
         patch_grid(trace, 0, head=trace.n_heads)
 
 
+def test_patch_maps_draw_each_kept_map_over_its_picture():
+    from minimind_v.viz import plot_patch_maps
+
+    maps = np.zeros((2, 3, GRID, GRID))
+    hot = {(0, 0): (0, 3), (0, 2): (2, 1), (1, 1): (3, 3)}
+    for (row, k), (r, c) in hot.items():
+        maps[row, k, r, c] = 0.4
+    fig = plot_patch_maps([picture(size=(64, 64)), picture(size=(64, 64))], maps, ["first", "second"],
+                          ["layer 1", "layer 2", "layer 3"])
+    axes = np.asarray(fig.axes).reshape(2, 4)
+    assert [a.get_title(loc="left") for a in axes[:, 0]] == ["first", "second"]
+    assert [a.get_title() for a in axes[0, 1:]] == ["layer 1", "layer 2", "layer 3"]
+    cell = 64 / GRID
+    fig.canvas.draw()
+    for row in range(2):
+        assert len(axes[row, 0].images) == 1  # the picture alone
+        for k in range(3):
+            heat = axes[row, 1 + k].images[1]
+            np.testing.assert_array_equal(np.asarray(heat.get_array()), maps[row, k])
+            if (row, k) in hot:  # the hot patch lies over its own pixels
+                r, c = hot[row, k]
+                x, y = axes[row, 1 + k].transData.transform(((c + 0.5) * cell, (r + 0.5) * cell))
+                assert heat.get_cursor_data(types.SimpleNamespace(x=x, y=y)) == 0.4
+    with pytest.raises(ValueError, match="maps must be"):
+        plot_patch_maps([picture()], maps, ["one"], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="one title per picture"):
+        plot_patch_maps([picture(), picture()], maps, ["one"], ["a", "b", "c"])
+
+
 def test_attention_panel_shows_picture_overlay_colour_bar_and_share(trace):
     fig = plot_attention_panel(trace, picture(), layer=1, head=2, token=0)
     picture_ax, overlay_ax, bar_ax = fig.axes

@@ -11,6 +11,7 @@ from .attention import (
     plot_attention_overlay,
     plot_attention_panel,
     plot_image_share,
+    plot_patch_maps,
 )
 from .tokens import describe_tokens, plot_token_strip
 from .trace import AttentionTrace, Candidates, answer_with_attention
@@ -28,6 +29,7 @@ __all__ = [
     "plot_attention_overlay",
     "plot_attention_panel",
     "plot_image_share",
+    "plot_patch_maps",
     "plot_token_strip",
     "qa_widget",
 ]

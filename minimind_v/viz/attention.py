@@ -196,6 +196,33 @@ def plot_attention_panel(trace: AttentionTrace, image, layer="mean", head="mean"
     return fig
 
 
+def plot_patch_maps(pictures: Sequence[Image.Image], maps, row_titles: Sequence[str], map_titles: Sequence[str],
+                    alpha: float = 0.55, cmap: str = "inferno"):
+    """Attention maps kept without a trace (a record's): one row per picture, the picture first,
+    then each of its maps laid over it, each map on its own scale. ``maps`` is (rows, k, g, g),
+    row-major over the patch grid as ``patch_grid`` gives it; ``map_titles`` names the k maps
+    (the layers, say). Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    maps = np.asarray(maps, dtype=np.float64)
+    if maps.ndim != 4 or maps.shape[0] != len(pictures) or maps.shape[2] != maps.shape[3]:
+        raise ValueError(f"maps must be (pictures, k, g, g) for {len(pictures)} pictures, got {maps.shape}")
+    if len(row_titles) != len(pictures) or len(map_titles) != maps.shape[1]:
+        raise ValueError(f"give one title per picture ({len(pictures)}) and per map ({maps.shape[1]}), "
+                         f"got {len(row_titles)} and {len(map_titles)}")
+    cols = 1 + maps.shape[1]
+    fig, axes = plt.subplots(len(pictures), cols, figsize=(2.2 * cols, 2.6 * len(pictures) + 0.3), squeeze=False)
+    for row, (picture, title) in enumerate(zip(pictures, row_titles)):
+        view = as_rgb(picture)
+        axes[row, 0].imshow(view)
+        axes[row, 0].set_title(title, fontsize=9, family=font_family(), loc="left")
+        _bare(axes[row, 0])
+        for k, map_title in enumerate(map_titles):
+            _draw_overlay(axes[row, 1 + k], view, maps[row, k], map_title, alpha, cmap)
+    fig.tight_layout()
+    return fig
+
+
 def plot_image_share(trace: AttentionTrace, kind: str = "heatmap", ax=None):
     """For each answer token, the share of its attention that goes to the image tokens.
 
