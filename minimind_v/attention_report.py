@@ -4,7 +4,7 @@ For every held-out question of the chosen types (one picture, with its scene), t
 token is chosen by the prompt's last position; that position's attention, averaged over heads,
 over the picture's tokens (CLS and the patch grid) is split by the objects of the scene, layer by
 layer: an object's share is the attention on the patches that hold any of its pixels
-(``object_patches``: the object drawn alone) over the attention on all of the picture's tokens.
+(``inked_patches``: the object drawn alone) over the attention on all of the picture's tokens.
 The question names some of the objects (``question_objects``): for a count, the objects that fit;
 for a relation, the anchor, and the subject of a yes/no question or the object the relation
 finds; otherwise the objects its words fit. Models trained on different seeds look objects up in
@@ -79,9 +79,11 @@ def question_objects(question: str, scene: list[dict]) -> dict[str, list[int]]:
             "found": [i for i, o in enumerate(scene) if i != anchors[0] and related(o, constraints["relation"], anchor)]}
 
 
-def object_patches(obj: dict, image_size: int, grid: int) -> np.ndarray:
+def inked_patches(obj: dict, image_size: int, grid: int) -> np.ndarray:
     """(grid * grid,) bool, row-major as the encoder flattens its patches: the patches that hold
-    any pixel of ``obj`` drawn alone at ``image_size``."""
+    any pixel of ``obj`` drawn alone at ``image_size``. Wider than ``clip_examples.object_patches``
+    (the patches whose centre the object's box holds, the tokens a probe reads it from): attention
+    on a patch that shows part of the object is attention on the object."""
     if image_size % grid:
         raise ValueError(f"attention_report: a {image_size}-pixel picture does not split into {grid} x {grid} patches")
     ink = (np.asarray(render_scene([obj], image_size)) != np.asarray(BACKGROUND_RGB, dtype=np.uint8)).any(-1)
@@ -101,7 +103,7 @@ def question_row(answer_row: dict, scene: list[dict], image_attention: torch.Ten
                  grid: int) -> dict:
     """What the record keeps of one question: its answer, its objects' roles, each object's share
     per layer, and each object's patch count (for the even-attention share)."""
-    patches = np.stack([object_patches(o, image_size, grid) for o in scene])
+    patches = np.stack([inked_patches(o, image_size, grid) for o in scene])
     return {key: answer_row[key] for key in ("id", "type", "question", "answer", "prediction", "correct")} | {
         "objects": len(scene),
         "roles": question_objects(answer_row["question"], scene),

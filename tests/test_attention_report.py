@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from minimind_v.attention_report import (main, object_patches, object_shares, question_objects, run_rows,
+from minimind_v.attention_report import (main, inked_patches, object_shares, question_objects, run_rows,
                                          summarise, tables_markdown)
 from minimind_v.data.shapes_scenes import render_scene
 from minimind_v.model.vlm import placeholder_mask
@@ -29,17 +29,17 @@ def test_the_patches_of_an_object_worked_out_by_hand():
     # 91..132, so patch rows and columns 2..4. A square inks all nine; a circle of radius 21 about
     # (111.5, 111.5) misses the four corner patches (their nearest pixel lies 23.3 px away).
     centre = {"shape": "square", "colour": "red", "size": "small", "position": "center", "offset": [0, 0]}
-    assert cells(object_patches(centre, 224, 7), 7) == {(r, c) for r in (2, 3, 4) for c in (2, 3, 4)}
+    assert cells(inked_patches(centre, 224, 7), 7) == {(r, c) for r in (2, 3, 4) for c in (2, 3, 4)}
     circle = centre | {"shape": "circle"}
-    assert cells(object_patches(circle, 224, 7), 7) == {(2, 3), (3, 2), (3, 3), (3, 4), (4, 3)}
+    assert cells(inked_patches(circle, 224, 7), 7) == {(2, 3), (3, 2), (3, 3), (3, 4), (4, 3)}
     # A large square (64 px) in the top-left cell: pixels 6..69, patches 0..2 both ways.
     top_left = centre | {"size": "large", "position": "top left"}
-    assert cells(object_patches(top_left, 224, 7), 7) == {(r, c) for r in (0, 1, 2) for c in (0, 1, 2)}
+    assert cells(inked_patches(top_left, 224, 7), 7) == {(r, c) for r in (0, 1, 2) for c in (0, 1, 2)}
     # At 64 px in 2 x 2 patches a small object in a corner cell (12 px, at 4..15 or 48..59) inks one patch.
-    assert cells(object_patches(CROSSES[0], 64, 2), 2) == {(0, 0)}
-    assert cells(object_patches(CROSSES[2], 64, 2), 2) == {(1, 1)}
+    assert cells(inked_patches(CROSSES[0], 64, 2), 2) == {(0, 0)}
+    assert cells(inked_patches(CROSSES[2], 64, 2), 2) == {(1, 1)}
     with pytest.raises(ValueError, match="does not split into 7 x 7 patches"):
-        object_patches(centre, 100, 7)
+        inked_patches(centre, 100, 7)
 
 
 def test_each_objects_share_of_the_pictures_attention():
