@@ -374,7 +374,7 @@ def pair_probe(train_tokens: torch.Tensor, train_scenes: Sequence[list[dict]], t
             "n_seen": len(seen), "n_unseen": len(unseen)}
 
 
-def _sft_pictures_of_run(run: str | Path):
+def sft_pictures_of_run(run: str | Path):
     """A trained run's world folder, its frozen tiny CLIP, and its one-picture SFT records with
     their tokens (N, 50, W) from the feature cache: what the SFT stage trained on."""
     from .data.features import FeatureCache
@@ -393,7 +393,7 @@ def _sft_pictures_of_run(run: str | Path):
 def scene_probe_of_run(run: str | Path) -> dict[str, float]:
     """`scene_probe` on a trained run's SFT pictures (the last fifth held out), read from its
     feature cache: the tokens the SFT stage trained on, from the run's frozen tiny CLIP."""
-    _, _, records, tokens = _sft_pictures_of_run(run)
+    _, _, records, tokens = sft_pictures_of_run(run)
     return scene_probe(tokens, [r["scene"] for r in records], n_test=max(1, len(records) // 5))
 
 
@@ -402,7 +402,7 @@ def pair_probe_of_run(run: str | Path) -> dict:
     held-out pair in any of them), scored on its evaluation pictures, where half show one."""
     from .data.records import read_records
 
-    world, encoder, records, tokens = _sft_pictures_of_run(run)
+    world, encoder, records, tokens = sft_pictures_of_run(run)
     pictures = {r["image"]: r["scene"] for r in read_records(world / "eval_data.json") if isinstance(r["image"], str)}
     held_out = json.loads((world / "world.json").read_text())["config"]["held_out_pairs"]
     with torch.no_grad():

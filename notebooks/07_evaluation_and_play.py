@@ -576,6 +576,32 @@ for run, figures in ATTENTION["runs"].items():
 # decoder has to combine what it found.
 
 # %% [markdown]
+# If the objects are found, is the number formed at all? A *probe* asks what a hidden state holds:
+# fit a linear map from the state to the answer we want to find in it, on examples, and score it on
+# others. `python -m minimind_v.count_probe <runs> --record docs/count_probe_world2.json` takes the
+# decoder's state at the position that chooses a count's answer, after each layer, and fits one
+# probe per layer on SFT count questions, as many answering one, two and three, so that the probe
+# cannot win by saying "one" as SFT's mix invites the model to. It scores the probes on the held-out
+# count questions, grouped as `count_report` groups them; the last row gives the probe the state
+# of the same question without its picture.
+
+# %%
+from minimind_v.count_probe import table_markdown as count_probe_table
+
+COUNT_PROBE = json.loads((ROOT / "docs" / "count_probe_world2.json").read_text(encoding="utf-8"))
+display(Markdown(count_probe_table(COUNT_PROBE["together"])))
+
+# %% [markdown]
+# Where a red cross and a blue cross are counted as crosses (the last column), the state after
+# the last layer holds "two" about twice as often as the answer says it (about half the time,
+# against a quarter; the question alone almost never). So the decoder does form a count, and its
+# output head does not use it. But the count is weak: the same probe, which cannot lean on "one",
+# counts wrong a quarter of the pictures where one object of several fits, and over all count
+# questions it does no better than the model. The head learned that the question's usual answer is
+# the safer bet, and on these questions it is. What counting lacks is a sharper number in the
+# layers, not a better readout.
+
+# %% [markdown]
 # ## Ask your own questions
 #
 # The panel below asks any of three models: the one **after pretraining** (it learned to caption,
