@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.shapes_answers import parse_question
 from .data.records import find_image
+from .data.shapes_answers import parse_question
 from .data.shapes_questions import related
 from .data.shapes_records import record_images, record_scenes
 from .data.shapes_scenes import BACKGROUND_RGB, NUMBER_WORDS, render_scene
@@ -101,8 +101,9 @@ def object_shares(image_attention: torch.Tensor, patches: np.ndarray) -> np.ndar
 
 def question_row(answer_row: dict, scene: list[dict], image_attention: torch.Tensor, image_size: int,
                  grid: int) -> dict:
-    """What the record keeps of one question: its answer, its objects' roles, each object's share
-    per layer, and each object's patch count (for the even-attention share)."""
+    """One question's figures: its answer, its objects' roles, each object's share of the picture's
+    attention per layer ("shares", objects by layers), each object's patch count and the picture's
+    token count (for the even share)."""
     patches = np.stack([inked_patches(o, image_size, grid) for o in scene])
     return {key: answer_row[key] for key in ("id", "type", "question", "answer", "prediction", "correct")} | {
         "objects": len(scene),

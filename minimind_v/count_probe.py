@@ -78,8 +78,9 @@ def number_label(answer: str, where: str) -> int:
 def sft_count_turns(records: list[dict], tokens: torch.Tensor, n: int, seed: int = 0):
     """(questions, labels, image_tokens) of count turns of one-picture SFT records, as many of
     each number as of every other (up to ``n`` in all, drawn with ``seed``): SFT's own mix answers
-    "one" most of the time, and a probe fitted on it could lean on that, as the model can.
-    ``tokens[i]`` holds record i's picture tokens."""
+    "one" most of the time, and a probe fitted on it could lean on that, as the model can. Each
+    turn is asked alone with its picture in front, as the held-out questions are. ``tokens[i]``
+    holds record i's picture tokens."""
     by_number: dict[int, list[tuple[int, str]]] = {}
     for i, record in enumerate(records):
         conversation = record["conversations"]

@@ -560,8 +560,8 @@ for run, figures in ATTENTION["runs"].items():
 # %% [markdown]
 # Asked a colour, the model finds the object the question names: at its peak a layer puts 86% of
 # the picture's attention on it, where an even spread gives 12%. The failures are not of that step.
-# Asked whether the circle is left of the cross where it is, the models answer "no" 34 times in
-# 37; they look at both objects (69% and 51% at the peak), as much as on the "no" questions they
+# Asked a yes/no relation whose answer is "yes" (the circle *is* left of the cross), the models
+# answer "no" 34 times in 37; they look at both objects (69% and 51% at the peak), as much as on the "no" questions they
 # answer right (61% and 45%): what they look at does not tell the two cases apart, and the verdict
 # does not follow from it. The comparison of two places is what is missing, as the relation drill
 # found in text alone. Asked to count where several objects fit, the wrong answers (nearly all
@@ -593,7 +593,7 @@ display(Markdown(count_probe_table(COUNT_PROBE["together"])))
 
 # %% [markdown]
 # Where a red cross and a blue cross are counted as crosses (the last column), the state after
-# the last layer holds "two" about twice as often as the answer says it (about half the time,
+# the last layer holds the number about twice as often as the answer says it (about half the time,
 # against a quarter; the question alone almost never). So the decoder does form a count, and its
 # output head does not use it. But the count is weak: the same probe, which cannot lean on "one",
 # counts wrong a quarter of the pictures where one object of several fits, and over all count
