@@ -46,7 +46,7 @@ from .data.shapes_questions import related
 from .data.shapes_records import record_images, record_scenes
 from .data.shapes_scenes import BACKGROUND_RGB, NUMBER_WORDS, render_scene
 from .evaluate import normalise
-from .relation_report import read_rows
+from .relation_report import read_run_answers
 from .runfiles import atomic_write_json
 
 TYPES = ("colour", "count", "relation")  # the default: the two weak types and one answered well
@@ -236,13 +236,7 @@ def run_rows(run: Path, types=TYPES) -> tuple[list[dict], list[dict]]:
     from .inference import load_vlm
     from .viz.trace import answer_with_attention
 
-    try:
-        records = read_rows(run / "world" / "eval_data.json", ("id", "image"), "a world's held-out records")
-        answers = read_rows(run / "eval" / "answers.json", ("id", "type", "question", "answer", "prediction", "correct"),
-                            "an evaluation's answers.json")
-    except ValueError as error:
-        raise ValueError(f"attention_report: {error}") from None
-    by_id = {r["id"]: r for r in records}
+    answers, by_id = read_run_answers(run, ("id", "image"), "attention_report")
     vlm = load_vlm(run / "sft", require_complete=True)
     pictures = run / "world" / "eval_data_images"
     rows, examples, kept = [], [], defaultdict(int)

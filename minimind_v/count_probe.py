@@ -35,7 +35,7 @@ from .data.shapes_scenes import NUMBER_WORDS
 from .evaluate import normalise
 from .model.chat_inputs import with_image_tags
 from .probes import fit_linear_probe, sft_pictures_of_run
-from .relation_report import read_rows
+from .relation_report import read_run_answers
 from .runfiles import atomic_write_json
 
 MAX_COUNT = 3  # the shapes world's pictures hold one to three objects: answers zero to three
@@ -145,12 +145,7 @@ def run_counts(run: Path, fit_turns: int = FIT_TURNS, draws: int = DRAWS) -> dic
     from .inference import load_vlm
 
     world = run / "world"
-    try:
-        records = {r["id"]: r for r in read_rows(world / "eval_data.json", ("id", "image"), "a world's held-out records")}
-        answers = read_rows(run / "eval" / "answers.json", ("id", "type", "question", "answer", "prediction", "correct"),
-                            "an evaluation's answers.json")
-    except ValueError as error:
-        raise ValueError(f"count_probe: {error}") from None
+    answers, records = read_run_answers(run, ("id", "image"), "count_probe")
     missing = [a["id"] for a in answers if a["id"] not in records]
     if missing:
         raise ValueError(f"count_probe: answer {missing[0]!r} has no held-out record of that id")

@@ -31,7 +31,7 @@ from .data.shapes_answers import parse_question
 from .data.shapes_records import count_shared
 from .data.shapes_scenes import NUMBER_WORDS
 from .evaluate import normalise
-from .relation_report import print_each_and_together, read_rows
+from .relation_report import print_each_and_together, read_rows, read_run_answers
 
 GROUPS = ("every object", "a size", "a shape or colour, one-object picture",
           "a shape or colour, busier picture, one fits", "a shape or colour, several fit, alike otherwise",
@@ -100,13 +100,7 @@ def table_markdown(counts: dict[str, Counter]) -> str:
 def read_run(run: Path) -> tuple[list[dict], dict[str, dict]]:
     """(answers, held-out records by id) of a run folder; ValueError naming the file that cannot be
     read or is not what it should be."""
-    try:
-        records = read_rows(run / "world" / "eval_data.json", ("id", "scene"), "a world's held-out records")
-        answers = read_rows(run / "eval" / "answers.json", ("id", "type", "question", "prediction", "correct"),
-                            "an evaluation's answers.json")
-    except ValueError as error:
-        raise ValueError(f"count_report: {error}") from None
-    return answers, {r["id"]: r for r in records}
+    return read_run_answers(run, ("id", "scene"), "count_report")
 
 
 def read_sft(run: Path, shared: bool) -> list[dict]:

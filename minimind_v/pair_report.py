@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .data.shapes_answers import parse_question
 from .evaluate import normalise
-from .relation_report import print_each_and_together, read_rows
+from .relation_report import print_each_and_together, read_run_answers
 
 GROUPS = ("picture without a held-out pair", "another object, picture with one", "the held-out pair's object")
 ASKED_TYPES = ("colour", "shape", "size", "position", "existence")  # the types whose question names one object
@@ -99,13 +99,8 @@ def read_run(run: Path) -> tuple[list[dict], dict[str, dict], set]:
         raise ValueError(f"pair_report: cannot read the world's settings from {world}: {error!r}") from None
     if not pairs:
         raise ValueError(f"pair_report: {world} holds out no colour-shape pair (world 2 does)")
-    try:
-        records = read_rows(run / "world" / "eval_data.json", ("id", "scene"), "a world's held-out records")
-        answers = read_rows(run / "eval" / "answers.json", ("id", "type", "question", "answer", "prediction", "correct"),
-                            "an evaluation's answers.json")
-    except ValueError as error:
-        raise ValueError(f"pair_report: {error}") from None
-    return answers, {r["id"]: r for r in records}, pairs
+    answers, records = read_run_answers(run, ("id", "scene"), "pair_report")
+    return answers, records, pairs
 
 
 def pair_answers_of_run(run: Path) -> dict[str, dict[str, int]]:

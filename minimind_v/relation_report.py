@@ -93,6 +93,21 @@ def read_rows(path: Path, fields: tuple[str, ...], what: str) -> list[dict]:
     return rows
 
 
+ANSWER_FIELDS = ("id", "type", "question", "answer", "prediction", "correct")  # a row of eval/answers.json
+
+
+def read_run_answers(run: Path, record_fields: tuple[str, ...], report: str) -> tuple[list[dict], dict[str, dict]]:
+    """(answers, held-out records by id) of a run folder: its eval/answers.json and its
+    world/eval_data.json, each record with ``record_fields``; ValueError starting with ``report``
+    and naming the file that cannot be read or is not what it should be."""
+    try:
+        records = read_rows(run / "world" / "eval_data.json", record_fields, "a world's held-out records")
+        answers = read_rows(run / "eval" / "answers.json", ANSWER_FIELDS, "an evaluation's answers.json")
+    except ValueError as error:
+        raise ValueError(f"{report}: {error}") from None
+    return answers, {r["id"]: r for r in records}
+
+
 def print_each_and_together(runs, table) -> None:
     """Print each (label, {row: Counter}) of ``runs`` as ``table`` draws it, then, for more than one,
     their counts summed."""

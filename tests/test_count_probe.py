@@ -112,3 +112,25 @@ def test_held_out_counts_are_split_as_the_count_report_splits_them(vlm):
     assert table_markdown({"all": two_draws, GROUPS[0]: two_draws}).splitlines()[2:5] == [
         "| the model's answers | 50.0 | 50.0 |", "| probe, after layer 1 | 100.0 | 100.0 |",
         "| probe, after layer 2 (normed) | 25.0 | 25.0 |"]
+
+
+def test_a_run_without_readable_count_answers_is_refused_before_anything_loads(tmp_path):
+    import json
+
+    from minimind_v.count_probe import main
+
+    run = tmp_path / "run"
+    (run / "world").mkdir(parents=True)
+    (run / "eval").mkdir()
+    (run / "world" / "eval_data.json").write_text(json.dumps([{"id": "q0", "image": "p.png", "scene": ONE}]))
+    (run / "eval" / "answers.json").write_text("[{\"id\": 1}]")
+    with pytest.raises(SystemExit, match=r"count_probe: .*answers.json is not an evaluation's answers.json"):
+        main([str(run)])
+    colour = {"id": "q0", "type": "colour", "question": "What colour is the circle?", "answer": "red",
+              "prediction": "red", "correct": True}
+    (run / "eval" / "answers.json").write_text(json.dumps([colour]))
+    with pytest.raises(SystemExit, match="holds no count answers about one picture"):
+        main([str(run)])
+    (run / "eval" / "answers.json").write_text(json.dumps([colour | {"id": "q9"}]))
+    with pytest.raises(SystemExit, match="answer 'q9' has no held-out record"):
+        main([str(run)])
