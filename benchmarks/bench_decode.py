@@ -10,6 +10,10 @@ image tokens given) and greedy decoding of the same number of tokens:
   - transformers' ``generate`` loop with ``F.linear`` everywhere (this package before row decoding),
   - ``model.generate`` as the package ships it (``minimind_v.model.decoding.row_decoding``),
   - the same without a KV cache (``use_cache=False``: every step recomputes the whole sequence),
+  - with prompt lookup (``prompt_lookup_num_tokens=--lookahead``): guesses copied from what
+    followed the last few tokens' earlier occurrence, checked in one pass over the weights
+    (``decoding.lookup_draft``; the same greedy tokens), in the package's loop and in
+    transformers' own (its assisted decoding with ``PromptLookupCandidateGenerator``),
   - with ``--bounds``: how far any loop could go, ``FewestOperations`` (the same step with no
     ``generate`` loop or model forward around it, a preallocated key/value buffer), eager and
     under ``torch.compile``,
@@ -25,9 +29,18 @@ one-at-a-time ones token for token.
     python benchmarks/bench_decode.py                            # small preset, 100 new tokens
     python benchmarks/bench_decode.py --original ~/minimind-v    # plus the original code
     python benchmarks/bench_decode.py --preset tiny --new-tokens 20 --repeats 1   # seconds
+    python benchmarks/bench_decode.py --run runs/default --batch 0   # plus a trained run's answers
+
+With ``--run`` (a run folder of the recipe) it also answers held-out pictures one at a time with
+that run's trained models, as the chat does, with and without prompt lookup: the pretrained VLM
+describing each picture (a caption of a dozen words) and the SFT model answering each picture's
+question (a word or two). Random weights repeat themselves, which prompt lookup guesses best;
+trained answers say how much it saves on text a model really writes.
 
 ms/token is the steady step: (time for K tokens - time for 1) / (K - 1); tokens/s includes the
-prefill. "same tokens" counts the new tokens equal to the shipped path's, position by position.
+prefill; "passes" counts the passes over the decoder's weights for the K tokens (prompt included;
+"-" where the row runs code of its own). "of limit" puts tokens/s against one pass per token: with
+prompt lookup a pass can keep several tokens, and the answer can go past it. "same tokens" counts the new tokens equal to the shipped path's, position by position.
 Random weights cost exactly what trained ones do. On a shared machine expect noise: rows are
 interleaved, medians of --repeats.
 """
@@ -36,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import statistics
 import sys
 import time
@@ -49,7 +63,7 @@ from minimind_v.config import PRESETS
 from minimind_v.convert import model_to_v1
 from minimind_v.machine import matmul_gflops, read_gbytes_per_second
 from minimind_v.model.chat_inputs import pad_rows
-from minimind_v.model.decoding import column_blocks, rotation_factors, row_decoding, times_blocks
+from minimind_v.model.decoding import GrowingCache, column_blocks, rotation_factors, row_decoding, times_blocks
 from minimind_v.model.vlm import MiniMindVLM, VLMConfig
 
 V1_IMAGE_IDS = [30] * 25 + [32] * 25  # v1's placeholder: '<' * 25 + '>' * 25
@@ -197,6 +211,90 @@ def answers_table(model: MiniMindVLM, args) -> None:
     print(f"(the batched answers equal the one-at-a-time answers for {agree} of {n} prompts)")
 
 
+def pass_costs(model: MiniMindVLM, ids: torch.Tensor, image_tokens: torch.Tensor, repeats: int,
+               rows=(1, 2, 3, 6, 11)) -> None:
+    """Print what one pass over the weights costs for r new tokens after the prompt, against one:
+    what checking r - 1 guesses costs (the one-token pass is the decoding step itself)."""
+    times = {r: [] for r in rows}
+    with row_decoding(model), torch.inference_mode():
+        cache = GrowingCache(model.config.n_layers)
+        model(input_ids=ids, image_tokens=image_tokens, cache=cache, use_cache=True, logits_to_keep=1)
+        prompt = cache.get_seq_length()
+        for _ in range(max(repeats, 1) * 10):  # round-robin; the first round is a warm-up
+            for r in rows:
+                start = time.perf_counter()
+                model(input_ids=ids[:, -r:], cache=cache, use_cache=True)
+                times[r].append(time.perf_counter() - start)
+                cache.keep(prompt)
+    one = statistics.median(times[1][1:])
+    print("\nOne pass over the weights for r new tokens (r - 1 guesses checked), median of "
+          f"{len(times[1]) - 1}: " + ", ".join(f"r={r} {1e3 * statistics.median(times[r][1:]):.2f} ms "
+                                               f"({statistics.median(times[r][1:]) / one:.2f}x)" for r in rows))
+
+
+class TokenCounter:
+    """A streamer that counts the tokens of an answer (its first put is the prompt)."""
+
+    def __init__(self):
+        self.puts = 0
+
+    def put(self, value):
+        self.puts += 1
+
+    def end(self):
+        pass
+
+    @property
+    def tokens(self) -> int:
+        return self.puts - 1
+
+
+def trained_table(run: Path, n: int, lookahead: int, repeats: int) -> None:
+    """Print tokens/s and passes per answer for a run's trained models, one held-out picture at a
+    time, with and without prompt lookup (the same answers)."""
+    from minimind_v.inference import answer, load_vlm
+    from minimind_v.recipe import stage_dir
+
+    world = stage_dir(run, "world")
+    records = json.loads((world / "eval_data.json").read_text())[:n]
+    pictures = [str(world / "eval_data_images" / r["image"]) for r in records]
+    questions = [r["conversations"][0]["value"] for r in records]
+    print(f"\nTrained ({run}): {n} held-out pictures answered one at a time (the chat's way), greedy; "
+          f"median of {repeats}")
+    header = (f"{'model, prompt':<44} {'lookahead':>9} {'tokens/answer':>13} {'passes/answer':>13} {'tokens/s':>9} "
+              f"{'same answers':>12} {'vs plain':>9}")
+    print(header)
+    print("-" * len(header))
+    for stage, asked in (("pretrain", ["Describe this picture briefly."] * n), ("sft", questions)):
+        vlm = load_vlm(stage_dir(run, stage))
+        passes = []
+        vlm.model.norm.register_forward_hook(lambda *hook_args: passes.append(1))
+        modes = {"plain": {}, "lookup": {"prompt_lookup_num_tokens": lookahead}}
+        replies, tokens, counted, times = {}, {}, {}, {mode: [] for mode in modes}
+        with torch.no_grad():
+            for mode, extra in modes.items():  # also the warm-up
+                passes.clear()
+                counters = [TokenCounter() for _ in pictures]
+                replies[mode] = [answer(vlm, [picture], [question], streamer=counter, **extra)[0]
+                                 for picture, question, counter in zip(pictures, asked, counters)]
+                tokens[mode], counted[mode] = sum(c.tokens for c in counters), len(passes)
+            for _ in range(repeats):
+                for mode, extra in modes.items():
+                    start = time.perf_counter()
+                    for picture, question in zip(pictures, asked):
+                        answer(vlm, [picture], [question], **extra)
+                    times[mode].append(time.perf_counter() - start)
+        plain_rate = None
+        for mode in modes:
+            rate = tokens[mode] / statistics.median(times[mode])
+            plain_rate = plain_rate or rate
+            same = sum(a == b for a, b in zip(replies[mode], replies["plain"]))
+            label = f"{stage}: {asked[0][:24]!r}" + (" ..." if stage == "sft" else "")
+            print(f"{label:<44} {lookahead if mode == 'lookup' else 0:>9} {tokens[mode] / n:>13.1f} "
+                  f"{counted[mode] / n:>13.1f} {rate:>9.1f} {same:>5}/{n:<6} {rate / plain_rate:>8.2f}x")
+    print("(tokens/s: the answers' tokens over the time of the whole answer call, picture encoding included)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -206,6 +304,10 @@ def main(argv=None) -> None:
     p.add_argument("--original", type=Path, default=None, help="a checkout of jingyaogong/minimind-v at v1")
     p.add_argument("--batch", type=int, default=8, help="prompts of the batched-answers table (0: no such table)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run", type=Path, default=None, help="a recipe run folder: also its trained models' answers")
+    p.add_argument("--run-pictures", type=int, default=50, help="held-out pictures for the --run table")
+    p.add_argument("--lookahead", type=int, default=10,
+                   help="guesses per pass of the prompt-lookup rows (prompt_lookup_num_tokens; 0: no such rows)")
     p.add_argument("--bounds", action="store_true",
                    help="also time the fewest-operations loop (class FewestOperations), eager and torch.compile'd")
     args = p.parse_args(argv)
@@ -230,8 +332,20 @@ def main(argv=None) -> None:
         return model.generate(ids, attention_mask=ones, image_tokens=image_tokens, max_new_tokens=k, use_cache=False,
                               **{**greedy, "min_new_tokens": k})[:, ids.shape[1]:]
 
+    def looked_up(k):  # guesses by prompt lookup, checked in one pass
+        return model.generate(ids, attention_mask=ones, image_tokens=image_tokens, max_new_tokens=k,
+                              prompt_lookup_num_tokens=args.lookahead, **{**greedy, "min_new_tokens": k})[:, ids.shape[1]:]
+
+    def transformers_looked_up(k):  # transformers' assisted decoding with its prompt-lookup candidates
+        return GenerationMixin.generate(model, ids, attention_mask=ones, image_tokens=image_tokens, max_new_tokens=k,
+                                        prompt_lookup_num_tokens=args.lookahead,
+                                        **{**greedy, "min_new_tokens": k})[:, ids.shape[1]:]
+
     rows = {"transformers generate, F.linear (before)": transformers_loop, "model.generate (shipped)": shipped,
             "model.generate, use_cache=False": recomputing}
+    if args.lookahead > 0:
+        rows[f"model.generate, prompt lookup ({args.lookahead})"] = looked_up
+        rows[f"transformers generate, prompt lookup ({args.lookahead})"] = transformers_looked_up
     compile_seconds = None
     if args.bounds:
         capacity = ids.shape[1] + K
@@ -260,9 +374,17 @@ def main(argv=None) -> None:
     print(f"model: preset {args.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; a decode "
           f"step reads {nbytes / 2**20:.0f} MiB of weights -> at most {limit:.0f} tokens/s at that bandwidth")
 
+    passes = []  # one per pass over the decoder's weights (the final norm runs once per pass)
+    model.norm.register_forward_hook(lambda *hook_args: passes.append(1))
+    counted = {}  # passes per answer, for the rows that run the model's own modules
     with torch.no_grad():
         reference = shipped(K)  # also a warm-up of every path
-        outputs = {name: run(K) for name, run in rows.items()}
+        outputs = {}
+        for name, run in rows.items():
+            passes.clear()
+            outputs[name] = run(K)
+            if name.startswith(("model.generate", "transformers")):
+                counted[name] = len(passes)
         times = {(name, k): [] for name in rows for k in (1, K)}
         for _ in range(args.repeats):  # round-robin, so drifting load hits every row alike
             for name, run in rows.items():
@@ -273,7 +395,7 @@ def main(argv=None) -> None:
 
     print(f"\nBatch 1, an {ids.shape[1]}-token prompt (50 image tokens), {K} new tokens, greedy; median of {args.repeats}")
     header = (f"{'path':<42} {'s/answer':>9} {'tokens/s':>9} {'ms/token':>9} {'GB/s':>6} {'of limit':>9} "
-              f"{'same tokens':>12} {'vs first':>9}")
+              f"{'passes':>7} {'same tokens':>12} {'vs first':>9}")
     print(header)
     print("-" * len(header))
     first = None
@@ -284,11 +406,14 @@ def main(argv=None) -> None:
         first = first or rate
         same = int((outputs[name][0, :K] == reference[0, :K]).sum())
         print(f"{name:<42} {t_k:>9.3f} {rate:>9.1f} {1e3 * per_token:>9.2f} {nbytes / per_token / 1e9:>6.1f} "
-              f"{rate / limit:>8.0%} {same:>6}/{K:<5} {rate / first:>8.2f}x")
+              f"{rate / limit:>8.0%} {counted.get(name, '-'):>7} {same:>6}/{K:<5} {rate / first:>8.2f}x")
     if compile_seconds is not None:
         print(f"(torch.compile of the fewest-operations step: {compile_seconds:.1f} s before the first token)")
+    pass_costs(model, ids, image_tokens, args.repeats)
     if args.batch > 0:
         answers_table(model, args)
+    if args.run is not None:
+        trained_table(args.run, args.run_pictures, args.lookahead, args.repeats)
 
 
 if __name__ == "__main__":

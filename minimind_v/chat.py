@@ -30,6 +30,9 @@ def main(argv=None) -> str:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                   help="greedy only: guess up to K tokens ahead by copying what followed the answer's last tokens "
+                        "earlier on, checked in one pass (the same answer; faster when answers repeat words)")
     p.add_argument("--device", default=None)
     ns = p.parse_args(argv)
     if not ns.question.strip():
@@ -51,6 +54,10 @@ def main(argv=None) -> str:
         sampling.update(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p)
     if ns.repetition_penalty:
         sampling["repetition_penalty"] = ns.repetition_penalty
+    if ns.prompt_lookup:
+        if ns.temperature > 0:
+            p.error("--prompt-lookup is for greedy answers (--temperature 0)")
+        sampling["prompt_lookup_num_tokens"] = ns.prompt_lookup
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     try:
         # One picture per question as a plain item; several as a list (one per <image> tag, in order).

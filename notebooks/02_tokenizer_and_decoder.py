@@ -447,6 +447,33 @@ for row in sampled:
     print("sampled:", tokenizer.decode(row[start:], skip_special_tokens=True))
 
 # %% [markdown]
+# ### Guessing ahead
+#
+# Each greedy token costs one pass over every weight, for one row of arithmetic: the machine
+# spends the pass reading memory, and a pass over five rows costs little more than over one.
+# A caption repeats its own words ("a small ... in the top left and a large ... at the top"), so
+# the next tokens can often be guessed for free: find the last few tokens earlier in the prompt
+# or the answer, and copy what followed them (*prompt lookup*). One pass then checks every guess
+# at once, and the model keeps the guesses it agrees with, plus its own next token. What comes
+# out is greedy decoding's answer, token for token; only the number of passes changes. The
+# package's `generate` does this when asked (`prompt_lookup_num_tokens`, transformers' name for
+# it), and the chat asks for it. Counting the passes (the final norm runs once in each):
+
+# %%
+passes = []
+hook = lm.norm.register_forward_hook(lambda *args: passes.append(1))
+with torch.no_grad():
+    plain = lm.generate(request_ids, max_new_tokens=40, do_sample=False,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    plain_passes = len(passes)
+    passes.clear()
+    looked_up = lm.generate(request_ids, max_new_tokens=40, do_sample=False, prompt_lookup_num_tokens=10,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+hook.remove()
+print(f"the same {plain.shape[1] - start} tokens: {torch.equal(plain, looked_up)};  passes over the weights: "
+      f"{plain_passes} one token at a time, {len(passes)} with prompt lookup")
+
+# %% [markdown]
 # ## Summary
 #
 # * A byte-level BPE turns text into ids; the chat format `<s>role\n...</s>\n` marks who speaks,
@@ -458,6 +485,8 @@ for row in sampled:
 #   the tokens after it.
 # * Pretrained on text, the decoder writes the world's kind of sentences, but it cannot know what
 #   a particular picture shows.
+# * Decoding one answer reads every weight once per token; guesses copied from earlier text
+#   (prompt lookup) and checked in one pass give the same greedy answer in fewer passes.
 #
 # Next: the projection that turns CLIP's patch tokens into vectors of the decoder's width.
 #

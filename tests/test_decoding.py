@@ -10,7 +10,7 @@ from transformers import GenerationMixin
 from transformers.cache_utils import DynamicCache
 
 from minimind_v.config import MiniMindConfig
-from minimind_v.model.decoding import GrowingCache, RowLinear, column_blocks, row_decoding, same_input
+from minimind_v.model.decoding import GrowingCache, RowLinear, column_blocks, lookup_draft, row_decoding, same_input
 from minimind_v.model.llm import MiniMindForCausalLM
 
 
@@ -259,3 +259,83 @@ def test_greedy_one_row_is_taken_only_where_it_gives_the_same():
     written_out.set_attn_implementation("eager")  # its steps keep the layers' own attention
     assert written_out._greedy_one_row_request(prompt, None, greedy) is None
     assert make_model().train()._greedy_one_row_request(prompt, None, greedy) is None
+
+
+def test_lookup_draft_takes_what_followed_the_latest_longest_match():
+    seq = torch.tensor
+    # The last three tokens (1, 2, 3) were seen at the start: what followed them; a later match of
+    # the last two (2, 3 -> 6) loses to the longer one.
+    assert lookup_draft(seq([1, 2, 3, 7, 8, 9, 2, 3, 6, 1, 2, 3]), 3).tolist() == [7, 8, 9]
+    assert lookup_draft(seq([1, 2, 3, 7, 8, 9, 2, 3, 6, 1, 2, 3]), 2).tolist() == [7, 8]
+    # (6, 4, 1) never came before; (4, 1) did, twice: the latest, when three tokens are asked for...
+    assert lookup_draft(seq([4, 1, 5, 4, 1, 6, 4, 1]), 3).tolist() == [6, 4, 1]
+    # ... but only the first is followed by five: that one.
+    assert lookup_draft(seq([4, 1, 5, 4, 1, 6, 4, 1]), 5).tolist() == [5, 4, 1, 6, 4]
+    assert lookup_draft(seq([4, 1, 5, 4, 1, 6, 4, 1]), 3, ngram=1).tolist() == [6, 4, 1]  # (1) last seen at 4
+    assert lookup_draft(seq([7, 7, 7]), 4).tolist() == [7]  # none followed by four: the earliest, followed by one
+    assert lookup_draft(seq([7, 7, 7, 7, 7, 7]), 2).tolist() == [7, 7]
+    assert lookup_draft(seq([1, 2, 3]), 4).tolist() == []  # the last token is new: no guess
+    assert lookup_draft(seq([5]), 4).tolist() == []
+
+
+def count_passes(model):
+    """A list that grows by one at every pass over the decoder's weights (the final norm runs once per pass)."""
+    passes = []
+    model.norm.register_forward_hook(lambda *args: passes.append(1))
+    return passes
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_prompt_lookup_gives_greedy_answer_and_streamer_calls(seed):
+    model = make_model(seed)
+    prompt = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(seed))
+    free = reference_generate(model, prompt, max_new_tokens=24, do_sample=False)[0, 9:].tolist()
+    eos = free[5]
+    cases = [dict(max_new_tokens=24), dict(max_new_tokens=24, eos_token_id=eos),
+             dict(max_new_tokens=24, eos_token_id=[eos, 96], min_new_tokens=8),
+             dict(max_new_tokens=24, suppress_tokens=[free[0], free[1]], eos_token_id=eos),
+             dict(max_new_tokens=1), dict(max_new_tokens=2)]
+    for lookahead in (1, 4, 10):
+        for case in cases:
+            lean_streamer, loop_streamer = RecordingStreamer(), RecordingStreamer()
+            lean = model.generate(prompt, do_sample=False, streamer=lean_streamer, prompt_lookup_num_tokens=lookahead,
+                                  **case)
+            loop = reference_generate(model, prompt, do_sample=False, streamer=loop_streamer, **case)
+            assert torch.equal(lean, loop), (lookahead, case)
+            assert lean_streamer.events == loop_streamer.events, (lookahead, case)
+
+
+def test_prompt_lookup_reads_the_weights_fewer_times_when_the_answer_repeats():
+    """At training's initial scale a model repeats itself; every guess it agrees with saves a pass,
+    and the answer stays greedy decoding's."""
+    torch.manual_seed(3)
+    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                               max_position_embeddings=128)).eval()
+    prompt = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(3))
+    passes = count_passes(model)
+    plain = model.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    plain_passes = len(passes)
+    passes.clear()
+    looked_up = model.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                               prompt_lookup_num_tokens=8)
+    answer = plain[0, 9:].tolist()
+    assert torch.equal(looked_up, plain)
+    assert answer == [prompt[0, -1].item()] * 40  # the prompt's last token, again and again
+    assert plain_passes == 40  # the prompt, then one pass per further token
+    # With up to 8 guesses, each pass keeps the guesses it agrees with and its own next token. The
+    # guesses copy what followed an earlier run of 32s, which grows: 1 (the prompt's pass), then
+    # 2, 2, 4, 8, 9, 9 and the last 5 tokens.
+    assert len(passes) == 8
+
+
+def test_growing_cache_keep_forgets_the_end_without_copying():
+    cache = GrowingCache(1)
+    keys = torch.arange(2 * 5 * 3, dtype=torch.float32).view(1, 2, 5, 3)
+    cache.layers[0].update(keys, -keys)
+    buffer = cache.layers[0].keys.data_ptr()
+    cache.keep(3)
+    assert cache.get_seq_length() == 3 and cache.layers[0].keys.data_ptr() == buffer
+    new = torch.full((1, 2, 1, 3), 100.0)
+    k, v = cache.layers[0].update(new, -new)  # written where the forgotten positions were
+    assert k.data_ptr() == buffer
+    assert torch.equal(k, torch.cat([keys[..., :3, :], new], dim=2)) and torch.equal(v, -k)

@@ -640,6 +640,26 @@ def test_chat_cli_streams_the_same_answer(stages, tiny_world):
     assert run.stdout.strip() == expected
 
 
+def test_chat_prompt_lookup_asks_for_it_and_says_the_same(stages, tiny_world, capsys, monkeypatch):
+    from minimind_v import chat
+
+    image = sorted((tiny_world / "eval_images").glob("*.png"))[0]
+    asked, real_answer = [], chat.answer
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("prompt_lookup_num_tokens"))
+        return real_answer(*args, **kwargs)
+
+    monkeypatch.setattr(chat, "answer", recording)
+    common = ["--model", str(stages / "sft"), "--image", str(image), "--max-new-tokens", "16", "--device", "cpu"]
+    plain = chat.main([*common, "Describe this picture briefly."])
+    looked_up = chat.main([*common, "--prompt-lookup", "5", "Describe this picture briefly."])
+    assert asked == [None, 5] and looked_up == plain
+    with pytest.raises(SystemExit) as exit_info:
+        chat.main([*common, "--temperature", "0.7", "--prompt-lookup", "5", "Describe this picture briefly."])
+    assert exit_info.value.code == 2 and "--prompt-lookup is for greedy answers" in capsys.readouterr().err
+
+
 def test_chat_refuses_an_empty_question(stages, tiny_world, capsys):
     from minimind_v import chat
 

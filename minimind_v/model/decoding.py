@@ -23,6 +23,12 @@ runs the decoder's layers for that one token with as few of them as the arithmet
 norm one call, the query and key rotated together with factors made once per step, attention on
 one query written out as three small products. It computes what the layers compute
 (``tests/test_decoding.py`` compares them).
+
+Past that, a step can only read fewer bytes or keep more tokens per pass. ``greedy_one_row`` with
+``lookahead`` (``generate(prompt_lookup_num_tokens=k)``, transformers' name) guesses the next tokens
+by copying what followed the answer's last few tokens earlier in the prompt or the answer
+(``lookup_draft``), runs the guesses through the model in one pass, and keeps those the model's
+own greedy choices confirm: the same answer in fewer passes.
 """
 
 from __future__ import annotations
@@ -145,39 +151,85 @@ def decode_one_row(model: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: to
     return h
 
 
+def lookup_draft(sequence: torch.Tensor, length: int, ngram: int = 3) -> torch.Tensor:
+    """Prompt lookup: what followed an earlier occurrence of the sequence's last ``ngram`` tokens
+    (else of its last ``ngram - 1``, ..., 1): the latest occurrence that ``length`` tokens
+    followed, else the earliest (the most tokens). None found: empty.
+
+    A free guess at what comes next: answers repeat their question's words and their own.
+    sequence (L,) -> (m,), m <= length."""
+    for n in range(min(ngram, len(sequence) - 1), 0, -1):
+        windows = sequence[:-1].unfold(0, n, 1)  # every earlier n-gram (the last token's own is left out)
+        starts = (windows == sequence[-n:]).all(dim=1).nonzero().view(-1) + n  # where each one's sequel starts
+        if len(starts):
+            full = starts[starts <= len(sequence) - length]
+            start = int(full[-1]) if len(full) else int(starts[0])
+            return sequence[start:start + length]
+    return sequence[:0]
+
+
 def greedy_one_row(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids=(),
-                   suppress_tokens=(), min_new_tokens: int = 0, streamer=None, **prompt_inputs) -> torch.Tensor:
+                   suppress_tokens=(), min_new_tokens: int = 0, streamer=None, lookahead: int = 0,
+                   **prompt_inputs) -> torch.Tensor:
     """Greedy answer to one prompt (1, T) -> (1, T + new): what transformers' ``generate`` computes
     for it (the same forward on the prompt, the same one-row step, eos, ``suppress_tokens``,
     ``min_new_tokens``, the streamer told the prompt, each token, the end), without the loop
     around the step: no logits processors, stopping criteria or input preparation per token.
     ``prompt_inputs`` go with the prompt only (its attention mask, its pictures). Called inside
-    ``row_decoding`` and inference mode (``MiniMindForCausalLM.generate``)."""
+    ``row_decoding`` and inference mode (``MiniMindForCausalLM.generate``).
+
+    ``lookahead`` > 0 guesses up to that many next tokens by prompt lookup (``lookup_draft``) and
+    checks them all in one forward: reading the weights once for several rows costs little more
+    than for one, and every guess the model agrees with is a step saved. The tokens kept are the
+    model's own choices at each position, so the answer is greedy decoding's; only the number of
+    passes over the weights changes. A pass checking many guesses costs more than one checking
+    few, so it starts with two and, as transformers' "heuristic" schedule for assisted decoding
+    does, guesses two more after a pass that kept every guess and one fewer after one that did not."""
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
     suppress = torch.tensor(sorted(set(suppress_tokens)), dtype=torch.long)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     cache = GrowingCache(model.config.n_layers)
-    logits = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1, **prompt_inputs).logits[:, -1]
-    tokens, position = [], input_ids.shape[1]
-    for step in range(max_new_tokens):
-        scores = logits.float()
+    logits = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1, **prompt_inputs).logits[0]
+    sequence = input_ids[0].clone()  # the prompt and the answer so far: where drafts are looked up
+    new, budget = 0, min(lookahead, 2)
+    while True:
+        scores = logits.float()  # (rows, vocab): row i chooses the answer's token new + i
         if len(suppress):
             scores[:, suppress] = float("-inf")
-        if step < min_new_tokens and len(eos):
-            scores[:, eos] = float("-inf")
-        token = scores.argmax(-1, keepdim=True)  # (1, 1)
-        tokens.append(token)
+        if len(eos) and new < min_new_tokens:
+            scores[:min_new_tokens - new, eos] = float("-inf")
+        choices = scores.argmax(-1)  # (rows,)
+        draft = sequence[len(sequence) - len(choices) + 1:]  # the guesses these rows checked
+        agreed = int((choices[:-1] == draft).cumprod(0).sum())  # guesses equal to the model's choice, in a row
+        if len(draft):  # as transformers' "heuristic" schedule: more guesses after a full hit, fewer after a miss
+            budget = min(budget + 2, lookahead) if agreed == len(draft) else max(budget - 1, 1)
+        chosen = choices[:agreed + 1]
+        ends = torch.isin(chosen, eos).nonzero()
+        if len(ends):
+            chosen = chosen[:int(ends[0]) + 1]
+        chosen = chosen[:max_new_tokens - new]
+        sequence = torch.cat([sequence[:len(sequence) - len(draft)], chosen])
+        new += len(chosen)
+        if cache.get_seq_length() > len(sequence) - 1:  # keys of rejected guesses: dropped
+            cache.keep(len(sequence) - 1)
         if streamer is not None:
-            streamer.put(token[0].cpu())
-        if step + 1 == max_new_tokens or bool(torch.isin(token, eos).any()):
+            for token in chosen:
+                streamer.put(token.view(1).cpu())
+        if new == max_new_tokens or len(ends):
             break
-        h = decode_one_row(model, model.tok_embeddings(token), model.rope_cos[position], model.rope_sin[position], cache)
-        logits = model.output(model.norm(h))[:, -1]
-        position += 1
+        guess = lookup_draft(sequence, min(budget, max_new_tokens - new - 1)) if lookahead > 0 else sequence[:0]
+        if len(guess) == 0:
+            position = len(sequence) - 1
+            h = decode_one_row(model, model.tok_embeddings(sequence[-1:].view(1, 1)), model.rope_cos[position],
+                               model.rope_sin[position], cache)
+            logits = model.output(model.norm(h))[0]
+        else:  # the last token and the guesses, one forward: logits at every row
+            logits = model(input_ids=torch.cat([sequence[-1:], guess])[None], cache=cache, use_cache=True).logits[0]
+            sequence = torch.cat([sequence, guess])
     if streamer is not None:
         streamer.end()
-    return torch.cat([input_ids, *tokens], dim=1)
+    return sequence[None]
 
 
 class GrowingLayer(DynamicLayer):
@@ -217,3 +269,8 @@ class GrowingCache(DynamicCache):
         super().__init__()
         self.layers = [GrowingLayer() for _ in range(n_layers)]
         self.layer_class_to_replicate = None
+
+    def keep(self, length: int) -> None:
+        """Forget every position from ``length`` on (views of the same buffers: nothing copied)."""
+        for layer in self.layers:
+            layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]

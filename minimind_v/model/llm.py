@@ -365,7 +365,8 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
     # through transformers' loop.
     _GREEDY_ONE_ROW_KWARGS = frozenset({"attention_mask", "image_tokens", "pixel_values", "max_new_tokens",
                                         "eos_token_id", "pad_token_id", "streamer", "do_sample",
-                                        "suppress_tokens", "min_new_tokens", "use_cache"})
+                                        "suppress_tokens", "min_new_tokens", "use_cache",
+                                        "prompt_lookup_num_tokens"})
     # Keys of this model's own generation config that leave greedy search as it is.
     _GREEDY_CONFIG_KEYS = frozenset({"bos_token_id", "eos_token_id", "pad_token_id", "use_cache",
                                      "output_attentions", "output_hidden_states", "_from_model_config",
@@ -392,6 +393,7 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
                     eos_token_ids=[] if eos is None else torch.as_tensor(eos).flatten().tolist(),
                     suppress_tokens=kwargs.get("suppress_tokens") or (),
                     min_new_tokens=int(kwargs.get("min_new_tokens") or 0), streamer=kwargs.get("streamer"),
+                    lookahead=int(kwargs.get("prompt_lookup_num_tokens") or 0),
                     **{k: kwargs[k] for k in ("attention_mask", "image_tokens", "pixel_values")  # for the prompt
                        if kwargs.get(k) is not None})
 
