@@ -40,7 +40,8 @@ trained answers say how much it saves on text a model really writes.
 ms/token is the steady step: (time for K tokens - time for 1) / (K - 1); tokens/s includes the
 prefill; "passes" counts the passes over the decoder's weights for the K tokens (prompt included;
 "-" where the row runs code of its own). "of limit" puts tokens/s against one pass per token: with
-prompt lookup a pass can keep several tokens, and the answer can go past it. "same tokens" counts the new tokens equal to the shipped path's, position by position.
+prompt lookup a pass can keep several tokens, and the answer can go past it. "same tokens" counts
+the new tokens equal to the shipped path's, position by position.
 Random weights cost exactly what trained ones do. On a shared machine expect noise: rows are
 interleaved, medians of --repeats.
 """

@@ -54,6 +54,8 @@ def main(argv=None) -> str:
         sampling.update(temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p)
     if ns.repetition_penalty:
         sampling["repetition_penalty"] = ns.repetition_penalty
+    if ns.prompt_lookup < 0:
+        p.error(f"--prompt-lookup {ns.prompt_lookup}: give a number of tokens, 0 or more")
     if ns.prompt_lookup:
         if ns.temperature > 0:
             p.error("--prompt-lookup is for greedy answers (--temperature 0)")

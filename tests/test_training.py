@@ -658,6 +658,9 @@ def test_chat_prompt_lookup_asks_for_it_and_says_the_same(stages, tiny_world, ca
     with pytest.raises(SystemExit) as exit_info:
         chat.main([*common, "--temperature", "0.7", "--prompt-lookup", "5", "Describe this picture briefly."])
     assert exit_info.value.code == 2 and "--prompt-lookup is for greedy answers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        chat.main([*common, "--prompt-lookup", "-1", "Describe this picture briefly."])
+    assert exit_info.value.code == 2 and "--prompt-lookup -1: give a number of tokens" in capsys.readouterr().err
 
 
 def test_chat_refuses_an_empty_question(stages, tiny_world, capsys):
