@@ -337,6 +337,26 @@ def test_repeat_by_objects_counts_the_fuller_picture_and_refuses_records_without
         repeat_by_objects([records[0], {"id": "x", "image": "x.png"}], (1, 2, 3), where="here")
 
 
+def test_repeat_found_relations_takes_records_whose_relation_holds_more_often():
+    from minimind_v.data.shapes_records import repeat_found_relations
+
+    def record(rid, *turns):  # turns: (answer type, answer)
+        conversations = [m for kind, answer in turns for m in ({"from": "human", "value": "?"},
+                                                                {"from": "gpt", "value": answer})]
+        return {"id": rid, "conversations": conversations, "answer_types": [kind for kind, _ in turns]}
+
+    records = [record("nothing", ("relation", "nothing"), ("colour", "red")),
+               record("no", ("count", "two"), ("relation", "no")),
+               record("object", ("relation", "nothing"), ("relation", "the red circle")),
+               record("yes", ("relation", "Yes.")),
+               record("colour yes", ("existence", "yes"), ("colour", "blue"))]  # a "yes" that is no relation
+    assert [r["id"] for r in repeat_found_relations(records, 3)] == [
+        "nothing", "no", "object", "object", "object", "yes", "yes", "yes", "colour yes"]
+    assert repeat_found_relations(records, 1) == records
+    with pytest.raises(ValueError, match=r"here\[1\] \(x\): no answer_types"):
+        repeat_found_relations([records[0], {"id": "x", "conversations": []}], 2, where="here")
+
+
 def counted(question: str) -> str:
     """What a count question counts: "How many red objects are there?" -> "red objects"."""
     import re

@@ -127,6 +127,28 @@ def repeat_by_objects(records: list[dict], repeats: tuple[int, ...], where: str 
     return out
 
 
+# Relation answers that say no object stands there, or that the relation does not hold.
+NEGATIVE_RELATION_ANSWERS = frozenset({"nothing", "no"})
+
+
+def repeat_found_relations(records: list[dict], repeats: int, where: str = "records") -> list[dict]:
+    """Each record with a relation turn answered by an object or "yes" ``repeats`` times, the
+    others once, the copies side by side in the records' order. Most relations asked about a
+    3x3 grid of up to three objects find nothing there, so a model can answer "nothing" or "no"
+    to most of them without comparing anything; this meets the relations that hold more often."""
+    out = []
+    for i, record in enumerate(records):
+        kinds = record.get("answer_types") if isinstance(record, dict) else None
+        if not isinstance(kinds, list):
+            raise ValueError(f"{where}[{i}] ({record.get('id', '?') if isinstance(record, dict) else '?'}): no "
+                             "answer_types: repeating relations takes the shapes world's records")
+        answers = [turn["value"] for turn in record["conversations"][1::2]]
+        found = any(kind == "relation" and answer.strip().rstrip(".").lower() not in NEGATIVE_RELATION_ANSWERS
+                    for kind, answer in zip(kinds, answers))
+        out += [record] * (repeats if found else 1)
+    return out
+
+
 def objects_per_record(records: list[dict], where: str = "records", purpose: str = "this") -> list[int]:
     """Each record's number of objects (with two pictures, the fuller one's), from its scene
     description; a record without one is refused by its place in ``where``."""

@@ -16,7 +16,7 @@ from torch.utils.data import ConcatDataset
 
 from ..data.datasets import DataError, collate, open_chat_dataset, read_records, resolve_data, skip_summary
 from ..data.parquet import ParquetIndex, dataset_picture_names, parquet_files
-from ..data.shapes_records import count_shared, objects_per_record, repeat_by_objects
+from ..data.shapes_records import count_shared, objects_per_record, repeat_by_objects, repeat_found_relations
 from ..defaults import FREEZE, TRAINING
 from ..model.projector import PROJECTORS
 from ..model.vision import DEFAULT_CLIP, VisionEncoder
@@ -69,6 +69,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     p.add_argument("--object-repeats", type=object_repeats, default=None, metavar="N1,N2,...",
                    help="shapes world: each record with k objects taken N_k times an epoch (e.g. 1,2,3: "
                         "three-object pictures three times as often as one-object ones)")
+    p.add_argument("--relation-repeats", type=checked(int, low=1), default=1, metavar="N",
+                   help="shapes world: each record with a relation answered by an object or \"yes\" taken N times "
+                        "an epoch (most relations asked find nothing)")
     p.add_argument("--object-curriculum", action="store_true",
                    help="shapes world: the first epoch takes pictures from fewer objects to more (in random "
                         "order within each count); later epochs in random order")
@@ -133,7 +136,8 @@ def build_dataset(ns, stage_dir: Path, tokenizer, encoder, info):
     records, levels = None, None
     by_scene = [flag for flag, on in (("--object-repeats", ns.object_repeats),
                                         ("--object-curriculum", ns.object_curriculum),
-                                        ("--count-shared", ns.count_shared)) if on]
+                                        ("--count-shared", ns.count_shared),
+                                        ("--relation-repeats", ns.relation_repeats > 1)) if on]
     if by_scene:
         path, image_dir = resolve_data(data, ns.json, ns.images)
         if image_dir is None:
@@ -144,6 +148,8 @@ def build_dataset(ns, stage_dir: Path, tokenizer, encoder, info):
             records = count_shared(records, ns.seed, where=str(path))
         if ns.object_repeats:
             records = repeat_by_objects(records, ns.object_repeats, where=str(path))
+        if ns.relation_repeats > 1:
+            records = repeat_found_relations(records, ns.relation_repeats, where=str(path))
         if ns.object_curriculum:
             levels = objects_per_record(records, str(path), "a curriculum")
     parts = [part(ns.json, ns.images, records)]
@@ -209,6 +215,8 @@ def prepare_stage(stage: str, argv=None) -> dict:
         settings["image_dropout"] = ns.image_dropout
     if ns.object_repeats:  # (the same)
         settings["object_repeats"] = list(ns.object_repeats)
+    if ns.relation_repeats > 1:  # (the same)
+        settings["relation_repeats"] = ns.relation_repeats
     if ns.object_curriculum:  # (the same)
         settings["object_curriculum"] = True
     if ns.count_shared:  # (the same)
