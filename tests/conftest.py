@@ -87,6 +87,27 @@ def make_tiny_vlm(world_tokenizer):
     return make
 
 
+@pytest.fixture(scope="session")
+def save_tiny_sft(make_tiny_vlm, world_tokenizer, tiny_clip_dir):
+    """save_tiny_sft(folder, seed) -> a saved tiny MiniMind-V folder (its tokenizer and tiny CLIP
+    beside it), weights drawn larger than the 0.02 init so that it says varied things and its
+    attention is far from even."""
+    import shutil
+
+    def save(folder: Path, seed: int = 0) -> Path:
+        model = make_tiny_vlm(seed=seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0, 0.5)
+        model.save_pretrained(folder)
+        world_tokenizer.save_pretrained(folder)
+        shutil.copytree(tiny_clip_dir, folder / "tiny_clip")
+        return folder
+
+    return save
+
+
 @pytest.fixture
 def alone(monkeypatch):
     """No torchrun variables in the environment; torch's thread count restored afterwards."""

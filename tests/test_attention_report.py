@@ -4,7 +4,6 @@ question names, the tables' figures, and a run folder written here traced with a
 its shares checked against one plain forward pass of that model."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -111,7 +110,7 @@ def test_the_tables_figures_worked_out_by_hand():
 
 
 @pytest.fixture
-def run(tmp_path, make_tiny_vlm, world_tokenizer, tiny_clip_dir):
+def run(tmp_path, save_tiny_sft):
     """A run folder: three held-out questions about one picture, their answers, a tiny model."""
     from minimind_v.runfiles import mark_complete
 
@@ -129,14 +128,7 @@ def run(tmp_path, make_tiny_vlm, world_tokenizer, tiny_clip_dir):
                for i, (t, q, a, p) in enumerate(questions)]
     (run / "world" / "eval_data.json").write_text(json.dumps(records))
     (run / "eval" / "answers.json").write_text(json.dumps(answers))
-    model = make_tiny_vlm(seed=1)
-    with torch.no_grad():  # larger than the 0.02 init, so the attention is far from even
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.5)
-    model.save_pretrained(run / "sft")
-    world_tokenizer.save_pretrained(run / "sft")
-    shutil.copytree(tiny_clip_dir, run / "sft" / "tiny_clip")
+    save_tiny_sft(run / "sft", seed=1)
     mark_complete(run / "sft")
     return run
 

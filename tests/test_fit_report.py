@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from minimind_v.data.records import find_image, read_records
 from minimind_v.evaluate import normalise
@@ -52,17 +51,10 @@ def test_truth_classes():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_world, make_tiny_vlm, world_tokenizer, tiny_clip_dir):
+def run(tmp_path_factory, tiny_world, save_tiny_sft):
     run = tmp_path_factory.mktemp("fit") / "run"
     shutil.copytree(tiny_world, run / "world")
-    model = make_tiny_vlm(seed=3).eval()
-    with torch.no_grad():  # larger than the init, so that it says varied things
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.5)
-    model.save_pretrained(run / "sft")
-    world_tokenizer.save_pretrained(run / "sft")
-    shutil.copytree(tiny_clip_dir, run / "sft" / "tiny_clip")
+    save_tiny_sft(run / "sft", seed=3)
     held = [("colour", "red", True), ("colour", "blue", False), ("relation", "nothing", True),
             ("relation", "yes", False), ("relation", "the red circle", True), ("relation", "no", False)]
     (run / "eval").mkdir()
