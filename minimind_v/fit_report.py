@@ -37,12 +37,20 @@ def training_turns(records: list[dict], per_type: int | None, seed: int = 0) -> 
     carry it), at most ``per_type`` of each type, drawn with ``seed`` (None: all, in order); in
     type order."""
     by_type: dict[str, list[dict]] = {}
-    for record in records:
-        if not isinstance(record.get("image"), str):
+    for i, record in enumerate(records):
+        try:
+            image, turns, kinds = record.get("image"), record["conversations"], record.get("answer_types") or []
+            values = [turn["value"] for turn in turns[:2 * len(kinds)]]
+        except (AttributeError, KeyError, TypeError):
+            raise ValueError(f"SFT record {i}: not a shapes-world record (conversations of "
+                             "{'from', 'value'} turns, answer_types)") from None
+        if len(values) < 2 * len(kinds):
+            raise ValueError(f"SFT record {i} ({record.get('id', '?')}): {len(kinds)} answer types for "
+                             f"{len(turns) // 2} question(s)")
+        if not isinstance(image, str):
             continue  # two pictures: a question of another kind
-        turns = record["conversations"]
-        for k, kind in enumerate(record.get("answer_types") or []):
-            question, truth = turns[2 * k]["value"], turns[2 * k + 1]["value"]
+        for k, kind in enumerate(kinds):
+            question, truth = values[2 * k], values[2 * k + 1]
             if "<image>" not in question:
                 question += "\n<image>"
             by_type.setdefault(kind, []).append({

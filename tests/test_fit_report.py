@@ -45,6 +45,14 @@ def test_relation_answer_mix_counts_every_relation_turn_of_one_picture_records()
     assert len(training_turns(records, None)) == 4
 
 
+def test_malformed_records_are_refused_by_their_place():
+    with pytest.raises(ValueError, match=r"SFT record 1 \(b\): 2 answer types for 1 question"):
+        training_turns([record("a", ("Q?", "size", "small")),
+                        {**record("b", ("Q?", "size", "small")), "answer_types": ["size", "colour"]}], 5)
+    with pytest.raises(ValueError, match="SFT record 0: not a shapes-world record"):
+        training_turns([{"id": "a", "conversations": [{"from": "human"}], "answer_types": ["size"]}], 5)
+
+
 def test_truth_classes():
     assert [truth_class(a) for a in ("nothing", "Nothing.", "no", "Yes.", "the red circle", "square")] == [
         "nothing", "nothing", "no", "yes", "an object", "an object"]

@@ -355,6 +355,8 @@ def test_repeat_found_relations_takes_records_whose_relation_holds_more_often():
     assert repeat_found_relations(records, 1) == records
     with pytest.raises(ValueError, match=r"here\[1\] \(x\): no answer_types"):
         repeat_found_relations([records[0], {"id": "x", "conversations": []}], 2, where="here")
+    with pytest.raises(ValueError, match=r"here\[0\] \(y\): its conversations are not"):
+        repeat_found_relations([{"id": "y", "conversations": [{}, {}], "answer_types": ["relation"]}], 2, where="here")
 
 
 def counted(question: str) -> str:

@@ -142,9 +142,13 @@ def repeat_found_relations(records: list[dict], repeats: int, where: str = "reco
         if not isinstance(kinds, list):
             raise ValueError(f"{where}[{i}] ({record.get('id', '?') if isinstance(record, dict) else '?'}): no "
                              "answer_types: repeating relations takes the shapes world's records")
-        answers = [turn["value"] for turn in record["conversations"][1::2]]
-        found = any(kind == "relation" and answer.strip().rstrip(".").lower() not in NEGATIVE_RELATION_ANSWERS
-                    for kind, answer in zip(kinds, answers))
+        try:
+            answers = [turn["value"] for turn in record["conversations"][1::2]]
+            found = any(kind == "relation" and answer.strip().rstrip(".").lower() not in NEGATIVE_RELATION_ANSWERS
+                        for kind, answer in zip(kinds, answers))
+        except (AttributeError, KeyError, TypeError):
+            raise ValueError(f"{where}[{i}] ({record.get('id', '?')}): its conversations are not "
+                             "{'from', 'value'} turns of text") from None
         out += [record] * (repeats if found else 1)
     return out
 
