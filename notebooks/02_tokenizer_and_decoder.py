@@ -449,15 +449,18 @@ for row in sampled:
 # %% [markdown]
 # ### Guessing ahead
 #
-# Each greedy token costs one pass over every weight, for one row of arithmetic: the machine
-# spends the pass reading memory, and a pass over five rows costs little more than over one.
-# A caption repeats its own words ("a small ... in the top left and a large ... at the top"), so
-# the next tokens can often be guessed for free: find the last few tokens earlier in the prompt
-# or the answer, and copy what followed them (*prompt lookup*). One pass then checks every guess
-# at once, and the model keeps the guesses it agrees with, plus its own next token. What comes
-# out is greedy decoding's answer, token for token; only the number of passes changes. The
-# package's `generate` does this when asked (`prompt_lookup_num_tokens`, transformers' name for
-# it), and the chat asks for it. Counting the passes (the final norm runs once in each):
+# Each greedy token costs one pass over every weight, for one row of arithmetic. In a model with
+# large weights (the `small` preset reads 102 MiB per token) the machine spends that pass reading
+# memory, and a pass over three rows costs little more than over one. A caption repeats its own
+# words ("a small ... in the top left and a large ... at the top"), so the next tokens can often
+# be guessed for free: find the last few tokens earlier in the prompt or the answer, and copy what
+# followed them (*prompt lookup*). One pass then checks every guess at once, and the model keeps
+# the guesses it agrees with, plus its own next token. What comes out is greedy decoding's
+# answer, token for token; only the number of passes changes. The package's `generate` does this
+# when asked (`prompt_lookup_num_tokens`, transformers' name for it; the chat's `--prompt-lookup`).
+# For this tiny model a pass is mostly Python around small products, so fewer passes are not yet
+# fewer seconds (the README's Results measure both). Counting the passes (the final norm runs once
+# in each):
 
 # %%
 passes = []
