@@ -125,4 +125,3 @@ def test_what_is_not_a_model_and_its_processor_is_refused(vlm, world_tokenizer):
 def test_unknown_names_are_attribute_errors():
     with pytest.raises(AttributeError, match="no attribute 'VLMBundle'"):
         inference.VLMBundle  # noqa: B018  (retired: LoadedVLM.from_parts)
-
