@@ -23,13 +23,10 @@ from collections import Counter
 from pathlib import Path
 
 from .data.records import read_records
-from .data.shapes_records import NEGATIVE_RELATION_ANSWERS
-from .evaluate import evaluate_vqa, normalise
+from .data.shapes_records import RELATION_TRUTHS, relation_truth
+from .evaluate import evaluate_vqa
 from .relation_report import read_run_answers
 from .runfiles import atomic_write_json
-
-TRUTHS = ("nothing", "no", "yes", "an object")
-
 
 def training_turns(records: list[dict], per_type: int | None, seed: int = 0) -> list[dict]:
     """One single-turn record per question of the one-picture ``records`` (its answer type from
@@ -62,16 +59,10 @@ def training_turns(records: list[dict], per_type: int | None, seed: int = 0) -> 
 
 
 def relation_answer_mix(records: list[dict]) -> dict[str, int]:
-    """How many relation turns of the one-picture ``records`` give each kind of answer (TRUTHS)."""
-    mix = Counter(truth_class(t["conversations"][1]["value"]) for t in training_turns(records, None)
+    """How many relation turns of the one-picture ``records`` give each RELATION_TRUTHS answer."""
+    mix = Counter(relation_truth(t["conversations"][1]["value"]) for t in training_turns(records, None)
                   if t["answer_type"] == "relation")
-    return {t: mix[t] for t in TRUTHS}
-
-
-def truth_class(answer: str) -> str:
-    """What a relation's true answer says: one of TRUTHS."""
-    word = normalise(answer)
-    return word if word in NEGATIVE_RELATION_ANSWERS or word == "yes" else "an object"
+    return {t: mix[t] for t in RELATION_TRUTHS}
 
 
 def accuracy(rows: list[dict], key) -> dict[str, list[int]]:
@@ -98,11 +89,11 @@ def report_run(run: Path, per_type: int, seed: int = 0) -> dict:
                                image_dir=str((run / "world" / "sft_images").resolve()), progress=False)["rows"]
     splits = {"train": trained, "held": held}
     per_kind = {split: accuracy(rows, lambda r: r["type"]) for split, rows in splits.items()}
-    relation = {split: accuracy([r for r in rows if r["type"] == "relation"], lambda r: truth_class(r["answer"]))
-                for split, rows in splits.items()}
+    relation = {split: accuracy([r for r in rows if r["type"] == "relation"],
+                                lambda r: relation_truth(r["answer"])) for split, rows in splits.items()}
     return {"per_type": {k: {s: per_kind[s].get(k, [0, 0]) for s in splits}
                          for k in sorted(set(per_kind["held"]) | set(per_kind["train"]))},
-            "relation": {t: {s: relation[s].get(t, [0, 0]) for s in splits} for t in TRUTHS},
+            "relation": {t: {s: relation[s].get(t, [0, 0]) for s in splits} for t in RELATION_TRUTHS},
             "sft_relation_answers": relation_answer_mix(records)}
 
 
@@ -132,7 +123,7 @@ def tables_markdown(report: dict) -> str:
     mix = report["sft_relation_answers"]
     total = max(sum(mix.values()), 1)
     lines += ["", "SFT's relation turns (one-picture records) answer: " + ", ".join(
-        f"{t} {100 * mix.get(t, 0) / total:.1f}%" for t in TRUTHS) + f" (of {sum(mix.values())})"]
+        f"{t} {100 * mix.get(t, 0) / total:.1f}%" for t in RELATION_TRUTHS) + f" (of {sum(mix.values())})"]
     return "\n".join(lines)
 
 

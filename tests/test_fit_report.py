@@ -7,9 +7,9 @@ import shutil
 import pytest
 
 from minimind_v.data.records import find_image, read_records
+from minimind_v.data.shapes_records import relation_truth
 from minimind_v.evaluate import normalise
-from minimind_v.fit_report import (main, relation_answer_mix, report_run, summed, tables_markdown, training_turns,
-                                   truth_class)
+from minimind_v.fit_report import main, relation_answer_mix, report_run, summed, tables_markdown, training_turns
 from minimind_v.inference import answer, load_vlm
 
 
@@ -54,7 +54,7 @@ def test_malformed_records_are_refused_by_their_place():
 
 
 def test_truth_classes():
-    assert [truth_class(a) for a in ("nothing", "Nothing.", "no", "Yes.", "the red circle", "square")] == [
+    assert [relation_truth(a) for a in ("nothing", "Nothing.", "no", "Yes.", "the red circle", "square")] == [
         "nothing", "nothing", "no", "yes", "an object", "an object"]
 
 

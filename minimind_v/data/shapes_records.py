@@ -127,8 +127,16 @@ def repeat_by_objects(records: list[dict], repeats: tuple[int, ...], where: str 
     return out
 
 
-# Relation answers that say no object stands there, or that the relation does not hold.
-NEGATIVE_RELATION_ANSWERS = frozenset({"nothing", "no"})
+# What a relation's answer says: no object stands there, the relation does not hold, it holds,
+# or the object that stands there.
+RELATION_TRUTHS = ("nothing", "no", "yes", "an object")
+
+
+def relation_truth(answer: str) -> str:
+    """One of RELATION_TRUTHS for a relation's answer ("Nothing." -> "nothing", "the red circle" ->
+    "an object")."""
+    word = answer.strip().lower().rstrip(" .!")
+    return word if word in RELATION_TRUTHS[:3] else "an object"
 
 
 def repeat_found_relations(records: list[dict], repeats: int, where: str = "records") -> list[dict]:
@@ -144,7 +152,7 @@ def repeat_found_relations(records: list[dict], repeats: int, where: str = "reco
                              "answer_types: repeating relations takes the shapes world's records")
         try:
             answers = [turn["value"] for turn in record["conversations"][1::2]]
-            found = any(kind == "relation" and answer.strip().rstrip(".").lower() not in NEGATIVE_RELATION_ANSWERS
+            found = any(kind == "relation" and relation_truth(answer) in ("yes", "an object")
                         for kind, answer in zip(kinds, answers))
         except (AttributeError, KeyError, TypeError):
             raise ValueError(f"{where}[{i}] ({record.get('id', '?')}): its conversations are not "
